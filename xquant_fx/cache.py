@@ -1,0 +1,433 @@
+"""XQuantCache: a transformers ``Cache`` whose layers keep the KV cache quantized (DESIGN §2, §4).
+
+Storage of one quantized layer (``B`` = max batch, ``H`` = KV heads, ``T`` = max_cache_len,
+``Tq`` = code capacity, ``G`` = group size, ``R`` = residual window)::
+
+    k_codes  int32  [B, H, Tq*kb/32, Dk]   keys, per-channel groups of G tokens, packed over tokens
+    k_scale  dtype  [B, H, Tq/G, Dk]       calibrated scale / zero point of each key group
+    k_zero   dtype  [B, H, Tq/G, Dk]
+    v_codes  int32  [B, H, Tq, Dv*vb/32]   values, per-token groups of G channels, packed over channels
+    v_scale  dtype  [B, H, Tq, Dv/G]
+    v_zero   dtype  [B, H, Tq, Dv/G]
+    k_window dtype  [B, H, R, Dk]          ring buffer: token t lives in slot t % R
+    v_window dtype  [B, H, R, Dv]
+
+A layer that shares codes (the odd layer of a pair, XQuant §3.3) has no ``k_codes``/``v_codes``
+and reads its partner's. A tensor with 16 bits is kept whole (``keys``/``values [B, H, T, D]``).
+
+With ``n`` tokens stored, keys below ``Nk(n) = G * ceil((n - R) / G)`` (0 while ``n <= R``) and
+values below ``Nv(n) = n - R`` are read from codes; the rest from the window. So keys leave the
+window a whole group at a time (it holds between R - G + 1 and R keys) and values one token at a
+time (it holds the newest R). Tokens are quantized at the step their ring slot is about to be
+reused, which keeps a decode step free of data-dependent shapes and host synchronisation: every
+step quantizes the value at position ``p - R`` and the key group starting there, and the key write
+is masked off unless that group really starts at ``p - R`` (see :func:`quant.append_key`).
+
+Prefill (more than one new token) attends over the new tokens in full precision and the existing
+cache as stored, then stores the new tokens with the same rule, so a prompt prefilled at once and
+one fed token by token leave the same storage.
+
+Sliding-window layers (Mistral, Gemma 2/3 local layers) keep transformers' own full-precision
+``StaticSlidingWindowLayer``: they hold at most ``sliding_window`` tokens, and the memory report
+counts them at 16 bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLayer
+
+from . import quant
+from .config import FULL_PRECISION, LayerPlan, XQuantConfig
+
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+_SUPPORTED_TYPES = ("full_attention",) + _SLIDING_TYPES
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def kv_geometry(model_config) -> tuple[int, int, int, int]:
+    """``(num_layers, kv_heads, k_head_dim, v_head_dim)`` of a decoder config.
+
+    Raises ``ValueError`` naming the missing attribute for configs the cache cannot hold.
+    """
+    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    name = type(cfg).__name__
+    for attr in ("num_hidden_layers", "num_attention_heads"):
+        if getattr(cfg, attr, None) is None:
+            raise ValueError(f"{name} has no `{attr}`: XQuantCache needs a decoder-only attention model")
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if getattr(cfg, "qk_nope_head_dim", None) is not None:  # DeepSeek multi-head latent attention
+        k_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        v_dim = cfg.v_head_dim
+    else:
+        k_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        v_dim = k_dim
+    return cfg.num_hidden_layers, heads, k_dim, v_dim
+
+
+def layer_types(model_config) -> list[str]:
+    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        kind = "sliding_attention" if getattr(cfg, "sliding_window", None) is not None else "full_attention"
+        types = [kind] * cfg.num_hidden_layers
+    unsupported = sorted({t for t in types if t not in _SUPPORTED_TYPES})
+    if unsupported:
+        raise ValueError(
+            f"{type(cfg).__name__} has layer types {unsupported}: XQuantCache supports {list(_SUPPORTED_TYPES)}"
+        )
+    return list(types)
+
+
+class XQuantLayer(StaticLayer):
+    """One decoder layer's quantized KV cache; see the module docstring for layout and rules."""
+
+    is_compileable = True
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        plan: LayerPlan,
+        config: XQuantConfig,
+        max_cache_len: int,
+        max_batch_size: int,
+        partner: "XQuantLayer | None" = None,
+    ):
+        super().__init__(max_cache_len=max_cache_len)
+        if (plan.k_shares or plan.v_shares) and partner is None:
+            raise ValueError(f"layer {plan.index} shares codes but has no partner layer")
+        self.plan = plan
+        self.partner = partner
+        self.max_batch_size = max_batch_size
+        self.G = config.group_size
+        self.R = config.residual_length
+        self.k_eta = config.eta_for(plan.k_bits) if plan.k_bits != FULL_PRECISION else 0.0
+        self.v_eta = config.eta_for(plan.v_bits) if plan.v_bits != FULL_PRECISION else 0.0
+        # Positions [0, Tq) can ever be quantized: the newest R tokens never are.
+        self.Tq = _ceil_to(max(max_cache_len - self.R, 1), self.G)
+
+    # ------------------------------------------------------------------ allocation
+    def storage_spec(self, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype) -> dict[str, tuple]:
+        """Name -> (shape, dtype) of every tensor this layer allocates."""
+        B, H, T, Tq, G, R = self.max_batch_size, heads, self.max_cache_len, self.Tq, self.G, self.R
+        kb, vb = self.plan.k_bits, self.plan.v_bits
+        spec: dict[str, tuple] = {}
+        if kb == FULL_PRECISION:
+            spec["keys"] = ((B, H, T, k_dim), dtype)
+        else:
+            if not self.plan.k_shares:
+                spec["k_codes"] = ((B, H, Tq * kb // 32, k_dim), torch.int32)
+            spec["k_scale"] = ((B, H, Tq // G, k_dim), dtype)
+            spec["k_zero"] = ((B, H, Tq // G, k_dim), dtype)
+            spec["k_window"] = ((B, H, R, k_dim), dtype)
+        if vb == FULL_PRECISION:
+            spec["values"] = ((B, H, T, v_dim), dtype)
+        else:
+            if v_dim % G:
+                raise ValueError(
+                    f"value head_dim {v_dim} is not a multiple of group_size {G}: values are quantized in groups "
+                    "of group_size channels"
+                )
+            if (v_dim * vb) % 32:
+                raise ValueError(f"value head_dim {v_dim} at {vb} bits does not fill whole 32-bit words")
+            if not self.plan.v_shares:
+                spec["v_codes"] = ((B, H, Tq, v_dim * vb // 32), torch.int32)
+            spec["v_scale"] = ((B, H, Tq, v_dim // G), dtype)
+            spec["v_zero"] = ((B, H, Tq, v_dim // G), dtype)
+            spec["v_window"] = ((B, H, R, v_dim), dtype)
+        return spec
+
+    def allocate(self, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype, device) -> None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"XQuantCache stores float16, bfloat16 or float32 activations, not {dtype}")
+        self.dtype, self.device = dtype, torch.device(device)
+        self.num_heads, self.k_head_dim, self.v_head_dim = heads, k_dim, v_dim
+        self.batch_size = self.max_batch_size
+        self.storage = {
+            name: torch.zeros(shape, dtype=dt, device=self.device)
+            for name, (shape, dt) in self.storage_spec(heads, k_dim, v_dim, dtype).items()
+        }
+        for name, tensor in self.storage.items():
+            setattr(self, name, tensor)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for tensor in (*self.storage.values(), self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.allocate(key_states.shape[1], key_states.shape[-1], value_states.shape[-1], key_states.dtype, key_states.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.storage.values()) if self.is_initialized else 0
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b = key_states.shape[0]
+        if b > self.max_batch_size:
+            raise ValueError(f"batch size {b} is larger than the cache's max_batch_size={self.max_batch_size}")
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if t.dtype != self.dtype:
+                raise ValueError(f"{name} are {t.dtype} but the cache was allocated for {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name} are on {t.device} but the cache lives on {self.device}")
+        if key_states.shape[1] != self.num_heads or key_states.shape[-1] != self.k_head_dim:
+            raise ValueError(
+                f"key_states {tuple(key_states.shape)} do not match the cache's {self.num_heads} heads x "
+                f"head_dim {self.k_head_dim}"
+            )
+
+    # ------------------------------------------------------------------ update
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check(key_states, value_states)
+        if key_states.shape[-2] == 1:
+            if not torch.compiler.is_compiling():
+                self._check_room(int(self.cumulative_length), 1)
+            self._append_one(key_states, value_states)
+            return self.read(key_states.shape[0], self.cumulative_length)
+        return self._prefill(key_states, value_states)
+
+    def _check_room(self, stored: int, new: int) -> None:
+        if stored + new > self.max_cache_len:
+            raise ValueError(
+                f"the cache holds {stored} tokens and {new} more would pass max_cache_len={self.max_cache_len}; "
+                "allocate a larger cache (max_cache_len=...)"
+            )
+
+    def _src_codes(self, kind: str) -> torch.Tensor:
+        shares = self.plan.k_shares if kind == "k" else self.plan.v_shares
+        return getattr(self.partner if shares else self, f"{kind}_codes")
+
+    def _append_one(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one token per sequence (k, v: [b, H, 1, D]) at position cumulative_length."""
+        b, p = k.shape[0], self.cumulative_length
+        if self.plan.k_bits == FULL_PRECISION:
+            self.keys[:b].index_copy_(2, p.reshape(1), k)
+        else:
+            codes = None if self.plan.k_shares else self.k_codes[:b]
+            quant.append_key(k, p, codes, self.k_scale[:b], self.k_zero[:b], self.k_window[:b],
+                             self.plan.k_bits, self.G, self.k_eta)
+        if self.plan.v_bits == FULL_PRECISION:
+            self.values[:b].index_copy_(2, p.reshape(1), v)
+        else:
+            codes = None if self.plan.v_shares else self.v_codes[:b]
+            quant.append_value(v, p, codes, self.v_scale[:b], self.v_zero[:b], self.v_window[:b],
+                               self.plan.v_bits, self.G, self.v_eta)
+        self.cumulative_length.add_(1)
+
+    def _prefill(self, k: torch.Tensor, v: torch.Tensor):
+        """Store L > 1 new tokens (host-side positions); return what attention must see."""
+        b, L = k.shape[0], k.shape[-2]
+        p0 = int(self.cumulative_length)
+        self._check_room(p0, L)
+        n = p0 + L
+        out_k, out_v = self.read(b, p0)
+        out_k = out_k.clone() if self.plan.k_bits == FULL_PRECISION else out_k
+        out_v = out_v.clone() if self.plan.v_bits == FULL_PRECISION else out_v
+        out_k[:, :, p0:n] = k
+        out_v[:, :, p0:n] = v
+        self._store_many("k", k, p0)
+        self._store_many("v", v, p0)
+        self.cumulative_length.add_(L)
+        return out_k, out_v
+
+    def _store_many(self, kind: str, new: torch.Tensor, p0: int) -> None:
+        b, L = new.shape[0], new.shape[-2]
+        n, R, G = p0 + L, self.R, self.G
+        bits = self.plan.k_bits if kind == "k" else self.plan.v_bits
+        if bits == FULL_PRECISION:
+            getattr(self, "keys" if kind == "k" else "values")[:b, :, p0:n] = new
+            return
+        window = getattr(self, f"{kind}_window")[:b]
+        base = max(0, p0 - R)  # oldest position still in the ring
+        old = window.index_select(2, torch.arange(base, p0, device=self.device) % R)
+        seq = torch.cat([old, new], dim=2)  # positions [base, n)
+        shares = self.plan.k_shares if kind == "k" else self.plan.v_shares
+        if kind == "k":
+            lo, hi = quant.key_boundary(p0, R, G), quant.key_boundary(n, R, G)
+            if hi > lo:
+                codes, scale, zero = quant.quantize_keys(seq[:, :, lo - base : hi - base], bits, G, self.k_eta)
+                if not shares:
+                    self.k_codes[:b, :, lo * bits // 32 : hi * bits // 32] = quant.pack(codes, bits, -2)
+                self.k_scale[:b, :, lo // G : hi // G] = scale.to(self.dtype)
+                self.k_zero[:b, :, lo // G : hi // G] = zero.to(self.dtype)
+        else:
+            lo, hi = quant.value_boundary(p0, R), quant.value_boundary(n, R)
+            if hi > lo:
+                codes, scale, zero = quant.quantize_values(seq[:, :, lo - base : hi - base], bits, G, self.v_eta)
+                if not shares:
+                    self.v_codes[:b, :, lo:hi] = quant.pack(codes, bits, -1)
+                self.v_scale[:b, :, lo:hi] = scale.to(self.dtype)
+                self.v_zero[:b, :, lo:hi] = zero.to(self.dtype)
+        keep = max(base, n - R)
+        window.index_copy_(2, torch.arange(keep, n, device=self.device) % R, seq[:, :, keep - base :])
+
+    # ------------------------------------------------------------------ read
+    def read(self, b: int, n) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[b, H, T, D]`` as attention sees them with ``n`` tokens stored:
+        dequantized below the window boundary, full precision in the window, zeros-derived finite
+        values past ``n`` (masked by the caller)."""
+        return self._read_one("k", b, n), self._read_one("v", b, n)
+
+    def _read_one(self, kind: str, b: int, n) -> torch.Tensor:
+        bits = self.plan.k_bits if kind == "k" else self.plan.v_bits
+        if bits == FULL_PRECISION:
+            return getattr(self, "keys" if kind == "k" else "values")[:b]
+        reader = quant.read_keys if kind == "k" else quant.read_values
+        return reader(
+            self._src_codes(kind)[:b],
+            getattr(self, f"{kind}_scale")[:b],
+            getattr(self, f"{kind}_zero")[:b],
+            getattr(self, f"{kind}_window")[:b],
+            n, bits, self.G, self.max_cache_len,
+        )
+
+    # ------------------------------------------------------------------ misc Cache API
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            for tensor in self.storage.values():
+                tensor.zero_()
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = beam_idx.to(self.device)
+        for tensor in self.storage.values():
+            tensor[: idx.numel()] = tensor.index_select(0, idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("XQuantCache cannot be cropped: quantized groups cannot be un-quantized")
+
+
+class XQuantCache(Cache):
+    """A static, preallocated, quantized KV cache for a transformers decoder.
+
+    Args:
+        model_config: the model's ``PretrainedConfig`` (``model.config``).
+        xquant_config: an :class:`XQuantConfig` or a preset name (default ``"xquant-1.38"``).
+        max_batch_size: sequences the cache is allocated for; a smaller batch uses a slice.
+        max_cache_len: tokens per sequence (prompt + generated); required.
+        device, dtype: allocate now; when either is missing, storage is allocated at the first
+            update from the model's own key states.
+
+    Use it as ``model.generate(ids, past_key_values=cache)`` (``cache=cache`` on transformers
+    versions that renamed the argument), or through :func:`xquant_fx.optimize`.
+    """
+
+    def __init__(
+        self,
+        model_config,
+        xquant_config: XQuantConfig | str | None = None,
+        max_batch_size: int = 1,
+        max_cache_len: int | None = None,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        if isinstance(xquant_config, str) or xquant_config is None:
+            xquant_config = XQuantConfig.preset(xquant_config or "xquant-1.38")
+        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"XQuantCache needs max_cache_len, a positive int (prompt + new tokens); got {max_cache_len!r}")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        num_layers, heads, k_dim, v_dim = kv_geometry(model_config)
+        types = layer_types(model_config)
+        text_cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+        window = getattr(text_cfg, "sliding_window", None)
+        sliding = [t in _SLIDING_TYPES and window is not None and window < max_cache_len for t in types]
+        self.xquant_config = xquant_config
+        self.plans = xquant_config.resolve(num_layers, sliding)
+        self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len
+        self.geometry = (heads, k_dim, v_dim)
+        layers: list = []
+        for plan in self.plans:
+            if plan.sliding:
+                layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window))
+            else:
+                partner = layers[plan.index - 1] if (plan.k_shares or plan.v_shares) else None
+                layers.append(XQuantLayer(plan, xquant_config, max_cache_len, max_batch_size, partner))
+        super().__init__(layers=layers)
+        self.dtype = dtype
+        if device is not None and dtype is not None:
+            self.early_initialization(max_batch_size, heads, k_dim, dtype, torch.device(device))
+
+    def early_initialization(self, batch_size, num_heads, head_dim, dtype, device):
+        if batch_size > self.max_batch_size:
+            raise ValueError(f"batch size {batch_size} is larger than the cache's max_batch_size={self.max_batch_size}")
+        heads, k_dim, v_dim = self.geometry
+        for layer in self.layers:
+            if layer.is_initialized:
+                continue
+            if isinstance(layer, XQuantLayer):
+                layer.allocate(heads, k_dim, v_dim, dtype, device)
+            else:
+                fake_k = torch.zeros((self.max_batch_size, heads, 0, k_dim), dtype=dtype, device=device)
+                fake_v = torch.zeros((self.max_batch_size, heads, 0, v_dim), dtype=dtype, device=device)
+                layer.lazy_initialization(fake_k, fake_v)
+        self.dtype = dtype
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.layers[layer_idx].is_initialized and self.dtype is None:
+            self.dtype = key_states.dtype
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # ------------------------------------------------------------------ memory
+    def memory_report(self, dtype: torch.dtype | None = None) -> dict:
+        """Bytes this cache holds and what they buy.
+
+        ``elements`` counts the K and V values the cache can hold (sliding layers: their window);
+        ``code_bits`` is the paper's measure (integer code bits per element, window and scale/zero
+        ignored, full-precision tensors at their dtype bits); ``stored_bits`` is every byte held
+        (codes, scales, zeros, windows, full-precision layers) per element; ``bf16_bytes`` what a
+        bf16 cache of the same capacity holds. Exact before allocation too (``dtype`` defaults to
+        the cache's, else bfloat16).
+        """
+        dtype = dtype or self.dtype or torch.bfloat16
+        heads, k_dim, v_dim = self.geometry
+        B, T = self.max_batch_size, self.max_cache_len
+        elements = code = stored = 0
+        for plan, layer in zip(self.plans, self.layers):
+            if plan.sliding:
+                cap = layer.max_cache_len
+                n = B * heads * cap * (k_dim + v_dim)
+                elements += n
+                code += n * dtype.itemsize * 8
+                stored += n * dtype.itemsize
+                continue
+            spec = layer.storage_spec(heads, k_dim, v_dim, dtype)
+            stored += sum(math.prod(shape) * dt.itemsize for shape, dt in spec.values())
+            nk, nv = B * heads * T * k_dim, B * heads * T * v_dim
+            elements += nk + nv
+            kb = dtype.itemsize * 8 if plan.k_bits == FULL_PRECISION else (0 if plan.k_shares else plan.k_bits)
+            vb = dtype.itemsize * 8 if plan.v_bits == FULL_PRECISION else (0 if plan.v_shares else plan.v_bits)
+            code += nk * kb + nv * vb
+        return {
+            "preset": self.xquant_config.name,
+            "elements": elements,
+            "bytes": stored,
+            "bf16_bytes": elements * 2,
+            "code_bits": code / elements,
+            "stored_bits": stored * 8 / elements,
+            "compression": elements * 2 / stored,
+        }
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the tensors actually allocated (0 before the first update)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, XQuantLayer):
+                total += layer.nbytes()
+            elif layer.is_initialized:
+                total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        return total

@@ -1,0 +1,235 @@
+"""Reference math of the quantized KV cache, in plain torch (DESIGN §2).
+
+Everything here is the oracle the Triton kernels are tested against, so each step is written in a
+form a kernel can reproduce bit for bit: statistics and codes in float32, rounding as
+``floor(x + 0.5)``, the reciprocal ``levels / range`` taken once per group.
+
+Quantizer (KIVI): for a group ``X`` with ``mn = min X``, ``rng = max X - mn`` and
+``levels = 2^B - 1``::
+
+    q  = clamp(floor((X - mn) * (levels / rng) + 0.5), 0, levels)     (q = 0 where rng == 0)
+    s  = rng / levels
+    s^ = (1 - 2 eta) * s                                               calibrated scale
+    z^ = mn + (eta * levels) * s                                       calibrated zero point
+    X^ = q * s^ + z^
+
+Keys are grouped per channel over ``G`` consecutive tokens, values per token over ``G``
+consecutive channels. Codes are packed little-end-first into int32 words, ``32 / B`` codes a word:
+keys along the token axis (``[B, H, T*bits/32, D]``), values along the channel axis
+(``[B, H, T, D*bits/32]``), so a kernel reads one word per (token-block, channel) or
+(token, channel-block).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import QUANT_BITS
+
+
+def levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def codes_per_word(bits: int) -> int:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits={bits!r}: packing supports {QUANT_BITS}")
+    return 32 // bits
+
+
+# --------------------------------------------------------------------------- packing
+def pack(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2^bits)`` into int32 words along ``dim``.
+
+    Code ``i`` of word ``w`` is element ``w * (32 // bits) + i`` and sits at bit ``i * bits``.
+    The length of ``dim`` must be a multiple of ``32 // bits``.
+    """
+    per = codes_per_word(bits)
+    dim = dim % codes.dim()
+    n = codes.shape[dim]
+    if n % per:
+        raise ValueError(f"pack: length {n} along dim {dim} is not a multiple of {per} ({bits}-bit codes)")
+    c = codes.movedim(dim, -1).to(torch.int64)
+    c = c.reshape(*c.shape[:-1], n // per, per)
+    shifts = torch.arange(per, device=c.device, dtype=torch.int64) * bits
+    words = (c << shifts).sum(-1)  # < 2^32, exact in int64
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(-1, dim)
+
+
+def unpack(words: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 words -> uint8 codes, ``32 // bits`` codes per word."""
+    per = codes_per_word(bits)
+    dim = dim % words.dim()
+    w = words.movedim(dim, -1).unsqueeze(-1)
+    shifts = torch.arange(per, device=w.device, dtype=torch.int32) * bits
+    codes = (w >> shifts) & levels(bits)  # arithmetic shift; the mask drops the sign bits
+    codes = codes.reshape(*codes.shape[:-2], -1).to(torch.uint8)
+    return codes.movedim(-1, dim)
+
+
+# --------------------------------------------------------------------------- group quantizer
+def quantize_groups(x: torch.Tensor, bits: int, eta: float = 0.0):
+    """Quantize groups along the last dim of ``x`` ``[..., G]``.
+
+    Returns ``(codes uint8 [..., G], scale fp32 [...], zero fp32 [...])`` with the calibrated
+    ``scale``/``zero`` of the module docstring (``eta = 0``: plain KIVI min-max).
+    """
+    xf = x.float()
+    mn = xf.amin(-1)
+    rng = xf.amax(-1) - mn
+    lv = levels(bits)
+    inv = torch.where(rng > 0, lv / torch.where(rng > 0, rng, 1.0), 0.0)
+    codes = torch.floor((xf - mn[..., None]) * inv[..., None] + 0.5).clamp_(0, lv).to(torch.uint8)
+    scale, zero = calibrate(rng / lv, mn, bits, eta)
+    return codes, scale, zero
+
+
+def calibrate(scale: torch.Tensor, zero: torch.Tensor, bits: int, eta: float):
+    """XQuant data-free calibration: ``z^ = z + eta*s*(2^B-1)``, ``s^ = (1-2*eta)*s``."""
+    if eta == 0.0:
+        return scale, zero
+    return (1.0 - 2.0 * eta) * scale, zero + (eta * levels(bits)) * scale
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``codes [..., G] * scale[..., None] + zero[..., None]`` in float32."""
+    return codes.float() * scale.float()[..., None] + zero.float()[..., None]
+
+
+# --------------------------------------------------------------------------- keys / values
+def quantize_keys(k: torch.Tensor, bits: int, group: int, eta: float = 0.0):
+    """Per-channel key quantization. ``k [..., N, D]`` with ``N % group == 0`` ->
+    ``codes uint8 [..., N, D]``, ``scale, zero fp32 [..., N/group, D]``."""
+    *lead, n, d = k.shape
+    if n % group:
+        raise ValueError(f"quantize_keys: {n} tokens is not a multiple of the group size {group}")
+    g = k.reshape(*lead, n // group, group, d).transpose(-1, -2)  # [..., N/G, D, G]
+    codes, scale, zero = quantize_groups(g, bits, eta)
+    return codes.transpose(-1, -2).reshape(*lead, n, d), scale, zero
+
+
+def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """``codes [..., N, D]``, ``scale/zero [..., N/group, D]`` -> fp32 ``[..., N, D]``."""
+    return codes.float() * scale.float().repeat_interleave(group, -2) + zero.float().repeat_interleave(group, -2)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int, eta: float = 0.0):
+    """Per-token value quantization. ``v [..., N, D]`` with ``D % group == 0`` ->
+    ``codes uint8 [..., N, D]``, ``scale, zero fp32 [..., N, D/group]``."""
+    *lead, d = v.shape
+    if d % group:
+        raise ValueError(f"quantize_values: head_dim {d} is not a multiple of the group size {group}")
+    codes, scale, zero = quantize_groups(v.reshape(*lead, d // group, group), bits, eta)
+    return codes.reshape(*lead, d), scale, zero
+
+
+def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """``codes [..., D]``, ``scale/zero [..., D/group]`` -> fp32 ``[..., D]``."""
+    return codes.float() * scale.float().repeat_interleave(group, -1) + zero.float().repeat_interleave(group, -1)
+
+
+# --------------------------------------------------------------------------- the cache's rules
+# Shared by XQuantLayer (eager), the custom ops' reference implementations and the kernels' tests.
+def key_boundary(n, residual: int, group: int):
+    """Nk(n) = G * ceil((n - R) / G), at least 0: keys of tokens below it are read from codes."""
+    if isinstance(n, int):
+        return max(0, -(-(n - residual) // group) * group)
+    return torch.div(n - residual + group - 1, group, rounding_mode="floor").clamp(min=0) * group
+
+
+def value_boundary(n, residual: int):
+    """Nv(n) = max(n - R, 0): values of tokens below it are read from codes."""
+    return max(0, n - residual) if isinstance(n, int) else (n - residual).clamp(min=0)
+
+
+def read_keys(codes, scale, zero, window, n, bits: int, group: int, length: int) -> torch.Tensor:
+    """Keys ``[b, H, length, D]`` as attention sees them with ``n`` tokens stored.
+
+    ``codes [b, H, Tq*bits/32, D]`` (a sharing layer passes its partner's), ``scale/zero
+    [b, H, Tq/G, D]``, ``window [b, H, R, D]`` (ring). Positions below Nk(n) come from codes, the
+    rest from the ring; positions at or past ``n`` hold finite filler for the caller to mask.
+    """
+    deq = dequantize_keys(unpack(codes, bits, dim=-2), scale, zero, group).to(window.dtype)
+    return _merge(deq, window, key_boundary(n, window.shape[-2], group), length)
+
+
+def read_values(codes, scale, zero, window, n, bits: int, group: int, length: int) -> torch.Tensor:
+    """Values ``[b, H, length, D]``; layout as in :func:`read_keys` with ``codes [b, H, Tq,
+    D*bits/32]`` and ``scale/zero [b, H, Tq, D/G]``."""
+    deq = dequantize_values(unpack(codes, bits, dim=-1), scale, zero, group).to(window.dtype)
+    return _merge(deq, window, value_boundary(n, window.shape[-2]), length)
+
+
+def _merge(deq: torch.Tensor, window: torch.Tensor, boundary, length: int) -> torch.Tensor:
+    tq = deq.shape[2]
+    if tq >= length:
+        deq = deq[:, :, :length]
+    else:
+        deq = torch.cat([deq, deq.new_zeros(*deq.shape[:2], length - tq, deq.shape[-1])], dim=2)
+    pos = torch.arange(length, device=window.device)
+    ring = window.index_select(2, pos % window.shape[-2])
+    return torch.where((pos < boundary)[:, None], deq, ring)
+
+
+def append_token(
+    k, v, pos,
+    k_codes, k_scale, k_zero, k_window,
+    v_codes, v_scale, v_zero, v_window,
+    k_bits: int, v_bits: int, group: int, k_eta: float, v_eta: float,
+) -> None:
+    """Store one token per sequence at position ``pos`` (0-d int64 tensor), in place, branch-free.
+
+    ``k [b, H, 1, Dk]``, ``v [b, H, 1, Dv]``; storage as in :func:`read_keys`; ``k_codes`` /
+    ``v_codes`` is ``None`` for a layer that shares its partner's codes (it then writes only its
+    own scale and zero point). ``pos`` itself is not advanced.
+    """
+    append_value(v, pos, v_codes, v_scale, v_zero, v_window, v_bits, group, v_eta)
+    append_key(k, pos, k_codes, k_scale, k_zero, k_window, k_bits, group, k_eta)
+
+
+def append_value(v, pos, codes, scale, zero, window, bits: int, group: int, eta: float) -> None:
+    """Before the token at ``pos`` overwrites ring slot ``pos % R``, quantize the value it evicts
+    (position ``pos - R``). While ``pos < R`` the result lands at position 0, rewritten at ``pos = R``."""
+    R = window.shape[-2]
+    q = (pos - R).clamp(min=0).reshape(1)
+    c, s, z = quantize_values(window.index_select(2, q % R), bits, group, eta)
+    if codes is not None:
+        codes.index_copy_(2, q, pack(c, bits, -1))
+    scale.index_copy_(2, q, s.to(scale.dtype))
+    zero.index_copy_(2, q, z.to(zero.dtype))
+    window.index_copy_(2, pos.reshape(1) % R, v)
+
+
+def append_key(k, pos, codes, scale, zero, window, bits: int, group: int, eta: float) -> None:
+    """Before the token at ``pos`` overwrites ring slot ``pos % R``, quantize the key group that
+    starts at ``pos - R`` if one does; the write is masked, not branched, so shapes stay static."""
+    R = window.shape[-2]
+    q = (pos - R).clamp(min=0).reshape(1)
+    g = torch.div(q, group, rounding_mode="floor")
+    tokens = g * group + torch.arange(group, device=k.device)
+    c, s, z = quantize_keys(window.index_select(2, tokens % R), bits, group, eta)
+    flush = (pos >= R) & ((pos - R) % group == 0)
+    if codes is not None:
+        per_group = group * bits // 32
+        words = g * per_group + torch.arange(per_group, device=k.device)
+        codes.index_copy_(2, words, torch.where(flush, pack(c, bits, -2), codes.index_select(2, words)))
+    scale.index_copy_(2, g, torch.where(flush, s.to(scale.dtype), scale.index_select(2, g)))
+    zero.index_copy_(2, g, torch.where(flush, z.to(zero.dtype), zero.index_select(2, g)))
+    window.index_copy_(2, pos.reshape(1) % R, k)
+
+
+def attend(q, keys, values, n, scale: float) -> torch.Tensor:
+    """Decode attention of ``q [b, Hq, Lq, D]`` (positions ``n - Lq .. n - 1``) over ``keys/values
+    [b, Hkv, T, D]`` as returned by :func:`read_keys` / :func:`read_values` with ``n`` tokens
+    stored; causal among the ``Lq`` new tokens; grouped-query heads share KV heads."""
+    b, hq, lq, _ = q.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    pos = torch.arange(length, device=q.device)
+    qpos = n - lq + torch.arange(lq, device=q.device)
+    mask = pos[None, :] <= qpos[:, None]  # [Lq, T]
+    keys = keys.repeat_interleave(hq // hkv, dim=1).float()
+    values = values.repeat_interleave(hq // hkv, dim=1).float()
+    scores = (q.float() @ keys.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ values).to(q.dtype)
