@@ -1,0 +1,136 @@
+"""``optimize(model)``: wire a transformers causal LM to the quantized KV cache.
+
+The returned object is the user's own model: ``model(...)``, ``model.generate(...)`` and
+``model.config`` keep their interface. ``generate`` gets an :class:`XQuantCache` unless the caller
+passes a cache of their own. With ``max_cache_len`` and ``max_batch_size`` given, one cache is
+preallocated and reused by every call (static addresses, what compiled decode steps want);
+otherwise each call gets a cache sized to its prompt and ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+
+from .cache import XQuantCache, kv_geometry, layer_types
+from .config import XQuantConfig
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_xquant_optimized"
+
+
+def cache_argument(model) -> str:
+    """Name of the forward/generate cache argument: ``cache`` on transformers >= 5.2x,
+    ``past_key_values`` before the rename."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _check_supported(model) -> None:
+    name = type(model).__name__
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            f"{name} is already compiled with torch.compile: call xquant.optimize on the original model"
+        )
+    if getattr(model, _MARK, False):
+        raise ValueError(f"{name} was already optimized by xquant_fx; optimize the original model once")
+    if not hasattr(model, "generate") or not hasattr(model, "config"):
+        raise ValueError(f"{name} is not a transformers generative model (no `generate`/`config`)")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model: xquant_fx supports decoder-only causal LMs")
+    try:
+        kv_geometry(model.config)
+        layer_types(model.config)
+    except ValueError as err:
+        raise ValueError(f"{name} cannot use the quantized KV cache: {err}") from None
+
+
+def _requested_length(model, args, kwargs) -> tuple[int, int]:
+    """(batch, prompt + new tokens) of a generate call."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs")
+    if ids is None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise ValueError("generate needs input_ids or inputs_embeds to size the quantized cache")
+        batch, prompt = embeds.shape[:2]
+    else:
+        batch, prompt = ids.shape[0], ids.shape[-1]
+    gen_cfg = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)
+    if new is not None:
+        total = prompt + new
+    else:
+        total = max(kwargs.get("max_length", gen_cfg.max_length or 20), prompt + 1)
+    beams = kwargs.get("num_beams", gen_cfg.num_beams or 1)
+    ret = kwargs.get("num_return_sequences", gen_cfg.num_return_sequences or 1)
+    return batch * max(beams, ret), total
+
+
+def optimize(
+    model,
+    config: XQuantConfig | str | None = None,
+    *,
+    max_cache_len: int | None = None,
+    max_batch_size: int | None = None,
+):
+    """Make ``model.generate`` store its KV cache with ``config`` (default ``"xquant-1.38"``).
+
+    Args:
+        model: a transformers decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3,
+            SmolLM2, MoE models with standard attention...).
+        config: an :class:`XQuantConfig` or a preset name.
+        max_cache_len, max_batch_size: preallocate one cache of this size, reused by every call.
+
+    Returns the same model object. Raises ``ValueError`` for a model the cache cannot hold, one
+    already optimized, or one already wrapped by ``torch.compile``.
+    """
+    _check_supported(model)
+    xq = XQuantConfig.preset(config) if isinstance(config, str) else (config or XQuantConfig.preset("xquant-1.38"))
+    if not isinstance(xq, XQuantConfig):
+        raise ValueError(f"config must be an XQuantConfig or a preset name, got {type(config).__name__}")
+    if (max_cache_len is None) != (max_batch_size is None):
+        raise ValueError("give both max_cache_len and max_batch_size to preallocate, or neither")
+    # Resolve the plan now so that a config that does not fit the model fails here, not mid-generate.
+    num_layers = kv_geometry(model.config)[0]
+    xq.resolve(num_layers)
+
+    cache_name = cache_argument(model)
+    original_generate = model.generate
+    shared: dict = {}
+
+    def new_cache(batch: int, length: int) -> XQuantCache:
+        return XQuantCache(model.config, xq, max_batch_size=batch, max_cache_len=length)
+
+    @functools.wraps(original_generate)
+    def generate(*args, **kwargs):
+        if kwargs.get(cache_name) is not None or kwargs.get("past_key_values") is not None:
+            return original_generate(*args, **kwargs)
+        batch, length = _requested_length(model, args, kwargs)
+        if max_cache_len is not None:
+            if length > max_cache_len:
+                raise ValueError(
+                    f"prompt + max_new_tokens = {length} tokens does not fit max_cache_len={max_cache_len} "
+                    "given to xquant.optimize"
+                )
+            if batch > max_batch_size:
+                raise ValueError(f"batch of {batch} sequences is larger than max_batch_size={max_batch_size}")
+            if "cache" not in shared:
+                shared["cache"] = new_cache(max_batch_size, max_cache_len)
+            cache = shared["cache"]
+            cache.reset()
+        else:
+            cache = new_cache(batch, length)
+        kwargs[cache_name] = cache
+        return original_generate(*args, **kwargs)
+
+    model.generate = generate
+    model.xquant_config = xq
+    setattr(model, _MARK, True)
+    logger.info("xquant_fx: %s optimized with %s", type(model).__name__, xq.name)
+    return model
