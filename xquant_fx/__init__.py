@@ -1,6 +1,11 @@
-"""xquant_fx: ultra-low-bit KV cache (XQuant) and MoE expert pruning for transformers models."""
+"""xquant_fx: ultra-low-bit KV cache (XQuant) and MoE expert pruning for transformers models.
 
+Importing the package loads no Triton and initializes no CUDA; the kernels load on first use.
+"""
+
+from .api import optimize
 from .cache import XQuantCache
 from .config import XQuantConfig
 
-__all__ = ["XQuantCache", "XQuantConfig"]
+__all__ = ["XQuantCache", "XQuantConfig", "optimize"]
+__version__ = "0.1.0"

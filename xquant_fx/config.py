@@ -15,7 +15,7 @@ from typing import Sequence
 QUANT_BITS = (1, 2, 4)
 FULL_PRECISION = 16
 ALLOWED_BITS = QUANT_BITS + (FULL_PRECISION,)
-ALLOWED_GROUPS = (16, 32, 64, 128)
+ALLOWED_GROUPS = (32, 64, 128)
 
 # Calibration strength per bit width (XQuant §3.2: z^ = z + eta*s*(2^B-1), s^ = (1-2 eta) s).
 # Chosen on SmolLM2-135M-Instruct by the sweep recorded in README "Calibration defaults".
