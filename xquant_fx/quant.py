@@ -2,7 +2,8 @@
 
 Everything here is the oracle the Triton kernels are tested against, so each step is written in a
 form a kernel can reproduce bit for bit: statistics and codes in float32, rounding as
-``floor(x + 0.5)``, the reciprocal ``levels / range`` taken once per group.
+``floor(x + 0.5)``, ``levels / range`` as ``reciprocal(range) * levels`` and ``range / levels`` as
+``range * float32(1 / levels)``, once per group.
 
 Quantizer (KIVI): for a group ``X`` with ``mn = min X``, ``rng = max X - mn`` and
 ``levels = 2^B - 1``::
@@ -79,9 +80,11 @@ def quantize_groups(x: torch.Tensor, bits: int, eta: float = 0.0):
     mn = xf.amin(-1)
     rng = xf.amax(-1) - mn
     lv = levels(bits)
-    inv = torch.where(rng > 0, lv / torch.where(rng > 0, rng, 1.0), 0.0)
+    # Both quotients as products with a float32 reciprocal, so CPU, CUDA and the kernels agree to
+    # the bit (torch's own scalar division differs between its CPU and CUDA kernels).
+    inv = torch.where(rng > 0, torch.reciprocal(torch.where(rng > 0, rng, 1.0)) * lv, 0.0)
     codes = torch.floor((xf - mn[..., None]) * inv[..., None] + 0.5).clamp_(0, lv).to(torch.uint8)
-    scale, zero = calibrate(rng / lv, mn, bits, eta)
+    scale, zero = calibrate(rng * (1.0 / lv), mn, bits, eta)
     return codes, scale, zero
 
 

@@ -1,0 +1,423 @@
+"""Decode-attention benchmark of the quantized KV cache kernels (a script, not a test).
+
+Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
+
+    python benchmarks/bench_attention.py [--out benchmarks/results] [--quick]
+
+1. Checks the kernels against the ``xquant_fx.quant`` reference on the GPU (asserts): the write
+   kernel bit-exact over several decode steps, fused attention within 2e-2 (bf16 / fp16).
+2. Measures the device-to-device copy bandwidth (bytes read + written) as the ceiling.
+3. Times decode attention at Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128, one new
+   token) for batch 1, 8, 32 and context 4k .. 128k, with ``n = context``:
+
+   * ``sdpa-bf16``: ``F.scaled_dot_product_attention`` over a bf16 cache (``enable_gqa=True``),
+     the fastest backend that runs (named in the table);
+   * ``attend-kivi-2``: the fused kernel, 2-bit keys and values;
+   * ``attend-k2v1``: the fused kernel, 2-bit keys and 1-bit values (``xquant-1.38``-like). A
+     sharing layer runs the same kernel with its partner's codes: same bytes, same time;
+   * ``deq-sdpa-k2v1``: ``quant.read_keys`` / ``read_values`` to a bf16 cache, then SDPA;
+   * ``append-k2v1``: the decode-step write (one token per sequence, all 8 KV heads).
+
+   Each is captured in a CUDA graph and timed with ``triton.testing.do_bench`` (median, L2
+   flushed between runs). ``GB/s`` counts the bytes the method must read (codes, scales, zero
+   points, window, q; the bf16 cache for SDPA) over its time; ``%copy`` compares with step 2.
+
+Caches are filled with random codes and scales (no write path for 128k tokens). Writes
+``attention.md`` and ``attention.csv`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import xquant_fx.ops  # noqa: E402,F401  (registers torch.ops.xquant.*)
+from xquant_fx import quant  # noqa: E402
+from xquant_fx.kernels import attend as attend_kernels  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128  # Llama-3-8B
+G, R = 32, 128  # xquant defaults (group_size, residual_length)
+DTYPE = torch.bfloat16
+MEMORY_LIMIT = 100e9  # bytes a configuration may allocate
+LAYOUTS = {"kivi-2": (2, 2, 0.0, 0.0), "k2v1": (2, 1, 0.045, 1 / 6)}  # k_bits, v_bits, k_eta, v_eta
+
+
+# --------------------------------------------------------------------------- storage
+def make_storage(b: int, ctx: int, kb: int, vb: int, device, seed: int = 0, dtype=DTYPE) -> dict:
+    """Random codes / scales / zeros / windows of one layer with capacity ``ctx`` (cache.py layout)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tq = math.ceil(max(ctx - R, 1) / G) * G
+
+    def words(*shape):
+        return torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
+
+    def uniform(*shape, lo, hi):
+        return (torch.rand(shape, generator=gen, device=device) * (hi - lo) + lo).to(dtype)
+
+    return dict(
+        k_codes=words(b, HKV, tq * kb // 32, D),
+        k_scale=uniform(b, HKV, tq // G, D, lo=0.02, hi=0.2),
+        k_zero=uniform(b, HKV, tq // G, D, lo=-0.5, hi=0.5),
+        k_window=torch.randn(b, HKV, R, D, generator=gen, device=device).to(dtype),
+        v_codes=words(b, HKV, tq, D * vb // 32),
+        v_scale=uniform(b, HKV, tq, D // G, lo=0.02, hi=0.5),
+        v_zero=uniform(b, HKV, tq, D // G, lo=-0.5, hi=0.5),
+        v_window=torch.randn(b, HKV, R, D, generator=gen, device=device).to(dtype),
+    )
+
+
+ORDER = ("k_codes", "k_scale", "k_zero", "k_window", "v_codes", "v_scale", "v_zero", "v_window")
+
+
+def storage_args(st: dict) -> list:
+    return [st[name] for name in ORDER]
+
+
+def quant_read_bytes(b: int, n: int, kb: int, vb: int) -> int:
+    """Bytes the fused kernel must read for ``n`` stored tokens (codes, scales, zeros, windows, q)."""
+    nq = max(n - R, 0)
+    per_head = (nq * D * kb // 8 + 2 * math.ceil(nq / G) * D * 2  # key codes, scale + zero
+                + nq * D * vb // 8 + 2 * nq * (D // G) * 2  # value codes, scale + zero
+                + 2 * min(n, R) * D * 2)  # windows
+    return b * HKV * per_head + b * HQ * D * 2
+
+
+def sdpa_read_bytes(b: int, n: int) -> int:
+    return 2 * b * HKV * n * D * 2 + b * HQ * D * 2
+
+
+# --------------------------------------------------------------------------- timing
+def time_graph(fn, warmup_calls: int = 2) -> float:
+    """Median µs of ``fn`` captured in a CUDA graph (L2 flushed between replays by do_bench)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    ms = do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
+    del graph
+    return ms * 1e3
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus written."""
+    nbytes = 4 << 30
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def time_sdpa(q, k, v) -> tuple[float, str]:
+    """Best (µs, backend) of SDPA with enable_gqa over the backends that accept the inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    best = (float("inf"), "none")
+    for name in SDPA_BACKENDS:
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+        try:
+            run()
+            torch.cuda.synchronize()
+            us = time_graph(run)
+        except Exception:  # backend refuses these inputs (or cannot be graph-captured)
+            torch.cuda.synchronize()
+            continue
+        best = min(best, (us, name.lower()))
+    return best
+
+
+# --------------------------------------------------------------------------- checks
+def check_kernels(device) -> None:
+    """Kernels vs reference on the GPU; asserts."""
+    torch.manual_seed(0)
+    # Decode-step write: bit-exact over steps before / at / after R and across group boundaries.
+    for kb, vb, k_eta, v_eta in LAYOUTS.values():
+        ref = make_storage(2, 512, kb, vb, device, seed=1)
+        got = {name: t.clone() for name, t in ref.items()}
+        for pos in (0, R - 1, R, R + 1, R + G - 1, R + G, R + 5 * G + 3):
+            k = torch.randn(2, HKV, 1, D, device=device, dtype=DTYPE)
+            v = torch.randn(2, HKV, 1, D, device=device, dtype=DTYPE)
+            p = torch.tensor(pos, device=device)
+            quant.append_token(k, v, p, *storage_args(ref), kb, vb, G, k_eta, v_eta)
+            torch.ops.xquant.append_token(k, v, p, *storage_args(got), kb, vb, G, k_eta, v_eta)
+            for name in ORDER:
+                assert torch.equal(got[name], ref[name]), f"append K{kb}/V{vb}: {name} differs at pos={pos}"
+    # Fused attention.
+    for (kb, vb, _, _), n, lq, gqa, dtype in (
+        (LAYOUTS["kivi-2"], 1000, 1, 4, torch.bfloat16),
+        (LAYOUTS["k2v1"], 3001, 1, 4, torch.bfloat16),
+        (LAYOUTS["k2v1"], 777, 4, 4, torch.float16),
+        (LAYOUTS["k2v1"], 129, 16, 8, torch.bfloat16),
+        ((4, 4, 0, 0), 2048, 2, 1, torch.float16),
+    ):
+        st = make_storage(2, 4096, kb, vb, device, seed=n, dtype=dtype)
+        q = torch.randn(2, HKV * gqa, lq, D, device=device, dtype=dtype)
+        nt = torch.tensor(n, device=device)
+        length = st["v_scale"].shape[2] + R
+        keys = quant.read_keys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G, length)
+        values = quant.read_values(st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], nt, vb, G, length)
+        ref = quant.attend(q, keys, values, nt, D**-0.5).float()
+        for splits in (None, 1, 7):
+            out = attend_kernels.attend(q, *storage_args(st), nt, kb, vb, G, D**-0.5, splits=splits).float()
+            err = (out - ref).abs().max().item() / ref.abs().max().item()
+            assert err < 2e-2, f"attend K{kb}/V{vb} n={n} Lq={lq} GQA={gqa} splits={splits}: rel err {err:.3g}"
+    print("checks passed: append bit-exact, attend within 2e-2", flush=True)
+
+
+def check_compile(device) -> str:
+    """torch.compile (Inductor) of a decode step through the ops vs eager; returns a verdict."""
+    kb, vb, k_eta, v_eta = LAYOUTS["k2v1"]
+    st_eager = make_storage(1, 1024, kb, vb, device, seed=3)
+    st_comp = {name: t.clone() for name, t in st_eager.items()}
+    k = torch.randn(1, HKV, 1, D, device=device, dtype=DTYPE)
+    v = torch.randn(1, HKV, 1, D, device=device, dtype=DTYPE)
+    q = torch.randn(1, HQ, 1, D, device=device, dtype=DTYPE)
+
+    def step(st, pos):
+        torch.ops.xquant.append_token(k, v, pos, *storage_args(st), kb, vb, G, k_eta, v_eta)
+        return torch.ops.xquant.attend(q, *storage_args(st), pos + 1, kb, vb, G, D**-0.5)
+
+    try:
+        compiled = torch.compile(step, fullgraph=True)
+        for pos in (R + G, R + G + 1):
+            p = torch.tensor(pos, device=device)
+            eager_out, comp_out = step(st_eager, p), compiled(st_comp, p)
+            for name in ORDER:
+                if not torch.equal(st_eager[name], st_comp[name]):
+                    return f"compiled append differs from eager in {name}"
+            if not torch.equal(eager_out, comp_out):
+                err = (eager_out.float() - comp_out.float()).abs().max().item()
+                return f"compiled attend differs from eager by {err:.3g}"
+    except Exception as exc:  # report, do not abort the benchmark
+        return f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return "torch.compile(fullgraph=True) of append + attend matches eager bit for bit"
+
+
+# --------------------------------------------------------------------------- benchmark
+def estimate_bytes(b: int, ctx: int) -> int:
+    """Bytes a configuration holds at once without the dequantize-then-SDPA baseline."""
+    return sdpa_read_bytes(b, ctx) + quant_read_bytes(b, ctx, 2, 2) + quant_read_bytes(b, ctx, 2, 1)
+
+
+def dequant_temp_bytes(b: int, ctx: int) -> int:
+    """Peak temporaries of ``quant.read_keys`` + ``read_values`` (uint8 codes, float32 products and
+    repeated scales / zeros, bf16 results: about 24 bytes per element of one tensor)."""
+    return 24 * b * HKV * ctx * D
+
+
+def bench_config(b: int, ctx: int, device, copy_gbps: float) -> list[dict]:
+    rows = []
+    n = torch.tensor(ctx, device=device)
+    scale = D**-0.5
+    q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
+
+    def add(method, us, nbytes, note=""):
+        rows.append(dict(method=method, batch=b, context=ctx, us=us, bytes=nbytes,
+                         gbps=nbytes / (us * 1e-6) / 1e9, pct_copy=100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps,
+                         note=note))
+
+    # bf16 SDPA
+    k = torch.randn(b, HKV, ctx, D, device=device, dtype=DTYPE)
+    v = torch.randn(b, HKV, ctx, D, device=device, dtype=DTYPE)
+    us, backend = time_sdpa(q, k, v)
+    add("sdpa-bf16", us, sdpa_read_bytes(b, ctx), backend)
+    del k, v
+    torch.cuda.empty_cache()
+
+    for name, (kb, vb, k_eta, v_eta) in LAYOUTS.items():
+        st = make_storage(b, ctx, kb, vb, device, seed=b * 7 + ctx)
+        args = storage_args(st)
+        us = time_graph(lambda: torch.ops.xquant.attend(q, *args, n, kb, vb, G, scale))
+        splits = attend_kernels.num_splits(b * HKV, st["v_scale"].shape[2] + R, device)
+        note = f"{splits} splits" + ("; a sharing layer: same kernel, partner codes" if name == "k2v1" else "")
+        add(f"attend-{name}", us, quant_read_bytes(b, ctx, kb, vb), note)
+        if name == "k2v1":
+            length = st["v_scale"].shape[2] + R
+
+            def dequant_sdpa():
+                keys = quant.read_keys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], n, kb, G, length)
+                values = quant.read_values(st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], n, vb, G,
+                                           length)
+                return F.scaled_dot_product_attention(q, keys[:, :, :ctx], values[:, :, :ctx], enable_gqa=True)
+
+            if estimate_bytes(b, ctx) + dequant_temp_bytes(b, ctx) <= MEMORY_LIMIT:
+                add("deq-sdpa-k2v1", time_graph(dequant_sdpa), quant_read_bytes(b, ctx, kb, vb),
+                    "quant.read_* + SDPA")
+            else:
+                print(f"skip deq-sdpa-k2v1 batch {b} context {ctx}: temporaries over "
+                      f"{MEMORY_LIMIT / 1e9:.0f} GB", flush=True)
+            kn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
+            vn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
+            pos = torch.tensor(ctx - 1, device=device)
+            us = time_graph(lambda: torch.ops.xquant.append_token(kn, vn, pos, *args, kb, vb, G, k_eta, v_eta))
+            write_bytes = b * HKV * (G * D * 2 + 2 * D * 2)  # ring group read + new token
+            add("append-k2v1", us, write_bytes, "per decode step, all KV heads")
+        del st, args
+        torch.cuda.empty_cache()
+    sdpa_us = rows[0]["us"]
+    for row in rows:
+        row["speedup"] = sdpa_us / row["us"] if not row["method"].startswith("append") else float("nan")
+    return rows
+
+
+def _compiled_stats(kernel) -> str:
+    """Registers, spills, shared memory and layout-conversion counts of the newest compilation
+    of ``kernel`` (best effort: the cache layout differs across Triton versions)."""
+    try:
+        compiled = []
+        for cache in kernel.device_caches.values():
+            compiled.extend(cache[0].values())
+        ck = compiled[-1]
+        ttgir = ck.asm.get("ttgir", "")
+        ck._init_handles()
+        return (f"regs={ck.n_regs} spills={ck.n_spills} smem={ck.metadata.shared} "
+                f"converts={ttgir.count('convert_layout')} local_allocs={ttgir.count('local_alloc')} "
+                f"wgmma={'warp_group_dot' in ttgir}")
+    except Exception as exc:  # noqa: BLE001
+        return f"stats unavailable ({type(exc).__name__})"
+
+
+def sweep(device) -> None:
+    """Time the K2/V1 fused kernel over launch configurations (stage 1) at three shapes."""
+    kb, vb = 2, 1
+    C = attend_kernels.AttendConfig
+    configs = [C(block_n=bn, num_stages=st) for bn in (32, 64) for st in (1, 2, 3)]
+    configs += [C(block_n=128, num_warps=8, num_stages=3), C(block_n=64, num_warps=8, num_stages=2),
+                C(block_n=64, num_stages=2, transposed=True), C(block_n=128, num_warps=8, num_stages=3, transposed=True)]
+    for b, ctx in ((8, 16384), (32, 16384), (1, 65536)):
+        st = make_storage(b, ctx, kb, vb, device, seed=1)
+        args = storage_args(st)
+        q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
+        n = torch.tensor(ctx, device=device)
+        nbytes = quant_read_bytes(b, ctx, kb, vb)
+        results = []
+        for cfg in configs:
+            def run(cfg=cfg):
+                return attend_kernels.attend(q, *args, n, kb, vb, G, D**-0.5, config=cfg)
+            try:
+                us = time_graph(run)
+            except Exception as exc:  # e.g. out of shared memory / registers
+                print(f"  b={b} ctx={ctx} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                continue
+            stats = _compiled_stats(attend_kernels._attend_split_kernel) if b == 8 else ""
+            print(f"  b={b} ctx={ctx} {cfg}: {us:8.1f} us {nbytes / us / 1e3:6.0f} GB/s {stats}", flush=True)
+            results.append((us, cfg))
+        results.sort(key=lambda r: r[0])
+        print(f"best b={b} ctx={ctx}: {results[0][1]} {results[0][0]:.1f} us", flush=True)
+        del st, args
+        torch.cuda.empty_cache()
+
+
+def write_results(rows, meta, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = ["method", "batch", "context", "us", "speedup", "bytes", "gbps", "pct_copy", "note"]
+    with open(out_dir / "attention.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["gpu", "date", "torch", "triton", "copy_gbps", *fields])
+        for row in rows:
+            writer.writerow([meta["gpu"], meta["date"], meta["torch"], meta["triton"], f"{meta['copy_gbps']:.0f}",
+                             *[f"{row[f]:.2f}" if isinstance(row[f], float) else row[f] for f in fields]])
+    lines = [
+        "# Decode attention, Llama-3-8B shapes (32 q / 8 kv heads, head_dim 128, Lq = 1, n = context)",
+        "",
+        f"GPU {meta['gpu']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
+        f"Copy bandwidth {meta['copy_gbps']:.0f} GB/s (read + write). G={G}, R={R}, bf16.",
+        "",
+        f"Checks: {meta['checks']}. Compile: {meta['compile']}.",
+        "",
+        "| method | batch | context | µs | × sdpa-bf16 | MB read | GB/s | % copy BW | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        speed = "" if math.isnan(row["speedup"]) else f"{row['speedup']:.2f}"
+        lines.append(f"| {row['method']} | {row['batch']} | {row['context'] // 1024}k | {row['us']:.1f} | {speed} | "
+                     f"{row['bytes'] / 1e6:.1f} | {row['gbps']:.0f} | {row['pct_copy']:.0f} | {row['note']} |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "attention.md").write_text(table)
+    return table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--quick", action="store_true", help="batch 1, 8 and context 4k, 16k only")
+    parser.add_argument("--no-compile-check", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="only sweep the fused kernel's launch configuration")
+    parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not for reports)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET to benchmark", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    started = time.time()
+    meta = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
+                torch=torch.__version__, triton=triton.__version__)
+    print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']}", flush=True)
+
+    if args.sweep:
+        sweep(device)
+        return 0
+    if not args.skip_checks:
+        check_kernels(device)
+    meta["checks"] = ("skipped" if args.skip_checks else
+                      "append bit-exact vs quant.append_token, attend within 2e-2 of quant.attend")
+    meta["compile"] = "skipped" if args.no_compile_check else check_compile(device)
+    print(f"compile: {meta['compile']}", flush=True)
+    meta["copy_gbps"] = copy_bandwidth(device)
+    print(f"copy bandwidth: {meta['copy_gbps']:.0f} GB/s", flush=True)
+
+    batches = (1, 8) if args.quick else (1, 8, 32)
+    contexts = (4096, 16384) if args.quick else (4096, 16384, 65536, 131072)
+    rows = []
+    for b in batches:
+        for ctx in contexts:
+            if estimate_bytes(b, ctx) > MEMORY_LIMIT:
+                print(f"skip batch {b} context {ctx}: over {MEMORY_LIMIT / 1e9:.0f} GB", flush=True)
+                continue
+            config_rows = bench_config(b, ctx, device, meta["copy_gbps"])
+            for row in config_rows:
+                print(f"  {row['method']:>15} b={b:<3} ctx={ctx:<7} {row['us']:9.1f} us  "
+                      f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s  {row['note']}", flush=True)
+            rows.extend(config_rows)
+            torch.cuda.empty_cache()
+    print()
+    print(write_results(rows, meta, args.out))
+    print(f"total {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Test session setup.
+
+Triton decides when a kernel is *decorated* whether it runs in its CPU interpreter, so
+``TRITON_INTERPRET=1`` must be set before anything imports triton: kernel tests then run on CPU.
+The ops still take the plain-torch reference on CPU unless ``XQUANT_FORCE_KERNELS=1`` (set by the
+tests that want the kernel path through the ops).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"

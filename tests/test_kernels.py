@@ -1,0 +1,252 @@
+"""The Triton kernels against their plain-torch twins in ``xquant_fx.quant``, on CPU through
+Triton's interpreter.
+
+Append: codes, scales, zero points and windows bit-exact (``torch.equal``) over consecutive
+decode steps. Attend: ``max |out - ref| <= tol * max |ref|`` with ``tol`` 1e-4 for float32 and
+2e-2 for float16 / bfloat16 (the kernel multiplies probabilities rounded to the cache dtype on
+the tensor cores; the reference works in float32 throughout).
+"""
+
+import os
+
+# Triton decides at decoration time whether a kernel is interpreted, its own library
+# (tl.max, tl.cdiv, ...) included: tests/conftest.py sets this before anything imports triton;
+# set here too for a run of this file alone.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import math  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from xquant_fx import quant  # noqa: E402
+
+
+def triton_interprets() -> bool:
+    """Whether triton's own jit library was decorated for the interpreter in this process."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.max, InterpretedFunction)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel modules, decorated under the interpreter."""
+    assert triton_interprets(), "triton was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from xquant_fx.kernels import append, attend, common
+
+    if not isinstance(append._append_token_kernel, InterpretedFunction):
+        # Imported earlier in this process while TRITON_INTERPRET was unset: decorate again.
+        for module in (common, append, attend):
+            importlib.reload(module)
+    return SimpleNamespace(append=append, attend=attend)
+
+
+def make_storage(B, H, dk, dv, kb, vb, G, R, T, dtype, seed=0):
+    """A layer's storage (cache.py layout) filled with random codes, scales and windows."""
+    gen = torch.Generator().manual_seed(seed)
+    tq = math.ceil(max(T - R, 1) / G) * G
+
+    def words(*shape):
+        return torch.randint(-(2**31), 2**31 - 1, shape, generator=gen, dtype=torch.int32)
+
+    def floats(*shape, lo=-1.0, hi=1.0):
+        return (torch.rand(shape, generator=gen) * (hi - lo) + lo).to(dtype)
+
+    return dict(
+        k_codes=words(B, H, tq * kb // 32, dk),
+        k_scale=floats(B, H, tq // G, dk, lo=0.05, hi=0.5),
+        k_zero=floats(B, H, tq // G, dk),
+        k_window=torch.randn(B, H, R, dk, generator=gen).to(dtype),
+        v_codes=words(B, H, tq, dv * vb // 32),
+        v_scale=floats(B, H, tq, dv // G, lo=0.05, hi=1.0),
+        v_zero=floats(B, H, tq, dv // G),
+        v_window=torch.randn(B, H, R, dv, generator=gen).to(dtype),
+    )
+
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+ORDER = ("k_codes", "k_scale", "k_zero", "k_window", "v_codes", "v_scale", "v_zero", "v_window")
+
+
+def storage_args(st, share_k=False, share_v=False):
+    args = [st[name] for name in ORDER]
+    if share_k:
+        args[0] = None
+    if share_v:
+        args[4] = None
+    return args
+
+
+# --------------------------------------------------------------------------- append
+APPEND_CASES = [
+    # dtype, kb, vb, G, R, dk, dv, share_k, share_v, k_eta, v_eta
+    pytest.param(torch.bfloat16, 2, 1, 32, 64, 64, 64, False, False, 0.045, 1 / 6, id="bf16-k2v1-eta"),
+    pytest.param(torch.float16, 2, 2, 32, 64, 64, 64, False, False, 0.0, 0.0, id="fp16-k2v2"),
+    pytest.param(torch.float32, 4, 4, 64, 64, 64, 128, False, True, 0.0, 0.0, id="fp32-k4v4-g64-vshare"),
+    pytest.param(torch.bfloat16, 1, 2, 128, 128, 128, 128, True, False, 1 / 6, 0.045, id="bf16-k1v2-g128-kshare"),
+    pytest.param(torch.float16, 1, 1, 32, 96, 128, 64, False, False, 1 / 6, 1 / 6, id="fp16-k1v1-R96"),
+]
+
+
+@pytest.mark.parametrize("dtype,kb,vb,G,R,dk,dv,share_k,share_v,k_eta,v_eta", APPEND_CASES)
+def test_append_matches_reference(kernels, dtype, kb, vb, G, R, dk, dv, share_k, share_v, k_eta, v_eta):
+    """Consecutive decode steps before, at and after ``pos == R`` and across group boundaries,
+    on a storage batch larger than the step's (rows past ``b`` must stay untouched)."""
+    B, b, H = 3, 2, 2
+    T = R + 3 * G
+    ref = make_storage(B, H, dk, dv, kb, vb, G, R, T, dtype, seed=1)
+    got = {name: t.clone() for name, t in ref.items()}
+    gen = torch.Generator().manual_seed(2)
+    steps = [0, 1, R - 1, R, R + 1, R + G - 1, R + G, R + 2 * G]
+    for pos in steps:
+        k = torch.randn(b, H, 1, dk, generator=gen).to(dtype)
+        # values arrive as a transposed view ([b, 1, H, D] -> [b, H, 1, D]): strided input
+        v = torch.randn(b, 1, H, dv, generator=gen).to(dtype).transpose(1, 2)
+        p = torch.tensor(pos)
+        quant.append_token(k, v, p, *[t if t is None else t[:b] for t in storage_args(ref, share_k, share_v)],
+                           kb, vb, G, k_eta, v_eta)
+        kernels.append.append_token(k, v, p, *[t if t is None else t[:b] for t in storage_args(got, share_k, share_v)],
+                                    kb, vb, G, k_eta, v_eta)
+        for name in ORDER:
+            assert torch.equal(got[name], ref[name]), f"{name} differs after the step at pos={pos}"
+
+
+def test_append_flushes_the_window_into_codes(kernels):
+    """Tokens written by the kernel from an empty cache read back (``read_keys`` /
+    ``read_values``) as the reference cache does, window and codes alike."""
+    B, H, dk, dv, kb, vb, G, R, T = 1, 1, 64, 64, 2, 2, 32, 32, 96
+    dtype = torch.float32
+    ref = {name: torch.zeros_like(t) for name, t in make_storage(B, H, dk, dv, kb, vb, G, R, T, dtype).items()}
+    got = {name: t.clone() for name, t in ref.items()}
+    gen = torch.Generator().manual_seed(3)
+    for pos in range(R + G + 1):
+        k, v = torch.randn(B, H, 1, dk, generator=gen), torch.randn(B, H, 1, dv, generator=gen)
+        quant.append_token(k, v, torch.tensor(pos), *storage_args(ref), kb, vb, G, 0.0, 0.0)
+        kernels.append.append_token(k, v, torch.tensor(pos), *storage_args(got), kb, vb, G, 0.0, 0.0)
+    for name in ORDER:
+        assert torch.equal(got[name], ref[name]), name
+    n = torch.tensor(R + G + 1)
+    keys = quant.read_keys(got["k_codes"], got["k_scale"], got["k_zero"], got["k_window"], n, kb, G, T)
+    assert torch.isfinite(keys).all()
+
+
+# --------------------------------------------------------------------------- attend
+def reference_attend(q, st, k_codes, v_codes, n, kb, vb, G, scale):
+    length = st["v_scale"].shape[2] + st["v_window"].shape[2]
+    nt = torch.tensor(n)
+    keys = quant.read_keys(k_codes, st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G, length)
+    values = quant.read_values(v_codes, st["v_scale"], st["v_zero"], st["v_window"], nt, vb, G, length)
+    return quant.attend(q, keys, values, nt, scale)
+
+
+def assert_close_rel(out, ref, tol):
+    assert not out.isnan().any(), "output has NaN (unwritten elements?)"
+    err = (out.float() - ref.float()).abs().max().item()
+    bound = tol * ref.float().abs().max().item()
+    assert err <= bound, f"max |out - ref| = {err:.3g} > {bound:.3g}"
+
+
+ATTEND_CASES = [
+    # n, Lq, gqa, dk, dv, kb, vb, G, R, dtype, shared, splits
+    pytest.param(1, 1, 4, 64, 64, 2, 1, 32, 64, torch.float32, False, None, id="n1-window-only"),
+    pytest.param(31, 1, 1, 64, 64, 2, 2, 32, 64, torch.float16, False, 1, id="n31-partial-window"),
+    pytest.param(33, 4, 3, 64, 64, 4, 4, 32, 32, torch.float32, False, 2, id="n33-lq4-gqa3-full-window"),
+    pytest.param(64, 2, 8, 128, 128, 2, 1, 32, 64, torch.bfloat16, True, None, id="n64-eq-R-shared"),
+    pytest.param(129, 1, 8, 128, 64, 2, 1, 32, 64, torch.bfloat16, False, 3, id="n129-dk128-dv64"),
+    pytest.param(129, 16, 4, 64, 64, 1, 1, 64, 64, torch.float32, True, 2, id="n129-lq16-k1v1-g64"),
+    pytest.param(371, 1, 4, 128, 128, 2, 1, 32, 128, torch.float16, True, None, id="n371-xquant"),
+    pytest.param(371, 3, 1, 64, 128, 1, 2, 64, 64, torch.bfloat16, False, 4, id="n371-lq3-k1v2"),
+    pytest.param(371, 1, 3, 64, 128, 4, 1, 128, 128, torch.float32, False, 1, id="n371-g128-single-split"),
+    pytest.param(200, 8, 8, 64, 64, 2, 2, 32, 64, torch.float16, False, None, id="n200-lq8-gqa8"),
+]
+
+
+@pytest.mark.parametrize("n,lq,gqa,dk,dv,kb,vb,G,R,dtype,shared,splits", ATTEND_CASES)
+def test_attend_matches_reference(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, vb, G, R, dtype, shared, splits):
+    """Ragged n (window only, partial, at R, codes + window), GQA 1/3/4/8, head dims 64/128
+    (also Dk != Dv), 1/2/4 bits, Lq 1..16, single and several splits; a sharing layer reads its
+    partner's codes. Output and split partials start as NaN so unwritten elements show."""
+    B, b, hkv = 2, 2, 2
+    T = 384
+    st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n)
+    k_codes, v_codes = st["k_codes"], st["v_codes"]
+    if shared:  # the partner layer's codes, with this layer's scales / zeros / windows
+        partner = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n + 1000)
+        k_codes, v_codes = partner["k_codes"], partner["v_codes"]
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(b, hkv * gqa, lq, dk, generator=gen).to(dtype)
+    scale = dk**-0.5
+    ref = reference_attend(q, st, k_codes, v_codes, n, kb, vb, G, scale)
+
+    monkeypatch.setattr(kernels.attend, "_workspace",
+                        lambda shape, device: torch.full(shape, float("nan"), device=device))
+    out = torch.full((b, hkv * gqa, lq, dv), float("nan"), dtype=dtype)
+    got = kernels.attend.attend(q, k_codes, st["k_scale"], st["k_zero"], st["k_window"],
+                                v_codes, st["v_scale"], st["v_zero"], st["v_window"], torch.tensor(n),
+                                kb, vb, G, scale, splits=splits, out=out)
+    assert got is out and got.dtype == dtype
+    assert_close_rel(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["qk", "kq"])
+@pytest.mark.parametrize("block_n,stages", [(32, 1), (128, 3)])
+def test_attend_launch_configs(kernels, transposed, block_n, stages):
+    """Both product orientations, blocks smaller and larger than G."""
+    B, hkv, gqa, lq, dk, dv, kb, vb, G, R, T, n = 1, 2, 3, 2, 64, 128, 1, 2, 64, 64, 512, 300
+    dtype = torch.bfloat16
+    st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=block_n)
+    q = torch.randn(B, hkv * gqa, lq, dk).to(dtype)
+    cfg = kernels.attend.AttendConfig(block_n=block_n, num_stages=stages, transposed=transposed)
+    got = kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.125, splits=2, config=cfg)
+    ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
+    assert_close_rel(got, ref, TOL[dtype])
+
+
+def test_attend_strided_query_and_storage_slice(kernels):
+    """q as a transposed view and storage with a larger batch than q (the cache's ``[:b]``)."""
+    B, b, hkv, gqa, lq, d, kb, vb, G, R, T, n = 3, 2, 2, 4, 2, 64, 2, 2, 32, 64, 256, 150
+    dtype = torch.float32
+    st = make_storage(B, hkv, d, d, kb, vb, G, R, T, dtype, seed=5)
+    q = torch.randn(b, lq, hkv * gqa, d).transpose(1, 2)  # [b, Hq, Lq, D], not contiguous
+    got = kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.1)
+    ref = reference_attend(q, {k: t[:b] for k, t in st.items()}, st["k_codes"][:b], st["v_codes"][:b],
+                           n, kb, vb, G, 0.1)
+    assert_close_rel(got, ref, TOL[dtype])
+
+
+def test_attend_splits_are_static(kernels):
+    """The split count depends on capacity and batch x heads, never on n."""
+    assert kernels.attend.num_splits(4, 4096, torch.device("cpu")) == kernels.attend.num_splits(4, 4096, "cpu")
+    assert kernels.attend.num_splits(1, 100, torch.device("cpu")) == 1
+
+
+def test_ops_run_the_kernels_under_the_interpreter(kernels, monkeypatch):
+    """``xquant::append_token`` / ``xquant::attend`` take the kernel path when forced and agree
+    with the reference."""
+    import xquant_fx.ops as ops
+
+    monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
+    assert ops.uses_kernels(torch.empty(1))
+
+    B, H, gqa, d, kb, vb, G, R, T = 1, 2, 2, 64, 2, 1, 32, 32, 160
+    dtype = torch.bfloat16
+    ref = make_storage(B, H, d, d, kb, vb, G, R, T, dtype, seed=11)
+    got = {name: t.clone() for name, t in ref.items()}
+    pos = torch.tensor(R + G)
+    k, v = torch.randn(B, H, 1, d).to(dtype), torch.randn(B, H, 1, d).to(dtype)
+    quant.append_token(k, v, pos, *storage_args(ref, share_v=True), kb, vb, G, 0.045, 1 / 6)
+    torch.ops.xquant.append_token(k, v, pos, *storage_args(got, share_v=True), kb, vb, G, 0.045, 1 / 6)
+    for name in ORDER:
+        assert torch.equal(got[name], ref[name]), name
+
+    n = R + G + 1
+    q = torch.randn(B, H * gqa, 1, d).to(dtype)
+    out = torch.ops.xquant.attend(q, *storage_args(got), torch.tensor(n), kb, vb, G, 0.125)
+    expect = reference_attend(q, got, got["k_codes"], got["v_codes"], n, kb, vb, G, 0.125)
+    assert_close_rel(out, expect, TOL[dtype])

@@ -1,0 +1,102 @@
+"""Custom ops of the quantized KV cache: ``xquant::append_token`` and ``xquant::attend``.
+
+Both are ``torch.library.triton_op`` s: ``torch.compile`` and AOTInductor trace into them and see
+the Triton kernel launches (through ``torch.library.wrap_triton``) instead of an opaque call.
+Each dispatches at run time:
+
+* CUDA tensors, or any tensors while ``XQUANT_FORCE_KERNELS=1`` (with ``TRITON_INTERPRET=1``:
+  Triton's CPU interpreter, for tests): the kernels of :mod:`xquant_fx.kernels`;
+* otherwise: the plain-torch reference of :mod:`xquant_fx.quant`.
+
+Importing this module does not initialise CUDA, and imports the kernels (hence ``triton``) only
+on the first kernel launch.
+
+Signatures (storage layout as in :mod:`xquant_fx.cache`; a sharing layer passes ``None`` codes to
+``append_token`` and its partner's codes to ``attend``)::
+
+    xquant::append_token(Tensor k, Tensor v, Tensor pos,
+        Tensor(a!)? k_codes, Tensor(b!) k_scale, Tensor(c!) k_zero, Tensor(d!) k_window,
+        Tensor(e!)? v_codes, Tensor(f!) v_scale, Tensor(g!) v_zero, Tensor(h!) v_window,
+        int k_bits, int v_bits, int group, float k_eta, float v_eta) -> ()
+    xquant::attend(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor k_window,
+        Tensor v_codes, Tensor v_scale, Tensor v_zero, Tensor v_window, Tensor n,
+        int k_bits, int v_bits, int group, float scale) -> Tensor
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from . import quant
+
+__all__ = ["append_token", "attend", "uses_kernels"]
+
+
+def uses_kernels(t: torch.Tensor) -> bool:
+    """Whether the ops run the Triton kernels for tensors like ``t``: on CUDA, or anywhere when
+    ``XQUANT_FORCE_KERNELS=1`` (CPU tests, under Triton's interpreter)."""
+    return t.device.type == "cuda" or os.environ.get("XQUANT_FORCE_KERNELS", "0") == "1"
+
+
+# --------------------------------------------------------------------------- append_token
+@triton_op(
+    "xquant::append_token",
+    mutates_args=("k_codes", "k_scale", "k_zero", "k_window", "v_codes", "v_scale", "v_zero", "v_window"),
+)
+def append_token(
+    k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    k_codes: Optional[torch.Tensor], k_scale: torch.Tensor, k_zero: torch.Tensor, k_window: torch.Tensor,
+    v_codes: Optional[torch.Tensor], v_scale: torch.Tensor, v_zero: torch.Tensor, v_window: torch.Tensor,
+    k_bits: int, v_bits: int, group: int, k_eta: float, v_eta: float,
+) -> None:
+    """Store one token per sequence (``k [b, H, 1, Dk]``, ``v [b, H, 1, Dv]``) at position
+    ``pos`` (0-d int64 tensor) in place: :func:`xquant_fx.quant.append_token`."""
+    if uses_kernels(k):
+        from .kernels.append import append_token as kernel_append
+
+        kernel_append(k, v, pos, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
+                      k_bits, v_bits, group, k_eta, v_eta)
+    else:
+        quant.append_token(k, v, pos, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
+                           k_bits, v_bits, group, k_eta, v_eta)
+
+
+@append_token.register_fake
+def _append_token_fake(k, v, pos, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
+                       k_bits, v_bits, group, k_eta, v_eta) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- attend
+@triton_op("xquant::attend", mutates_args=())
+def attend(
+    q: torch.Tensor,
+    k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor, k_window: torch.Tensor,
+    v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, v_window: torch.Tensor,
+    n: torch.Tensor,
+    k_bits: int, v_bits: int, group: int, scale: float,
+) -> torch.Tensor:
+    """Attention of ``q [b, Hq, Lq, Dk]`` (positions ``n - Lq .. n - 1``) over the quantized
+    layer holding ``n`` tokens (0-d int64 tensor); ``[b, Hq, Lq, Dv]`` in ``q.dtype``.
+    ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scale)``."""
+    if uses_kernels(q):
+        from .kernels.attend import attend as kernel_attend
+
+        return kernel_attend(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
+                             k_bits, v_bits, group, scale)
+    b = q.shape[0]
+    length = v_scale.shape[2] + v_window.shape[2]  # code capacity + ring: every position < n
+    keys = quant.read_keys(k_codes[:b], k_scale[:b], k_zero[:b], k_window[:b], n, k_bits, group, length)
+    values = quant.read_values(v_codes[:b], v_scale[:b], v_zero[:b], v_window[:b], n, v_bits, group, length)
+    return quant.attend(q, keys, values, n, scale)
+
+
+@attend.register_fake
+def _attend_fake(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
+                 k_bits, v_bits, group, scale) -> torch.Tensor:
+    b, hq, lq, _ = q.shape
+    return q.new_empty((b, hq, lq, v_window.shape[-1]))
