@@ -4,8 +4,11 @@ Importing the package loads no Triton and initializes no CUDA; the kernels load 
 """
 
 from .api import optimize
+from .backend import register as _register_backend
 from .cache import XQuantCache
 from .config import XQuantConfig
+
+_register_backend()
 
 __all__ = ["XQuantCache", "XQuantConfig", "optimize"]
 __version__ = "0.1.0"

@@ -43,6 +43,14 @@ from . import quant
 from .config import FULL_PRECISION, LayerPlan, XQuantConfig
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+
+
+def _ops():
+    """``torch.ops.xquant``, registering the ops on first use (``import xquant_fx`` stays free of
+    triton)."""
+    from . import ops  # noqa: F401
+
+    return torch.ops.xquant
 _SUPPORTED_TYPES = ("full_attention",) + _SLIDING_TYPES
 
 
@@ -208,19 +216,27 @@ class XQuantLayer(StaticLayer):
 
     def _append_one(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one token per sequence (k, v: [b, H, 1, D]) at position cumulative_length."""
-        b, p = k.shape[0], self.cumulative_length
-        if self.plan.k_bits == FULL_PRECISION:
-            self.keys[:b].index_copy_(2, p.reshape(1), k)
-        else:
-            codes = None if self.plan.k_shares else self.k_codes[:b]
-            quant.append_key(k, p, codes, self.k_scale[:b], self.k_zero[:b], self.k_window[:b],
-                             self.plan.k_bits, self.G, self.k_eta)
-        if self.plan.v_bits == FULL_PRECISION:
-            self.values[:b].index_copy_(2, p.reshape(1), v)
-        else:
-            codes = None if self.plan.v_shares else self.v_codes[:b]
-            quant.append_value(v, p, codes, self.v_scale[:b], self.v_zero[:b], self.v_window[:b],
-                               self.plan.v_bits, self.G, self.v_eta)
+        b, p, plan = k.shape[0], self.cumulative_length, self.plan
+        k_codes = None if plan.k_shares or plan.k_bits == FULL_PRECISION else self.k_codes[:b]
+        v_codes = None if plan.v_shares or plan.v_bits == FULL_PRECISION else self.v_codes[:b]
+        if plan.k_bits != FULL_PRECISION and plan.v_bits != FULL_PRECISION:
+            _ops().append_token(
+                k, v, p,
+                k_codes, self.k_scale[:b], self.k_zero[:b], self.k_window[:b],
+                v_codes, self.v_scale[:b], self.v_zero[:b], self.v_window[:b],
+                plan.k_bits, plan.v_bits, self.G, self.k_eta, self.v_eta,
+            )
+        else:  # a full-precision tensor: plain copies for it, the reference for the other
+            if plan.k_bits == FULL_PRECISION:
+                self.keys[:b].index_copy_(2, p.reshape(1), k)
+            else:
+                quant.append_key(k, p, k_codes, self.k_scale[:b], self.k_zero[:b], self.k_window[:b],
+                                 plan.k_bits, self.G, self.k_eta)
+            if plan.v_bits == FULL_PRECISION:
+                self.values[:b].index_copy_(2, p.reshape(1), v)
+            else:
+                quant.append_value(v, p, v_codes, self.v_scale[:b], self.v_zero[:b], self.v_window[:b],
+                                   plan.v_bits, self.G, self.v_eta)
         self.cumulative_length.add_(1)
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor):
@@ -281,7 +297,9 @@ class XQuantLayer(StaticLayer):
         bits = self.plan.k_bits if kind == "k" else self.plan.v_bits
         if bits == FULL_PRECISION:
             return getattr(self, "keys" if kind == "k" else "values")[:b]
-        reader = quant.read_keys if kind == "k" else quant.read_values
+        if isinstance(n, int):
+            n = torch.tensor(n, device=self.device)
+        reader = _ops().read_keys if kind == "k" else _ops().read_values
         return reader(
             self._src_codes(kind)[:b],
             getattr(self, f"{kind}_scale")[:b],

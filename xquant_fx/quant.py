@@ -222,17 +222,28 @@ def append_key(k, pos, codes, scale, zero, window, bits: int, group: int, eta: f
     window.index_copy_(2, pos.reshape(1) % R, k)
 
 
-def attend(q, keys, values, n, scale: float) -> torch.Tensor:
+def attend(q, keys, values, n, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of ``q [b, Hq, Lq, D]`` (positions ``n - Lq .. n - 1``) over ``keys/values
     [b, Hkv, T, D]`` as returned by :func:`read_keys` / :func:`read_values` with ``n`` tokens
-    stored; causal among the ``Lq`` new tokens; grouped-query heads share KV heads."""
+    stored; causal among the ``Lq`` new tokens; grouped-query heads share KV heads.
+
+    ``mask`` (optional, what transformers passes to SDPA): broadcastable to ``[b, Hq, Lq, M]``,
+    bool (True attends) or additive float; positions at or past ``M`` are masked. It only ever
+    removes positions (left padding); positions at or past ``n`` are masked regardless.
+    """
     b, hq, lq, _ = q.shape
     hkv, length = keys.shape[1], keys.shape[2]
     pos = torch.arange(length, device=q.device)
     qpos = n - lq + torch.arange(lq, device=q.device)
-    mask = pos[None, :] <= qpos[:, None]  # [Lq, T]
+    causal = pos[None, :] <= qpos[:, None]  # [Lq, T]
     keys = keys.repeat_interleave(hq // hkv, dim=1).float()
     values = values.repeat_interleave(hq // hkv, dim=1).float()
     scores = (q.float() @ keys.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        m = mask[..., :length]
+        if m.shape[-1] < length:
+            fill = False if m.dtype == torch.bool else float("-inf")
+            m = torch.cat([m, m.new_full((*m.shape[:-1], length - m.shape[-1]), fill)], dim=-1)
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    scores = scores.masked_fill(~causal, float("-inf"))
     return (scores.softmax(-1) @ values).to(q.dtype)

@@ -1,0 +1,163 @@
+"""Fuse a quantized-cache read and the attention that consumes it into ``xquant::attend``.
+
+Matches, in the Dynamo FX graph (torch-level IR, before AOT autograd)::
+
+    keys   = xquant.read_keys(k_codes, k_scale, k_zero, k_window, n, k_bits, group, T)   # [b, Hkv, T, Dk]
+    values = xquant.read_values(v_codes, v_scale, v_zero, v_window, n, v_bits, group, T)
+    K, V   = repeat_kv(keys), repeat_kv(values)        # x[:, :, None].expand(b, Hkv, r, T, D).reshape(b, Hkv*r, T, D)
+                                                       #   or nothing, with enable_gqa=True
+    out    = scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=s)     # q: [b, Hq, Lq, Dk]
+
+and replaces ``out`` with ``xquant.attend(q, k_codes, ..., v_window, n, k_bits, v_bits, group, s,
+mask)``: one pass over the packed codes instead of dequantizing the whole cache to bf16 and
+reading it again. The reads are erased when nothing else uses them.
+
+Declines (logged at DEBUG) when: the key/value chain is anything but the GQA repeat above (any
+other reshaping could reorder heads), keys and values come from different ``n``, dropout is on,
+``is_causal`` is set, the query has more than ``MAX_QUERY_LEN`` rows (prefill stays on SDPA),
+or shapes are not static.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_LEN = 16
+_SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    if value is None or not hasattr(value, "shape"):
+        return None
+    try:
+        return tuple(int(s) for s in value.shape)
+    except TypeError:  # symbolic
+        return None
+
+
+def _is_call(node, overload) -> bool:
+    """Whether ``node`` calls ``overload`` (Dynamo records custom ops as the overload packet)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = target.default
+    return target is overload
+
+
+def _strip_contiguous(node):
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target == "contiguous":
+        node = node.args[0]
+    return node
+
+
+def _source_of_repeat(node, hq: int):
+    """If ``node`` is ``src[:, :, None].expand(b, Hkv, r, T, D).reshape(b, Hq, T, D)`` (transformers'
+    ``repeat_kv``) return ``src``; else None. The new axis must sit right after the head axis: any
+    other placement would give head ``h`` the KV head ``h % Hkv`` instead of ``h // r``."""
+    if not (node.op == "call_method" and node.target in ("reshape", "view")):
+        return None
+    expand = _strip_contiguous(node.args[0])
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
+        return None
+    inserted = expand.args[0]
+    if not isinstance(inserted, fx.Node):
+        return None
+    if inserted.op == "call_function" and inserted.target is operator.getitem:
+        src, index = inserted.args
+        full = slice(None)
+        ok = isinstance(index, tuple) and len(index) >= 3 and index[2] is None
+        ok = ok and all(i == full for i in index[:2]) and all(i == full or i is Ellipsis for i in index[3:])
+    elif inserted.op == "call_method" and inserted.target == "unsqueeze":
+        src, dim = inserted.args
+        ok = dim == 2
+    else:
+        return None
+    src_shape = _shape(src)
+    if not ok or src_shape is None or len(src_shape) != 4:
+        return None
+    b, hkv, t, d = src_shape
+    if hq % hkv or _shape(expand) != (b, hkv, hq // hkv, t, d) or _shape(node) != (b, hq, t, d):
+        return None
+    return src
+
+
+def _read_node(node, op, hq: int, gqa: bool):
+    """The ``op`` (read_keys / read_values) node behind attention argument ``node``, or None."""
+    node = _strip_contiguous(node)
+    if not isinstance(node, fx.Node):
+        return None
+    if _is_call(node, op):
+        shape = _shape(node)
+        return node if shape is not None and (gqa or shape[1] == hq) else None
+    src = _source_of_repeat(node, hq)
+    return src if _is_call(src, op) else None
+
+
+def _sdpa_args(node) -> dict:
+    args = dict(zip(_SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def fuse_kv_attention(gm: fx.GraphModule) -> int:
+    read_keys = torch.ops.xquant.read_keys.default
+    read_values = torch.ops.xquant.read_values.default
+    attend = torch.ops.xquant.attend.default
+    hits = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _SDPA:
+            continue
+        a = _sdpa_args(node)
+        q_shape = _shape(a["query"])
+        if q_shape is None or len(q_shape) != 4:
+            logger.debug("fuse_kv_attention: %s declined, query shape not static", node.name)
+            continue
+        b, hq, lq, dk = q_shape
+        if lq > MAX_QUERY_LEN or a.get("dropout_p", 0.0) or a.get("is_causal", False):
+            logger.debug("fuse_kv_attention: %s declined (Lq=%d, dropout/is_causal set)", node.name, lq)
+            continue
+        gqa = bool(a.get("enable_gqa", False))
+        k_read = _read_node(a["key"], read_keys, hq, gqa)
+        v_read = _read_node(a["value"], read_values, hq, gqa)
+        if k_read is None or v_read is None:
+            logger.debug("fuse_kv_attention: %s declined, key/value are not a GQA view of xquant reads", node.name)
+            continue
+        kc, ks, kz, kw, n, kb, group, length = k_read.args
+        vc, vs, vz, vw, n_v, vb, group_v, length_v = v_read.args
+        if n is not n_v or group != group_v or length != length_v:
+            logger.debug("fuse_kv_attention: %s declined, keys and values disagree on n/group/length", node.name)
+            continue
+        scale = a.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(dk)
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(
+                attend, (a["query"], kc, ks, kz, kw, vc, vs, vz, vw, n, kb, vb, group, scale, a.get("attn_mask"))
+            )
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        _erase_unused_chain(gm, (a["key"], a["value"]))
+        hits += 1
+    return hits
+
+
+def _erase_unused_chain(gm: fx.GraphModule, roots) -> None:
+    """Erase the now unused repeat chains and reads (pure ops only)."""
+    stack = [r for r in roots if isinstance(r, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node.users or node.op not in ("call_function", "call_method"):
+            continue
+        inputs = node.all_input_nodes
+        gm.graph.erase_node(node)
+        stack.extend(inputs)
