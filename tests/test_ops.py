@@ -106,3 +106,30 @@ def test_import_does_not_touch_cuda_or_triton():
         "assert not torch.cuda.is_initialized()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("kind", ["keys", "values"])
+def test_read_ops_opcheck_and_match_quant(kind):
+    st = make_storage(seed=5)
+    prefix = kind[0]
+    args = (st[f"{prefix}_codes"], st[f"{prefix}_scale"], st[f"{prefix}_zero"], st[f"{prefix}_window"],
+            torch.tensor(200), 2 if kind == "keys" else 1, 32, 256)
+    op = getattr(torch.ops.xquant, f"read_{kind}")
+    torch.library.opcheck(op.default, args)
+    assert torch.equal(op(*args), getattr(quant, f"read_{kind}")(*args))
+
+
+def test_attend_op_with_mask_matches_quant():
+    st = make_storage(seed=6)
+    args = [st[n] for n in ORDER]
+    q = torch.randn(2, 4, 1, 64)
+    mask = torch.ones(2, 1, 1, 256, dtype=torch.bool)
+    mask[1, :, :, :40] = False  # a left-padded second sequence
+    out = torch.ops.xquant.attend(q, *args, torch.tensor(200), 2, 1, 32, 0.125, mask)
+    keys = quant.read_keys(*args[:4], torch.tensor(200), 2, 32, 256)
+    values = quant.read_values(*args[4:], torch.tensor(200), 1, 32, 256)
+    assert torch.allclose(out, quant.attend(q, keys, values, torch.tensor(200), 0.125, mask), atol=1e-6)
+    assert not torch.allclose(out[1], quant.attend(q, keys, values, torch.tensor(200), 0.125)[1], atol=1e-4)
+    additive = torch.zeros(2, 1, 1, 256).masked_fill(~mask, float("-inf"))
+    assert torch.allclose(torch.ops.xquant.attend(q, *args, torch.tensor(200), 2, 1, 32, 0.125, additive), out, atol=1e-6)
+    torch.library.opcheck(torch.ops.xquant.attend.default, (q, *args, torch.tensor(200), 2, 1, 32, 0.125, mask))

@@ -20,7 +20,15 @@ Signatures (storage layout as in :mod:`xquant_fx.cache`; a sharing layer passes 
         int k_bits, int v_bits, int group, float k_eta, float v_eta) -> ()
     xquant::attend(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor k_window,
         Tensor v_codes, Tensor v_scale, Tensor v_zero, Tensor v_window, Tensor n,
-        int k_bits, int v_bits, int group, float scale) -> Tensor
+        int k_bits, int v_bits, int group, float scale, Tensor? mask=None) -> Tensor
+    xquant::read_keys(Tensor codes, Tensor scale, Tensor zero, Tensor window, Tensor n,
+        int bits, int group, int length) -> Tensor          # quant.read_keys, plain torch
+    xquant::read_values(...same...) -> Tensor                 # quant.read_values, plain torch
+
+``read_keys`` / ``read_values`` are the eager cache read (dequantize everything, attention runs
+on the result). They are ops, not inline torch code, so that the graph pass
+:mod:`xquant_fx.passes.fuse_kv_attention` can find them and fuse them with the attention that
+reads them into one ``attend``.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from torch.library import triton_op
 
 from . import quant
 
-__all__ = ["append_token", "attend", "uses_kernels"]
+__all__ = ["append_token", "attend", "read_keys", "read_values", "uses_kernels"]
 
 
 def uses_kernels(t: torch.Tensor) -> bool:
@@ -78,12 +86,13 @@ def attend(
     k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor, k_window: torch.Tensor,
     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, v_window: torch.Tensor,
     n: torch.Tensor,
-    k_bits: int, v_bits: int, group: int, scale: float,
+    k_bits: int, v_bits: int, group: int, scale: float, mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``q [b, Hq, Lq, Dk]`` (positions ``n - Lq .. n - 1``) over the quantized
     layer holding ``n`` tokens (0-d int64 tensor); ``[b, Hq, Lq, Dv]`` in ``q.dtype``.
-    ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scale)``."""
-    if uses_kernels(q):
+    ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scale, mask)``; ``mask``
+    as transformers passes it to SDPA (bool or additive, broadcastable to ``[b, Hq, Lq, M]``)."""
+    if uses_kernels(q) and mask is None:
         from .kernels.attend import attend as kernel_attend
 
         return kernel_attend(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
@@ -92,11 +101,36 @@ def attend(
     length = v_scale.shape[2] + v_window.shape[2]  # code capacity + ring: every position < n
     keys = quant.read_keys(k_codes[:b], k_scale[:b], k_zero[:b], k_window[:b], n, k_bits, group, length)
     values = quant.read_values(v_codes[:b], v_scale[:b], v_zero[:b], v_window[:b], n, v_bits, group, length)
-    return quant.attend(q, keys, values, n, scale)
+    return quant.attend(q, keys, values, n, scale, mask)
 
 
 @attend.register_fake
 def _attend_fake(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                 k_bits, v_bits, group, scale) -> torch.Tensor:
+                 k_bits, v_bits, group, scale, mask=None) -> torch.Tensor:
     b, hq, lq, _ = q.shape
     return q.new_empty((b, hq, lq, v_window.shape[-1]))
+
+
+# --------------------------------------------------------------------------- read_keys / read_values
+@torch.library.custom_op("xquant::read_keys", mutates_args=())
+def read_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, window: torch.Tensor,
+              n: torch.Tensor, bits: int, group: int, length: int) -> torch.Tensor:
+    """Keys ``[b, H, length, D]`` as attention sees them: :func:`xquant_fx.quant.read_keys`."""
+    return quant.read_keys(codes, scale, zero, window, n, bits, group, length)
+
+
+@read_keys.register_fake
+def _read_keys_fake(codes, scale, zero, window, n, bits, group, length):
+    return window.new_empty((window.shape[0], window.shape[1], length, window.shape[-1]))
+
+
+@torch.library.custom_op("xquant::read_values", mutates_args=())
+def read_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, window: torch.Tensor,
+                n: torch.Tensor, bits: int, group: int, length: int) -> torch.Tensor:
+    """Values ``[b, H, length, D]`` as attention sees them: :func:`xquant_fx.quant.read_values`."""
+    return quant.read_values(codes, scale, zero, window, n, bits, group, length)
+
+
+@read_values.register_fake
+def _read_values_fake(codes, scale, zero, window, n, bits, group, length):
+    return window.new_empty((window.shape[0], window.shape[1], length, window.shape[-1]))
