@@ -1,10 +1,15 @@
-"""``optimize(model)``: wire a transformers causal LM to the quantized KV cache.
+"""``optimize(model)``: wire a transformers causal LM to the quantized KV cache and compile it.
 
 The returned object is the user's own model: ``model(...)``, ``model.generate(...)`` and
 ``model.config`` keep their interface. ``generate`` gets an :class:`XQuantCache` unless the caller
 passes a cache of their own. With ``max_cache_len`` and ``max_batch_size`` given, one cache is
 preallocated and reused by every call (static addresses, what compiled decode steps want);
 otherwise each call gets a cache sized to its prompt and ``max_new_tokens``.
+
+Compilation uses transformers' own mechanism: ``generate`` compiles its decode step when the cache
+is compileable, with ``model.generation_config.compile_config``. ``optimize`` sets that config to
+the ``xquant`` backend (graph passes, then Inductor; ``fullgraph=True``; CUDA graphs through
+``mode="reduce-overhead"`` on GPU). Prefill stays eager, as transformers runs it.
 """
 
 from __future__ import annotations
@@ -78,14 +83,20 @@ def optimize(
     *,
     max_cache_len: int | None = None,
     max_batch_size: int | None = None,
+    compile: bool | None = None,
+    mode: str | None = None,
 ):
-    """Make ``model.generate`` store its KV cache with ``config`` (default ``"xquant-1.38"``).
+    """Make ``model.generate`` store its KV cache with ``config`` (default ``"xquant-1.38"``) and
+    run its decode step compiled with the ``xquant`` backend.
 
     Args:
         model: a transformers decoder-only causal LM (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3,
             SmolLM2, MoE models with standard attention...).
         config: an :class:`XQuantConfig` or a preset name.
         max_cache_len, max_batch_size: preallocate one cache of this size, reused by every call.
+        compile: compile the decode step (default: on CUDA yes, on CPU no, where compiling costs
+            more than it saves for short generations).
+        mode: ``torch.compile`` mode (default ``"reduce-overhead"`` on CUDA, ``"default"`` on CPU).
 
     Returns the same model object. Raises ``ValueError`` for a model the cache cannot hold, one
     already optimized, or one already wrapped by ``torch.compile``.
@@ -131,6 +142,18 @@ def optimize(
 
     model.generate = generate
     model.xquant_config = xq
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if compile is None:
+        compile = on_cuda
+    if compile:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(
+            fullgraph=True, backend="xquant", mode=mode or ("reduce-overhead" if on_cuda else "default")
+        )
+        compile_config._compile_all_devices = True  # transformers compiles on CUDA only, unless set
+        model.generation_config.compile_config = compile_config
+        model.generation_config.disable_compile = False
     setattr(model, _MARK, True)
     logger.info("xquant_fx: %s optimized with %s", type(model).__name__, xq.name)
     return model

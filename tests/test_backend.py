@@ -1,0 +1,61 @@
+"""The ``xquant`` backend end to end: optimize(), torch.compile(backend="xquant"), same tokens."""
+
+import pytest
+import torch
+
+from mini_models import mini_model
+from xquant_fx import XQuantCache, optimize, smollm2
+from xquant_fx.api import cache_argument
+from xquant_fx.backend import REPORT
+from xquant_fx.demo import QUESTION
+
+
+def test_backend_is_registered_by_name():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from xquant_fx.backend import xquant
+
+    assert lookup_backend("xquant") is xquant
+
+
+def test_torch_compile_backend_decode_matches_eager():
+    """torch.compile(forward, backend="xquant") over decode steps: same tokens as eager."""
+    model = mini_model("mistral", num_hidden_layers=2)
+    ids = torch.randint(1, 128, (1, 150), generator=torch.Generator().manual_seed(0))
+    arg = cache_argument(model)
+
+    def decode(step, steps=12):
+        cache = XQuantCache(model.config, "xquant-1.38", max_cache_len=170)
+        with torch.no_grad():
+            token = model(ids, **{arg: cache}).logits[:, -1:].argmax(-1)
+            tokens = [token]
+            for i in range(steps):
+                token = step(token, position_ids=torch.tensor([[150 + i]]), **{arg: cache}).logits[:, -1:].argmax(-1)
+                tokens.append(token)
+        return torch.cat(tokens, 1)
+
+    before = REPORT.hits.get("fuse_kv_attention", 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="xquant", mode="max-autotune-no-cudagraphs", fullgraph=True)
+    assert torch.equal(decode(compiled), decode(model.forward))
+    assert REPORT.hits["fuse_kv_attention"] - before == 2
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return smollm2.load(torch.float32)
+
+
+def test_optimize_real_model_same_tokens_as_eager_cache(smol):
+    """Eager XQuantCache and the compiled optimize() give the same greedy tokens on SmolLM2."""
+    model, tokenizer = smol
+    ids = smollm2.chat_ids(tokenizer, QUESTION)
+    eager = model.generate(ids, max_new_tokens=12, do_sample=False,
+                           **{cache_argument(model): XQuantCache(model.config, "xquant-1.38", max_cache_len=ids.shape[1] + 12)})
+    before = REPORT.hits.get("fuse_kv_attention", 0)
+    torch._dynamo.reset()
+    optimize(model, "xquant-1.38", compile=True)
+    assert model.generation_config.compile_config.backend == "xquant"
+    compiled = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(compiled, eager)
+    assert REPORT.hits["fuse_kv_attention"] - before == 30  # every layer's attention fused
