@@ -3,27 +3,37 @@
 Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
 
     python benchmarks/bench_attention.py [--out benchmarks/results] [--quick]
+        [--variants warps-t,warps-t@128,warps,packed,generic] [--time-budget 330]
 
 1. Checks the kernels against the ``xquant_fx.quant`` reference on the GPU (asserts): the write
-   kernel bit-exact over several decode steps, fused attention within 2e-2 (bf16 / fp16).
+   kernel bit-exact over several decode steps; fused attention, every variant of ``--variants``,
+   within 2e-2 (bf16 / fp16), with and without a mask (bool left padding, additive ``-inf``);
+   this is the only place where the packed variants' PTX (``lop3``, packed ``fma``) runs.
 2. Measures the device-to-device copy bandwidth (bytes read + written) as the ceiling.
 3. Times decode attention at Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128, one new
    token) for batch 1, 8, 32 and context 4k .. 128k, with ``n = context``:
 
    * ``sdpa-bf16``: ``F.scaled_dot_product_attention`` over a bf16 cache (``enable_gqa=True``),
      the fastest backend that runs (named in the table);
-   * ``attend-kivi-2``: the fused kernel, 2-bit keys and values;
-   * ``attend-k2v1``: the fused kernel, 2-bit keys and 1-bit values (``xquant-1.38``-like). A
-     sharing layer runs the same kernel with its partner's codes: same bytes, same time;
-   * ``deq-sdpa-k2v1``: ``quant.read_keys`` / ``read_values`` to a bf16 cache, then SDPA;
+   * ``attend-k2v1/<variant>``: the fused kernel, 2-bit keys and 1-bit values
+     (``xquant-1.38``-like), for each variant of ``--variants`` (``NAME[@BLOCK_N[xSTAGES]]``:
+     a variant of :data:`xquant_fx.kernels.attend.VARIANTS`, optionally with stage 1's
+     positions per iteration and pipelining stages). A sharing layer runs the same kernel with
+     its partner's codes: same bytes, same time;
+   * ``attend-kivi-2/<variant>``: 2-bit keys and values, the first variant only;
+   * ``deq-sdpa-k2v1``: ``quant.read_keys`` / ``read_values`` to a bf16 cache, then SDPA (batch
+     1 and 8 up to 16k: it is 10-100x slower);
    * ``append-k2v1``: the decode-step write (one token per sequence, all 8 KV heads).
 
    Each is captured in a CUDA graph and timed with ``triton.testing.do_bench`` (median, L2
    flushed between runs). ``GB/s`` counts the bytes the method must read (codes, scales, zero
    points, window, q; the bf16 cache for SDPA) over its time; ``%copy`` compares with step 2.
+   Configurations still untimed when ``--time-budget`` seconds have passed are skipped (and
+   listed), so that one run stays within about six minutes.
 
 Caches are filled with random codes and scales (no write path for 128k tokens). Writes
-``attention.md`` and ``attention.csv`` into ``--out`` and prints the table.
+``attention.md`` and ``attention.csv`` into ``--out`` (GPU, date, versions, registers of each
+variant's stage-1 kernel) and prints the table.
 """
 
 from __future__ import annotations
@@ -54,6 +64,30 @@ G, R = 32, 128  # xquant defaults (group_size, residual_length)
 DTYPE = torch.bfloat16
 MEMORY_LIMIT = 100e9  # bytes a configuration may allocate
 LAYOUTS = {"kivi-2": (2, 2, 0.0, 0.0), "k2v1": (2, 1, 0.045, 1 / 6)}  # k_bits, v_bits, k_eta, v_eta
+DEFAULT_VARIANTS = "warps-t,warps-t@128,warps,packed,generic"
+
+
+# --------------------------------------------------------------------------- variants
+def parse_variant(spec: str) -> tuple[str, attend_kernels.AttendConfig | None]:
+    """``NAME[@BLOCK_N[xSTAGES]]`` -> (variant, config or None for the launcher's default)."""
+    name, _, rest = spec.partition("@")
+    if name not in attend_kernels.VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; expected one of {attend_kernels.VARIANTS}")
+    if not rest:
+        return name, None
+    block, _, stages = rest.partition("x")
+    base = attend_kernels.block_config(name, 8 if name == "warps-t" else 16, D, D, 2)
+    per_warp = int(block) // base.num_warps
+    ctas = 2 if name.startswith("warps") and per_warp > 16 else base.ctas_per_sm
+    return name, attend_kernels.AttendConfig(block_n=int(block), num_warps=base.num_warps,
+                                             num_stages=int(stages) if stages else base.num_stages,
+                                             ctas_per_sm=ctas)
+
+
+def run_variant(spec, q, args, n, kb, vb, mask=None, splits=None):
+    variant, config = parse_variant(spec)
+    return attend_kernels.attend(q, *args, n, kb, vb, G, D**-0.5, mask, variant=variant, config=config,
+                                 splits=splits)
 
 
 # --------------------------------------------------------------------------- storage
@@ -113,7 +147,7 @@ def time_graph(fn, warmup_calls: int = 2) -> float:
     with torch.cuda.graph(graph):
         fn()
     torch.cuda.synchronize()
-    ms = do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
+    ms = do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
     del graph
     return ms * 1e3
 
@@ -138,7 +172,7 @@ def time_sdpa(q, k, v) -> tuple[float, str]:
     best = (float("inf"), "none")
     for name in SDPA_BACKENDS:
         backend = getattr(SDPBackend, name, None)
-        if backend is None:
+        if backend is None or (name == "MATH" and best[0] < float("inf")):
             continue
 
         def run(backend=backend):
@@ -157,7 +191,14 @@ def time_sdpa(q, k, v) -> tuple[float, str]:
 
 
 # --------------------------------------------------------------------------- checks
-def check_kernels(device) -> None:
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    if out.isnan().any():
+        return float("inf")
+    return (out - ref).abs().max().item() / ref.abs().max().item()
+
+
+def check_kernels(device, variants: list[str]) -> None:
     """Kernels vs reference on the GPU; asserts."""
     torch.manual_seed(0)
     # Decode-step write: bit-exact over steps before / at / after R and across group boundaries.
@@ -172,26 +213,53 @@ def check_kernels(device) -> None:
             torch.ops.xquant.append_token(k, v, p, *storage_args(got), kb, vb, G, k_eta, v_eta)
             for name in ORDER:
                 assert torch.equal(got[name], ref[name]), f"append K{kb}/V{vb}: {name} differs at pos={pos}"
-    # Fused attention.
+
+    def reference(st, q, nt, kb, vb, mask=None):
+        length = st["v_scale"].shape[2] + R
+        keys = quant.read_keys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G, length)
+        values = quant.read_values(st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], nt, vb, G, length)
+        return quant.attend(q, keys, values, nt, D**-0.5, mask)
+
+    # Every variant at the benchmark's shapes (GQA 4, Lq 1, bf16), ragged n, several split counts.
+    for (kb, vb, _, _), n in ((LAYOUTS["kivi-2"], 1000), (LAYOUTS["k2v1"], 3001), (LAYOUTS["k2v1"], 200)):
+        st = make_storage(2, 4096, kb, vb, device, seed=n)
+        q = torch.randn(2, HQ, 1, D, device=device, dtype=DTYPE)
+        nt = torch.tensor(n, device=device)
+        ref = reference(st, q, nt, kb, vb)
+        for spec in variants:
+            for splits in (None, 1, 7):
+                err = rel_err(run_variant(spec, q, storage_args(st), nt, kb, vb, splits=splits), ref)
+                assert err < 2e-2, f"attend {spec} K{kb}/V{vb} n={n} splits={splits}: rel err {err:.3g}"
+    # The default path through the op at other shapes and dtypes.
     for (kb, vb, _, _), n, lq, gqa, dtype in (
-        (LAYOUTS["kivi-2"], 1000, 1, 4, torch.bfloat16),
-        (LAYOUTS["k2v1"], 3001, 1, 4, torch.bfloat16),
         (LAYOUTS["k2v1"], 777, 4, 4, torch.float16),
         (LAYOUTS["k2v1"], 129, 16, 8, torch.bfloat16),
         ((4, 4, 0, 0), 2048, 2, 1, torch.float16),
+        ((1, 2, 0, 0), 1500, 1, 8, torch.bfloat16),
     ):
         st = make_storage(2, 4096, kb, vb, device, seed=n, dtype=dtype)
         q = torch.randn(2, HKV * gqa, lq, D, device=device, dtype=dtype)
         nt = torch.tensor(n, device=device)
-        length = st["v_scale"].shape[2] + R
-        keys = quant.read_keys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G, length)
-        values = quant.read_values(st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], nt, vb, G, length)
-        ref = quant.attend(q, keys, values, nt, D**-0.5).float()
-        for splits in (None, 1, 7):
-            out = attend_kernels.attend(q, *storage_args(st), nt, kb, vb, G, D**-0.5, splits=splits).float()
-            err = (out - ref).abs().max().item() / ref.abs().max().item()
-            assert err < 2e-2, f"attend K{kb}/V{vb} n={n} Lq={lq} GQA={gqa} splits={splits}: rel err {err:.3g}"
-    print("checks passed: append bit-exact, attend within 2e-2", flush=True)
+        got = torch.ops.xquant.attend(q, *storage_args(st), nt, kb, vb, G, D**-0.5)
+        err = rel_err(got, reference(st, q, nt, kb, vb))
+        assert err < 2e-2, f"attend op K{kb}/V{vb} n={n} Lq={lq} GQA={gqa} {dtype}: rel err {err:.3g}"
+    # Masks (transformers' SDPA masks: bool left padding, additive -inf) through the op and each variant.
+    kb, vb, _, _ = LAYOUTS["k2v1"]
+    n, M = 3001, 3100
+    st = make_storage(2, 4096, kb, vb, device, seed=5)
+    q = torch.randn(2, HQ, 1, D, device=device, dtype=DTYPE)
+    nt = torch.tensor(n, device=device)
+    keep = torch.arange(M, device=device)[None, :] >= torch.tensor([0, 1234], device=device)[:, None]
+    keep = keep[:, None, None, :]  # [b, 1, 1, M]
+    for mask in (keep, torch.zeros(keep.shape, device=device, dtype=DTYPE).masked_fill(~keep, float("-inf"))):
+        ref = reference(st, q, nt, kb, vb, mask)
+        err = rel_err(torch.ops.xquant.attend(q, *storage_args(st), nt, kb, vb, G, D**-0.5, mask), ref)
+        assert err < 2e-2, f"attend op with a {mask.dtype} mask: rel err {err:.3g}"
+        if mask.dtype == torch.bool:
+            for spec in variants:
+                err = rel_err(run_variant(spec, q, storage_args(st), nt, kb, vb, mask=mask), ref)
+                assert err < 2e-2, f"attend {spec} with a bool mask: rel err {err:.3g}"
+    print("checks passed: append bit-exact, attend within 2e-2 (every variant, with and without masks)", flush=True)
 
 
 def check_compile(device) -> str:
@@ -202,10 +270,12 @@ def check_compile(device) -> str:
     k = torch.randn(1, HKV, 1, D, device=device, dtype=DTYPE)
     v = torch.randn(1, HKV, 1, D, device=device, dtype=DTYPE)
     q = torch.randn(1, HQ, 1, D, device=device, dtype=DTYPE)
+    mask = torch.ones(1, 1, 1, 1024, device=device, dtype=torch.bool)
+    mask[..., :7] = False
 
     def step(st, pos):
         torch.ops.xquant.append_token(k, v, pos, *storage_args(st), kb, vb, G, k_eta, v_eta)
-        return torch.ops.xquant.attend(q, *storage_args(st), pos + 1, kb, vb, G, D**-0.5)
+        return torch.ops.xquant.attend(q, *storage_args(st), pos + 1, kb, vb, G, D**-0.5, mask)
 
     try:
         compiled = torch.compile(step, fullgraph=True)
@@ -220,7 +290,23 @@ def check_compile(device) -> str:
                 return f"compiled attend differs from eager by {err:.3g}"
     except Exception as exc:  # report, do not abort the benchmark
         return f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    return "torch.compile(fullgraph=True) of append + attend matches eager bit for bit"
+    return "torch.compile(fullgraph=True) of append + masked attend matches eager bit for bit"
+
+
+def kernel_stats(kernel, **constants) -> str:
+    """Registers, spills and shared memory of the compilation of ``kernel`` whose constexprs
+    include ``constants`` (best effort: compiled-kernel internals differ across Triton versions)."""
+    try:
+        for cache in kernel.device_caches.values():
+            for ck in cache[0].values():
+                names = ck.src.fn.arg_names
+                have = {names[k[0] if isinstance(k, tuple) else k]: v for k, v in ck.src.constants.items()}
+                if all(have.get(name) == value for name, value in constants.items()):
+                    ck._init_handles()
+                    return f"{ck.n_regs} regs, {ck.n_spills} spills, {ck.metadata.shared // 1024} KB smem"
+        return "stats unavailable (no matching compilation)"
+    except Exception as exc:  # noqa: BLE001
+        return f"stats unavailable ({type(exc).__name__})"
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -235,10 +321,9 @@ def dequant_temp_bytes(b: int, ctx: int) -> int:
     return 24 * b * HKV * ctx * D
 
 
-def bench_config(b: int, ctx: int, device, copy_gbps: float) -> list[dict]:
+def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str], stats: dict) -> list[dict]:
     rows = []
     n = torch.tensor(ctx, device=device)
-    scale = D**-0.5
     q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
 
     def add(method, us, nbytes, note=""):
@@ -257,12 +342,21 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float) -> list[dict]:
     for name, (kb, vb, k_eta, v_eta) in LAYOUTS.items():
         st = make_storage(b, ctx, kb, vb, device, seed=b * 7 + ctx)
         args = storage_args(st)
-        us = time_graph(lambda: torch.ops.xquant.attend(q, *args, n, kb, vb, G, scale))
-        splits = attend_kernels.num_splits(b * HKV, st["v_scale"].shape[2] + R, device)
-        note = f"{splits} splits" + ("; a sharing layer: same kernel, partner codes" if name == "k2v1" else "")
-        add(f"attend-{name}", us, quant_read_bytes(b, ctx, kb, vb), note)
+        capacity = st["v_scale"].shape[2] + R
+        for spec in variants if name == "k2v1" else variants[:1]:
+            variant, config = parse_variant(spec)
+            us = time_graph(lambda: run_variant(spec, q, args, n, kb, vb))
+            cfg = config or attend_kernels.block_config(variant, 8 if variant == "warps-t" else 16, D, D, kb)
+            splits = attend_kernels.num_splits(b * HKV, capacity, device, cfg.ctas_per_sm)
+            key = (spec, name)
+            if key not in stats:
+                stats[key] = kernel_stats(
+                    attend_kernels._attend_kernel, BLOCK_N=cfg.block_n, KB=kb, VB=vb, HAS_MASK=False,
+                    WARP_SPLIT=cfg.num_warps if variant.startswith("warps") else 0,
+                    TRANSPOSED=variant.endswith("-t"), PACKED=not variant.startswith("generic"))
+            add(f"attend-{name}/{spec}", us, quant_read_bytes(b, ctx, kb, vb), f"{splits} splits")
         if name == "k2v1":
-            length = st["v_scale"].shape[2] + R
+            length = capacity
 
             def dequant_sdpa():
                 keys = quant.read_keys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], n, kb, G, length)
@@ -270,12 +364,9 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float) -> list[dict]:
                                            length)
                 return F.scaled_dot_product_attention(q, keys[:, :, :ctx], values[:, :, :ctx], enable_gqa=True)
 
-            if estimate_bytes(b, ctx) + dequant_temp_bytes(b, ctx) <= MEMORY_LIMIT:
+            if b <= 8 and ctx <= 16384 and estimate_bytes(b, ctx) + dequant_temp_bytes(b, ctx) <= MEMORY_LIMIT:
                 add("deq-sdpa-k2v1", time_graph(dequant_sdpa), quant_read_bytes(b, ctx, kb, vb),
                     "quant.read_* + SDPA")
-            else:
-                print(f"skip deq-sdpa-k2v1 batch {b} context {ctx}: temporaries over "
-                      f"{MEMORY_LIMIT / 1e9:.0f} GB", flush=True)
             kn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
             vn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
             pos = torch.tensor(ctx - 1, device=device)
@@ -288,54 +379,6 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float) -> list[dict]:
     for row in rows:
         row["speedup"] = sdpa_us / row["us"] if not row["method"].startswith("append") else float("nan")
     return rows
-
-
-def _compiled_stats(kernel) -> str:
-    """Registers, spills, shared memory and layout-conversion counts of the newest compilation
-    of ``kernel`` (best effort: the cache layout differs across Triton versions)."""
-    try:
-        compiled = []
-        for cache in kernel.device_caches.values():
-            compiled.extend(cache[0].values())
-        ck = compiled[-1]
-        ttgir = ck.asm.get("ttgir", "")
-        ck._init_handles()
-        return (f"regs={ck.n_regs} spills={ck.n_spills} smem={ck.metadata.shared} "
-                f"converts={ttgir.count('convert_layout')} local_allocs={ttgir.count('local_alloc')} "
-                f"wgmma={'warp_group_dot' in ttgir}")
-    except Exception as exc:  # noqa: BLE001
-        return f"stats unavailable ({type(exc).__name__})"
-
-
-def sweep(device) -> None:
-    """Time the K2/V1 fused kernel over launch configurations (stage 1) at three shapes."""
-    kb, vb = 2, 1
-    C = attend_kernels.AttendConfig
-    configs = [C(block_n=bn, num_stages=st) for bn in (32, 64) for st in (1, 2, 3)]
-    configs += [C(block_n=128, num_warps=8, num_stages=3), C(block_n=64, num_warps=8, num_stages=2),
-                C(block_n=64, num_stages=2, transposed=True), C(block_n=128, num_warps=8, num_stages=3, transposed=True)]
-    for b, ctx in ((8, 16384), (32, 16384), (1, 65536)):
-        st = make_storage(b, ctx, kb, vb, device, seed=1)
-        args = storage_args(st)
-        q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
-        n = torch.tensor(ctx, device=device)
-        nbytes = quant_read_bytes(b, ctx, kb, vb)
-        results = []
-        for cfg in configs:
-            def run(cfg=cfg):
-                return attend_kernels.attend(q, *args, n, kb, vb, G, D**-0.5, config=cfg)
-            try:
-                us = time_graph(run)
-            except Exception as exc:  # e.g. out of shared memory / registers
-                print(f"  b={b} ctx={ctx} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-                continue
-            stats = _compiled_stats(attend_kernels._attend_split_kernel) if b == 8 else ""
-            print(f"  b={b} ctx={ctx} {cfg}: {us:8.1f} us {nbytes / us / 1e3:6.0f} GB/s {stats}", flush=True)
-            results.append((us, cfg))
-        results.sort(key=lambda r: r[0])
-        print(f"best b={b} ctx={ctx}: {results[0][1]} {results[0][0]:.1f} us", flush=True)
-        del st, args
-        torch.cuda.empty_cache()
 
 
 def write_results(rows, meta, out_dir: Path) -> str:
@@ -355,6 +398,12 @@ def write_results(rows, meta, out_dir: Path) -> str:
         "",
         f"Checks: {meta['checks']}. Compile: {meta['compile']}.",
         "",
+        "Stage-1 kernels: " + "; ".join(f"{spec} ({layout}): {s}" for (spec, layout), s in meta["stats"].items()) + ".",
+        "",
+    ]
+    if meta["skipped"]:
+        lines += ["Skipped: " + ", ".join(meta["skipped"]) + ".", ""]
+    lines += [
         "| method | batch | context | µs | × sdpa-bf16 | MB read | GB/s | % copy BW | note |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -371,10 +420,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="batch 1, 8 and context 4k, 16k only")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help="comma-separated NAME[@BLOCK_N[xSTAGES]] (the first also runs kivi-2)")
+    parser.add_argument("--time-budget", type=float, default=330.0,
+                        help="seconds after which configurations still untimed are skipped")
     parser.add_argument("--no-compile-check", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="only sweep the fused kernel's launch configuration")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not for reports)")
     args = parser.parse_args(argv)
+    variants = [spec.strip() for spec in args.variants.split(",") if spec.strip()]
+    for spec in variants:
+        parse_variant(spec)
     if not torch.cuda.is_available():
         print("bench_attention.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -384,18 +439,16 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     started = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
-                torch=torch.__version__, triton=triton.__version__)
-    print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']}", flush=True)
+                torch=torch.__version__, triton=triton.__version__, stats={}, skipped=[])
+    print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']} variants {variants}", flush=True)
 
-    if args.sweep:
-        sweep(device)
-        return 0
     if not args.skip_checks:
-        check_kernels(device)
+        check_kernels(device, variants)
     meta["checks"] = ("skipped" if args.skip_checks else
-                      "append bit-exact vs quant.append_token, attend within 2e-2 of quant.attend")
+                      "append bit-exact vs quant.append_token, attend (every variant, with and without masks) "
+                      "within 2e-2 of quant.attend")
     meta["compile"] = "skipped" if args.no_compile_check else check_compile(device)
-    print(f"compile: {meta['compile']}", flush=True)
+    print(f"compile: {meta['compile']} ({time.time() - started:.0f} s)", flush=True)
     meta["copy_gbps"] = copy_bandwidth(device)
     print(f"copy bandwidth: {meta['copy_gbps']:.0f} GB/s", flush=True)
 
@@ -407,12 +460,18 @@ def main(argv=None) -> int:
             if estimate_bytes(b, ctx) > MEMORY_LIMIT:
                 print(f"skip batch {b} context {ctx}: over {MEMORY_LIMIT / 1e9:.0f} GB", flush=True)
                 continue
-            config_rows = bench_config(b, ctx, device, meta["copy_gbps"])
+            if time.time() - started > args.time_budget:
+                meta["skipped"].append(f"batch {b} context {ctx // 1024}k (time budget)")
+                print(f"skip batch {b} context {ctx}: past the time budget", flush=True)
+                continue
+            config_rows = bench_config(b, ctx, device, meta["copy_gbps"], variants, meta["stats"])
             for row in config_rows:
-                print(f"  {row['method']:>15} b={b:<3} ctx={ctx:<7} {row['us']:9.1f} us  "
+                print(f"  {row['method']:>26} b={b:<3} ctx={ctx:<7} {row['us']:9.1f} us  "
                       f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s  {row['note']}", flush=True)
             rows.extend(config_rows)
             torch.cuda.empty_cache()
+    for (spec, layout), s in meta["stats"].items():
+        print(f"stage 1 {spec} ({layout}): {s}")
     print()
     print(write_results(rows, meta, args.out))
     print(f"total {time.time() - started:.0f} s")

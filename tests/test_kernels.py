@@ -2,9 +2,11 @@
 Triton's interpreter.
 
 Append: codes, scales, zero points and windows bit-exact (``torch.equal``) over consecutive
-decode steps. Attend: ``max |out - ref| <= tol * max |ref|`` with ``tol`` 1e-4 for float32 and
-2e-2 for float16 / bfloat16 (the kernel multiplies probabilities rounded to the cache dtype on
-the tensor cores; the reference works in float32 throughout).
+decode steps. Attend (every variant, with and without a mask): ``max |out - ref| <= tol * max
+|ref|`` with ``tol`` 1e-4 for float32 and 2e-2 for float16 / bfloat16 (the kernel multiplies
+probabilities rounded to the cache dtype on the tensor cores; the reference works in float32
+throughout). The packed variants' PTX (``lop3`` / packed ``fma``) runs on GPUs only; here the same
+bit patterns are decoded in float32 (``benchmarks/bench_attention.py`` checks the GPU path).
 """
 
 import os
@@ -137,12 +139,12 @@ def test_append_flushes_the_window_into_codes(kernels):
 
 
 # --------------------------------------------------------------------------- attend
-def reference_attend(q, st, k_codes, v_codes, n, kb, vb, G, scale):
+def reference_attend(q, st, k_codes, v_codes, n, kb, vb, G, scale, mask=None):
     length = st["v_scale"].shape[2] + st["v_window"].shape[2]
     nt = torch.tensor(n)
     keys = quant.read_keys(k_codes, st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G, length)
     values = quant.read_values(v_codes, st["v_scale"], st["v_zero"], st["v_window"], nt, vb, G, length)
-    return quant.attend(q, keys, values, nt, scale)
+    return quant.attend(q, keys, values, nt, scale, mask)
 
 
 def assert_close_rel(out, ref, tol):
@@ -150,6 +152,23 @@ def assert_close_rel(out, ref, tol):
     err = (out.float() - ref.float()).abs().max().item()
     bound = tol * ref.float().abs().max().item()
     assert err <= bound, f"max |out - ref| = {err:.3g} > {bound:.3g}"
+
+
+def poison_workspace(kernels, monkeypatch):
+    """Partials start as NaN, so that a partial a kernel fails to write shows in the output."""
+    monkeypatch.setattr(kernels.attend, "_workspace",
+                        lambda shape, device: torch.full(shape, float("nan"), device=device))
+
+
+def run_attend(kernels, q, st, k_codes, v_codes, n, kb, vb, G, scale, mask=None, **launch):
+    """The kernel into a NaN-filled output (every element must be written)."""
+    b, hq, lq, _ = q.shape
+    out = torch.full((b, hq, lq, st["v_window"].shape[-1]), float("nan"), dtype=q.dtype)
+    got = kernels.attend.attend(q, k_codes, st["k_scale"], st["k_zero"], st["k_window"],
+                                v_codes, st["v_scale"], st["v_zero"], st["v_window"], torch.tensor(n),
+                                kb, vb, G, scale, mask, out=out, **launch)
+    assert got is out and got.dtype == q.dtype
+    return got
 
 
 ATTEND_CASES = [
@@ -169,9 +188,10 @@ ATTEND_CASES = [
 
 @pytest.mark.parametrize("n,lq,gqa,dk,dv,kb,vb,G,R,dtype,shared,splits", ATTEND_CASES)
 def test_attend_matches_reference(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, vb, G, R, dtype, shared, splits):
-    """Ragged n (window only, partial, at R, codes + window), GQA 1/3/4/8, head dims 64/128
-    (also Dk != Dv), 1/2/4 bits, Lq 1..16, single and several splits; a sharing layer reads its
-    partner's codes. Output and split partials start as NaN so unwritten elements show."""
+    """The default variant of each case: ragged n (window only, partial, at R, codes + window),
+    GQA 1/3/4/8, head dims 64/128 (also Dk != Dv), 1/2/4 bits, Lq 1..16 (up to 128 query rows per
+    KV head: the shared-block kernel), one and several splits; a sharing layer reads its partner's
+    codes. Output and partials start as NaN so unwritten elements show."""
     B, b, hkv = 2, 2, 2
     T = 384
     st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n)
@@ -183,52 +203,153 @@ def test_attend_matches_reference(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, 
     q = torch.randn(b, hkv * gqa, lq, dk, generator=gen).to(dtype)
     scale = dk**-0.5
     ref = reference_attend(q, st, k_codes, v_codes, n, kb, vb, G, scale)
-
-    monkeypatch.setattr(kernels.attend, "_workspace",
-                        lambda shape, device: torch.full(shape, float("nan"), device=device))
-    out = torch.full((b, hkv * gqa, lq, dv), float("nan"), dtype=dtype)
-    got = kernels.attend.attend(q, k_codes, st["k_scale"], st["k_zero"], st["k_window"],
-                                v_codes, st["v_scale"], st["v_zero"], st["v_window"], torch.tensor(n),
-                                kb, vb, G, scale, splits=splits, out=out)
-    assert got is out and got.dtype == dtype
+    poison_workspace(kernels, monkeypatch)
+    got = run_attend(kernels, q, st, k_codes, v_codes, n, kb, vb, G, scale, splits=splits)
     assert_close_rel(got, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["qk", "kq"])
-@pytest.mark.parametrize("block_n,stages", [(32, 1), (128, 3)])
-def test_attend_launch_configs(kernels, transposed, block_n, stages):
-    """Both product orientations, blocks smaller and larger than G."""
-    B, hkv, gqa, lq, dk, dv, kb, vb, G, R, T, n = 1, 2, 3, 2, 64, 128, 1, 2, 64, 64, 512, 300
+VARIANT_CASES = [
+    # n, Lq, gqa, kb, vb, G, dtype
+    pytest.param(450, 1, 4, 2, 1, 32, torch.bfloat16, id="bf16-k2v1"),
+    pytest.param(331, 2, 3, 1, 2, 64, torch.float16, id="fp16-k1v2-lq2"),
+    pytest.param(300, 1, 2, 4, 4, 32, torch.bfloat16, id="bf16-k4v4"),
+    pytest.param(290, 1, 4, 2, 1, 16, torch.float16, id="fp16-g16-split-value-words"),
+]
+
+
+@pytest.mark.parametrize("variant", ["warps", "warps-t", "packed", "packed-t", "generic", "generic-t"])
+@pytest.mark.parametrize("n,lq,gqa,kb,vb,G,dtype", VARIANT_CASES)
+def test_attend_variants(kernels, monkeypatch, variant, n, lq, gqa, kb, vb, G, dtype):
+    """Every kernel variant on float16 / bfloat16 caches, 1/2/4-bit codes, a group smaller than a
+    1-bit value word (its two halves in different groups), several splits and a tail."""
+    B, hkv, dk, dv, R, T = 2, 2, 64, 64, 64, 512
+    st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n)
+    q = torch.randn(B, hkv * gqa, lq, dk, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
+    poison_workspace(kernels, monkeypatch)
+    got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=2, variant=variant)
+    assert_close_rel(got, ref, TOL[dtype])
+
+
+def test_packed_variants_refuse_float32(kernels):
+    st = make_storage(1, 1, 64, 64, 2, 2, 32, 64, 128, torch.float32)
+    q = torch.randn(1, 1, 1, 64)
+    with pytest.raises(ValueError, match="generic"):
+        kernels.attend.attend(q, *storage_args(st), torch.tensor(70), 2, 2, 32, 0.125, variant="warps-t")
+
+
+@pytest.mark.parametrize("variant,block_n,warps,stages", [
+    ("warps-t", 128, 4, 2),  # 32 positions per warp
+    ("warps", 64, 2, 1),  # two warps
+    ("packed", 32, 4, 1),
+    ("packed-t", 128, 4, 3),
+    ("generic-t", 32, 4, 1),
+])
+def test_attend_launch_configs(kernels, monkeypatch, variant, block_n, warps, stages):
+    """Blocks smaller and larger than G, other warp counts and pipelining depths."""
+    B, hkv, gqa, lq, dk, dv, kb, vb, G, R, T, n = 1, 2, 3, 2, 64, 128, 1, 2, 64, 64, 640, 500
     dtype = torch.bfloat16
     st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=block_n)
     q = torch.randn(B, hkv * gqa, lq, dk).to(dtype)
-    cfg = kernels.attend.AttendConfig(block_n=block_n, num_stages=stages, transposed=transposed)
-    got = kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.125, splits=2, config=cfg)
+    cfg = kernels.attend.AttendConfig(block_n=block_n, num_warps=warps, num_stages=stages)
     ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
+    poison_workspace(kernels, monkeypatch)
+    got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=2, config=cfg,
+                     variant=variant)
     assert_close_rel(got, ref, TOL[dtype])
 
 
 def test_attend_strided_query_and_storage_slice(kernels):
     """q as a transposed view and storage with a larger batch than q (the cache's ``[:b]``)."""
     B, b, hkv, gqa, lq, d, kb, vb, G, R, T, n = 3, 2, 2, 4, 2, 64, 2, 2, 32, 64, 256, 150
-    dtype = torch.float32
-    st = make_storage(B, hkv, d, d, kb, vb, G, R, T, dtype, seed=5)
-    q = torch.randn(b, lq, hkv * gqa, d).transpose(1, 2)  # [b, Hq, Lq, D], not contiguous
-    got = kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.1)
-    ref = reference_attend(q, {k: t[:b] for k, t in st.items()}, st["k_codes"][:b], st["v_codes"][:b],
-                           n, kb, vb, G, 0.1)
+    for dtype in (torch.float32, torch.bfloat16):
+        st = make_storage(B, hkv, d, d, kb, vb, G, R, T, dtype, seed=5)
+        q = torch.randn(b, lq, hkv * gqa, d).to(dtype).transpose(1, 2)  # [b, Hq, Lq, D], not contiguous
+        got = kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.1)
+        ref = reference_attend(q, {k: t[:b] for k, t in st.items()}, st["k_codes"][:b], st["v_codes"][:b],
+                               n, kb, vb, G, 0.1)
+        assert_close_rel(got, ref, TOL[dtype])
+
+
+# --------------------------------------------------------------------------- attend with a mask
+def left_padding_mask(b, lq, M, pads):
+    """Bool ``[b, 1, Lq, M]``: row ``i`` ignores its first ``pads[i]`` positions (left padding)."""
+    pos = torch.arange(M)
+    return (pos[None, :] >= torch.tensor(pads)[:, None])[:, None, None, :].expand(b, 1, lq, M).clone()
+
+
+MASK_CASES = [
+    # n, Lq, gqa, kb, vb, dtype, kind, M, variant
+    pytest.param(371, 1, 4, 2, 1, torch.bfloat16, "bool", 380, None, id="bool-leftpad-bf16"),
+    pytest.param(371, 1, 4, 2, 1, torch.bfloat16, "bool", 380, "packed", id="bool-leftpad-packed"),
+    pytest.param(300, 3, 2, 2, 2, torch.float16, "bool", 512, "warps", id="bool-lq3-fp16-M-eq-capacity"),
+    pytest.param(371, 1, 4, 2, 1, torch.float32, "float", 400, None, id="additive-inf-fp32"),
+    pytest.param(250, 2, 4, 1, 2, torch.bfloat16, "finfo", 260, None, id="additive-finfo-min-bf16"),
+    pytest.param(333, 1, 2, 4, 1, torch.float16, "heads", 336, "warps-t", id="per-head-bool"),
+    pytest.param(290, 1, 4, 2, 1, torch.bfloat16, "strided", 300, "generic", id="strided-float-generic"),
+    pytest.param(371, 1, 4, 2, 1, torch.bfloat16, "long", 700, None, id="mask-longer-than-capacity"),
+]
+
+
+@pytest.mark.parametrize("n,lq,gqa,kb,vb,dtype,kind,M,variant", MASK_CASES)
+def test_attend_with_mask(kernels, monkeypatch, n, lq, gqa, kb, vb, dtype, kind, M, variant):
+    """Masks as transformers passes them to SDPA, against ``quant.attend(..., mask)``: bool left
+    padding (some rows padded past stage 1's first blocks, one not at all), additive 0 / -inf and
+    0 / dtype-minimum, per-head masks, a strided slice of a larger mask, ``M`` below the cache
+    capacity (positions past ``M`` masked) and above it. Outputs and partials start as NaN."""
+    b, hkv, dk, dv, G, R, T = 2, 2, 64, 64, 32, 64, 512
+    st = make_storage(b, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n + M)
+    hq = hkv * gqa
+    q = torch.randn(b, hq, lq, dk, generator=torch.Generator().manual_seed(11)).to(dtype)
+    pads = [0, 97]
+    keep = left_padding_mask(b, lq, M, pads)
+    if kind in ("bool", "long"):
+        mask = keep
+    elif kind == "float":
+        mask = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    elif kind == "finfo":
+        mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    elif kind == "heads":  # each head its own padding
+        mask = torch.stack([left_padding_mask(b, lq, M, [3 * h, 40 + h])[:, 0] for h in range(hq)], dim=1)
+    else:  # "strided": the first M positions of a wider additive mask
+        wide = torch.zeros(b, 1, lq, M + 37, dtype=dtype)
+        wide[..., :M].masked_fill_(~keep, float("-inf"))
+        mask = wide[..., :M]
+    ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, dk**-0.5, mask)
+    poison_workspace(kernels, monkeypatch)
+    launch = dict(splits=3) if variant is None else dict(splits=3, variant=variant)
+    got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, dk**-0.5, mask, **launch)
     assert_close_rel(got, ref, TOL[dtype])
 
 
+def test_mask_changes_the_result(kernels):
+    """The padded row differs from the unmasked attention (the mask is not ignored) and the
+    unpadded row does not."""
+    b, hkv, gqa, d, kb, vb, G, R, T, n = 2, 2, 4, 64, 2, 1, 32, 64, 512, 371
+    st = make_storage(b, hkv, d, d, kb, vb, G, R, T, torch.float32, seed=1)
+    q = torch.randn(b, hkv * gqa, 1, d)
+    args = (q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.125)
+    plain = kernels.attend.attend(*args)
+    masked = kernels.attend.attend(*args, left_padding_mask(b, 1, 400, [0, 150]))
+    assert torch.allclose(masked[0], plain[0], atol=1e-5)
+    assert (masked[1] - plain[1]).abs().max() > 1e-2
+
+
 def test_attend_splits_are_static(kernels):
-    """The split count depends on capacity and batch x heads, never on n."""
+    """The split count depends on capacity and batch x heads, never on n; it fills the resident
+    program slots."""
     assert kernels.attend.num_splits(4, 4096, torch.device("cpu")) == kernels.attend.num_splits(4, 4096, "cpu")
     assert kernels.attend.num_splits(1, 100, torch.device("cpu")) == 1
+    resident = kernels.attend.INTERPRETER_SMS * 3
+    for heads in (1, 2, 5, 8):
+        s = kernels.attend.num_splits(heads, 1 << 16, "cpu", ctas_per_sm=3)
+        rounds = -(-heads * s // resident)
+        assert heads * s >= resident and heads * s / (rounds * resident) >= kernels.attend.MIN_ROUND_FILL
 
 
 def test_ops_run_the_kernels_under_the_interpreter(kernels, monkeypatch):
-    """``xquant::append_token`` / ``xquant::attend`` take the kernel path when forced and agree
-    with the reference."""
+    """``xquant::append_token`` / ``xquant::attend`` take the kernel path when forced (``attend``
+    with and without a mask) and agree with the reference."""
     import xquant_fx.ops as ops
 
     monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
@@ -247,6 +368,14 @@ def test_ops_run_the_kernels_under_the_interpreter(kernels, monkeypatch):
 
     n = R + G + 1
     q = torch.randn(B, H * gqa, 1, d).to(dtype)
+    calls = []
+    monkeypatch.setattr(ops.quant, "attend", lambda *a: calls.append("reference"))
     out = torch.ops.xquant.attend(q, *storage_args(got), torch.tensor(n), kb, vb, G, 0.125)
+    mask = left_padding_mask(B, 1, n + 3, [9])
+    out_masked = torch.ops.xquant.attend(q, *storage_args(got), torch.tensor(n), kb, vb, G, 0.125, mask)
+    assert calls == []
+    monkeypatch.undo()
     expect = reference_attend(q, got, got["k_codes"], got["v_codes"], n, kb, vb, G, 0.125)
     assert_close_rel(out, expect, TOL[dtype])
+    expect = reference_attend(q, got, got["k_codes"], got["v_codes"], n, kb, vb, G, 0.125, mask)
+    assert_close_rel(out_masked, expect, TOL[dtype])

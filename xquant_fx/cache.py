@@ -366,7 +366,7 @@ class XQuantCache(Cache):
         sliding = [t in _SLIDING_TYPES and window is not None and window < max_cache_len for t in types]
         self.xquant_config = xquant_config
         self.plans = xquant_config.resolve(num_layers, sliding)
-        self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len
+        self._batch_capacity, self._length_capacity = max_batch_size, max_cache_len
         self.geometry = (heads, k_dim, v_dim)
         layers: list = []
         for plan in self.plans:
@@ -379,6 +379,15 @@ class XQuantCache(Cache):
         self.dtype = dtype
         if device is not None and dtype is not None:
             self.early_initialization(max_batch_size, heads, k_dim, dtype, torch.device(device))
+
+    # Properties, not attributes: some transformers versions define them read-only on Cache.
+    @property
+    def max_batch_size(self) -> int:
+        return self._batch_capacity
+
+    @property
+    def max_cache_len(self) -> int:
+        return self._length_capacity
 
     def early_initialization(self, batch_size, num_heads, head_dim, dtype, device):
         if batch_size > self.max_batch_size:

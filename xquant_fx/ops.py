@@ -92,11 +92,11 @@ def attend(
     layer holding ``n`` tokens (0-d int64 tensor); ``[b, Hq, Lq, Dv]`` in ``q.dtype``.
     ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scale, mask)``; ``mask``
     as transformers passes it to SDPA (bool or additive, broadcastable to ``[b, Hq, Lq, M]``)."""
-    if uses_kernels(q) and mask is None:
+    if uses_kernels(q):
         from .kernels.attend import attend as kernel_attend
 
         return kernel_attend(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                             k_bits, v_bits, group, scale)
+                             k_bits, v_bits, group, scale, mask)
     b = q.shape[0]
     length = v_scale.shape[2] + v_window.shape[2]  # code capacity + ring: every position < n
     keys = quant.read_keys(k_codes[:b], k_scale[:b], k_zero[:b], k_window[:b], n, k_bits, group, length)

@@ -27,13 +27,13 @@ from .common import bitwise_or, check_bits, check_pow2, launch, round_to
 
 
 @triton.jit
-def _quant_params(mn, rng, c1, c2, LEVELS: tl.constexpr, CALIBRATE: tl.constexpr, RECIP_SCALE: tl.constexpr):
+def _quant_params(mn, rng, c1, c2, LEVELS: tl.constexpr, CALIBRATE: tl.constexpr):
     """Per-group ``(inv, scale, zero)`` from the group minimum ``mn`` and range ``rng`` (fp32).
 
     ``inv = levels / rng`` (0 where ``rng == 0``) is evaluated as torch evaluates a scalar divided
-    by a tensor: ``reciprocal(rng) * levels``. ``scale = rng / levels``: IEEE division, or the
-    product with ``fp32(1 / levels)`` when ``RECIP_SCALE`` (what torch's CUDA kernel computes for a
-    tensor divided by a Python scalar). Calibration: ``s^ = c1 * s``, ``z^ = mn + c2 * s`` with
+    by a tensor: ``reciprocal(rng) * levels``. ``scale = rng / levels`` as
+    :func:`xquant_fx.quant.quantize_groups` forms it on every device: the product with
+    ``fp32(1 / levels)``. Calibration: ``s^ = c1 * s``, ``z^ = mn + c2 * s`` with
     ``c1 = fp32(1 - 2 eta)``, ``c2 = fp32(eta * levels)``.
     """
     nonzero = rng > 0
@@ -41,10 +41,7 @@ def _quant_params(mn, rng, c1, c2, LEVELS: tl.constexpr, CALIBRATE: tl.constexpr
     recip = tl.math.div_rn(one, tl.where(nonzero, rng, one))
     inv = tl.where(nonzero, recip * LEVELS, 0.0)
     lv = tl.full(rng.shape, LEVELS, tl.float32)
-    if RECIP_SCALE:
-        scale = rng * tl.math.div_rn(one, lv)
-    else:
-        scale = tl.math.div_rn(rng, lv)
+    scale = rng * tl.math.div_rn(one, lv)
     if CALIBRATE:
         zero = mn + c2 * scale
         scale = c1 * scale
@@ -82,7 +79,7 @@ def _append_token_kernel(
     DK: tl.constexpr, DV: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     G: tl.constexpr, R: tl.constexpr,
     HAS_K_CODES: tl.constexpr, HAS_V_CODES: tl.constexpr,
-    K_CALIBRATE: tl.constexpr, V_CALIBRATE: tl.constexpr, RECIP_SCALE: tl.constexpr,
+    K_CALIBRATE: tl.constexpr, V_CALIBRATE: tl.constexpr,
 ):
     """Grid ``(b * H,)``: program ``pid`` stores the token of sequence ``pid // H``, head ``pid % H``.
 
@@ -113,7 +110,7 @@ def _append_token_kernel(
     x = tl.reshape(x, (NGV, G))  # [NGV, G]: groups of G channels
     mn = tl.min(x, axis=1)  # [NGV]
     rng = tl.max(x, axis=1) - mn
-    inv, scale, zero = _quant_params(mn, rng, v_c1, v_c2, V_LEVELS, V_CALIBRATE, RECIP_SCALE)
+    inv, scale, zero = _quant_params(mn, rng, v_c1, v_c2, V_LEVELS, V_CALIBRATE)
     codes = _codes(x, mn[:, None], inv[:, None], V_LEVELS)  # [NGV, G]
     codes = tl.reshape(codes, (VW, V_PER))  # channel w * V_PER + i
     shifts = (tl.arange(0, V_PER) * VB)[None, :]
@@ -133,7 +130,7 @@ def _append_token_kernel(
     x = tl.load(kw_base + (tok % R)[:, None] * s_kwt + dk[None, :] * s_kwd).to(tl.float32)  # [G, DK]
     mn = tl.min(x, axis=0)  # [DK]
     rng = tl.max(x, axis=0) - mn
-    inv, scale, zero = _quant_params(mn, rng, k_c1, k_c2, K_LEVELS, K_CALIBRATE, RECIP_SCALE)
+    inv, scale, zero = _quant_params(mn, rng, k_c1, k_c2, K_LEVELS, K_CALIBRATE)
     # The group is stored only when it starts exactly at pos - R (masks are built full-shape: the
     # interpreter does not broadcast a scalar condition into a store mask).
     pos_kd = pos + tl.zeros((1, DK), tl.int64)  # [1, DK]
@@ -158,12 +155,6 @@ def _append_token_kernel(
     slot = pos % R
     tl.store(kw_base + slot * s_kwt + dk * s_kwd, k_new.to(kw_ptr.dtype.element_ty))
     tl.store(vw_base + slot * s_vwt + dv * s_vwd, v_new.to(vw_ptr.dtype.element_ty))
-
-
-def recip_scale(device: torch.device) -> bool:
-    """Whether ``scale = rng / levels`` is formed as ``rng * fp32(1 / levels)``: always, as
-    :func:`quant.quantize_groups` does on every device."""
-    return True
 
 
 def append_token(
@@ -215,6 +206,6 @@ def append_token(
         1.0 - 2.0 * k_eta, k_eta * k_lv, 1.0 - 2.0 * v_eta, v_eta * v_lv,
         DK=dk, DV=dv, KB=k_bits, VB=v_bits, G=group, R=R,
         HAS_K_CODES=k_codes is not None, HAS_V_CODES=v_codes is not None,
-        K_CALIBRATE=k_eta != 0.0, V_CALIBRATE=v_eta != 0.0, RECIP_SCALE=recip_scale(k.device),
+        K_CALIBRATE=k_eta != 0.0, V_CALIBRATE=v_eta != 0.0,
         num_warps=4, enable_fp_fusion=False,
     )

@@ -1,34 +1,79 @@
 """Flash-decoding attention over the packed quantized KV cache.
 
-Computes ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scale)`` without
-materialising the dequantized cache: each code word is read once and dequantized in registers
-(shift, mask, multiply by the scale, add the zero point); positions at or past the key / value
-boundary are read from the full-precision ring window in the same pass.
+Computes ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scale, mask)`` without
+materialising the dequantized cache: each code word is read once and dequantized in registers;
+positions at or past the key / value boundary come from the full-precision ring window.
 
-Stage 1, :func:`_attend_split_kernel`, grid ``(b * Hkv, S)``: program ``(bh, s)`` takes KV head
-``bh`` and the ``s``-th of ``S`` equal slices of the ``n`` stored positions, and runs all
-``GROUP * Lq`` query rows that read that KV head (the GQA group's ``Hq / Hkv`` heads times the
-``Lq`` new tokens) against it with an online softmax in float32. ``S`` is a static function of the
-cache capacity, the number of (sequence, KV head) pairs and the device, never of ``n``: slice
-bounds are computed in the kernel from ``n``, so the launch is CUDA-graph safe. With ``S == 1``
-the program writes the normalised output directly.
+Three launches, all with shape-only grids (``n`` is read on the device, the split count is a
+function of capacity, batch and device: CUDA-graph safe; counts are not specialized on, so a new
+batch size or split count does not recompile):
 
-Stage 2, :func:`_attend_merge_kernel`, grid ``(b * Hkv * GROUP * Lq,)``: one program per query row
-merges the ``S`` partial ``(max, sum, acc)`` triples.
+1. Stage 1, :func:`_attend_kernel`, grid ``(b * Hkv, S)``: the blocks of ``BLOCK_N`` positions
+   below ``F = Nv // BLOCK_N * BLOCK_N``, where keys and values all come from codes, cut into
+   ``S`` slices. Program ``(bh, s)`` runs the ``GROUP * Lq`` query rows of KV head ``bh`` (padded
+   to ``BLOCK_M``) over slice ``s`` with an online softmax in float32 and writes a partial
+   ``(acc, max, sum)``. No masked loads, no ring reads, no causal test: the fast path only.
+2. Stage 2, :func:`_attend_tail_kernel`, grid ``(b * Hkv, T)``: the ``< R + BLOCK_N`` positions
+   ``[F, n)`` (codes next to the boundaries, the ring, the causal edge), one ``TAIL_BLOCK_N``
+   block per program, as partials ``S .. S + T - 1``. A separate kernel because the two-source,
+   masked blocks need many more registers than stage 1's loop; compiled together they set the
+   occupancy of the whole kernel (255 registers instead of 162).
+3. Stage 3, :func:`_attend_merge_kernel`, grid ``(b * Hkv * GROUP * Lq,)``: merges the ``S + T``
+   partials of one query row.
 
-Positions ``[0, n)`` split into: ``[0, Nv)`` keys and values from codes, ``[Nv, Nk)`` keys from
-codes and values from the ring, ``[Nk, n)`` both from the ring (``Nk - Nv < G``, ``n - Nk <= R``).
-Blocks that lie entirely below ``Nv`` take a fast path with no ring loads and no masking (query
-row ``i`` sees positions up to ``n - Lq + i >= Nv`` because ``Lq <= R``); the rest take the mixed
-path.
+Variants of stage 1 (``attend(..., variant=)``, :data:`VARIANTS`; the default is ``warps-t`` for
+16-bit caches with at most 16 query rows per KV head, ``packed`` above, ``generic`` for float32):
 
-Performance (H200, Triton 3.6, ``benchmarks/results/attention.md``): the kernel reads the packed
-cache at 0.35-0.55 TB/s, 0.55-0.8x the speed of bf16 SDPA over a 5-6x larger cache. It is bound by
-instruction issue, not memory: the unpacked tile is held one channel per thread, so every
-dequantized element costs about 11 SASS instructions, among them a 2-byte shared-memory store
-on its way to the mma operand layout, at two programs per SM (213 registers). Reaching the memory
-roofline needs the codes unpacked straight into the mma fragment layout (two elements per
-instruction, as weight-only GEMM kernels do), which Triton's layout choice does not give here.
+* ``warps-t`` / ``warps``: each of the ``W`` warps takes its own sub-block of ``BLOCK_N / W``
+  positions with its own running max / sum / accumulator (a leading batch axis of size ``W``,
+  which Triton maps one batch per warp in a 3-d ``tl.dot``), combined once at the end. Nothing
+  crosses warps in the softmax, and each warp's products are m16n8k16 ``mma`` with the
+  dequantized tile as one operand (``-t``: ``S^T = K q^T``, ``O^T = V^T P^T``, so the query rows
+  are the n8 side: ``BLOCK_M`` pads ``GROUP * Lq`` to 8, not 16, halving the accumulator).
+* ``packed`` / ``packed-t``: all warps share one block (the layout of the first kernel), same
+  dequantization. Used when the rows do not fit a per-warp accumulator (``GROUP * Lq > 16``).
+* ``generic`` / ``generic-t``: the first kernel's element-wise dequantization in float32 (any
+  cache dtype), kept for float32 caches and as the benchmark's baseline.
+
+Why it is built this way: the first kernel read the cache at 0.35-0.55 TB/s, 0.55-0.8x bf16 SDPA
+(``benchmarks/results/attention.md``), because it issued ~89 warp instructions per (position, KV
+head) (offline sm_90 compile, Triton 3.6): ~11 per dequantized element, among them a 2-byte
+shared-memory store into the mma operand layout. The packed variants cut that as follows:
+
+* Two codes per instruction. A code word's two 16-bit halves hold codes ``j`` and ``j + 16 / B``;
+  ``lop3`` masks both and ORs in the bit pattern of ``2^(MANT - k)`` (the code sits at mantissa bit
+  ``k``), which makes each half the 16-bit float ``2^(MANT - k) + code`` exactly; one packed
+  ``add`` removes the magic and one packed ``fma`` applies the scale and zero point, both
+  broadcast from 16-bit registers (``.H0_H0``). Three instructions per two elements, no
+  int-to-float conversion; ``MANT / B`` slots share one shift
+  (:func:`~xquant_fx.kernels.common.decode_pairs`, PTX through ``tl.inline_asm_elementwise``;
+  the interpreter decodes the same bit patterns in float32). The result equals
+  ``read_keys`` / ``read_values`` up to the bfloat16 rounding of ``code * s + z`` (one rounding
+  instead of the reference's two).
+* No repacking. The decoded pair stays in one 32-bit register and sits in adjacent tile slots
+  (positions permuted within a word for keys, channels for values,
+  :func:`~xquant_fx.kernels.common.pair_order`; values' rows and the output columns follow the
+  same maps), so tiles reach shared memory in 16-byte stores and the tensor cores through
+  ``ldmatrix``.
+* Lazy rescaling. The running max moves only when a score exceeds it by more than 2^8
+  (``RESCALE_THRESHOLD``, one uniform branch per block); sums are kept per thread and reduced
+  once. The accumulator rescale and the per-block row reductions leave the common path.
+* Every stage-1 load is staged by cp.async (value rows, a few words long, get their row stride
+  as a constant so Triton knows them aligned); a mask shared by all of a program's rows (the
+  usual ``[b, 1, 1, M]`` decode mask) is read contiguously one block ahead.
+
+Result (offline sm_90 compile, Triton 3.6, K2/V1, head_dim 128, GQA 4, stage-1 loop): ~29 warp
+instructions per (position, KV head) for ``warps-t`` at 16 positions per warp (162 registers, 3
+programs per SM), ~26 at 32 (227, 2), ``warps`` ~30 (226), ``packed`` ~38 (168), ``generic`` ~70;
+of these ~12 are the dequantization itself (3 per pair), ~4 shared-memory traffic and barriers,
+~4 register moves Triton inserts around ``ldmatrix`` / ``mma``, ~2 the softmax. What the GPU
+makes of it is in ``benchmarks/NOTES.md``.
+
+Not done, with reasons: folding the key scale into ``q`` per group (``q' = q * s``) costs as much
+as it saves here, because the padded query tile is replicated in every warp; a CUDA-core product
+(no ``tl.dot``) needs ``GROUP`` FMAs per element, well above the three instructions per pair
+spent now; Hopper's ``wgmma`` (the 2-d ``-t`` variants) reads operands from shared memory, but
+Triton stores the decoded tile into its swizzled layout two bytes at a time.
 """
 
 from __future__ import annotations
@@ -41,13 +86,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_bits, check_pow2, codes_to_float, interpreting, launch, round_to
+from .common import (check_bits, check_pow2, codes_to_float, decode_pairs, interpreting, launch, pair_order,
+                     pair_slot_constants, round_to)
 
 _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 MAX_QUERY_LEN = 16
 
+#: Kernel variants (see the module docstring). ``warps`` / ``packed``: two codes dequantized per
+#: instruction (float16 / bfloat16 caches), each warp on its own positions (``warps``) or all
+#: warps on one block (``packed``); ``generic``: one element at a time in float32 (any dtype; the
+#: float32 path). ``-t``: the transposed product orientation.
+VARIANTS = ("warps", "warps-t", "packed", "packed-t", "generic", "generic-t")
+#: Most query rows (``Hq / Hkv * Lq``, padded) the ``warps`` variants take: every warp holds its
+#: own accumulator of that many rows.
+WARPS_MAX_ROWS = 16
 
+
+# ------------------------------------------------------------------------------------ generic tiles
 @triton.jit
 def _dot_operand(x, KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """float32 ``x`` rounded to the cache dtype, as a ``DOT_DTYPE`` dot operand. Under the
@@ -71,9 +127,9 @@ def _load_keys(
 
     Each code word is loaded once (``[KW, DK]``, ``KW = BLOCK_N * KB / 32``), expanded in
     registers to ``[KW, 32 / KB, DK]`` (token ``w * 32 / KB + i`` from bits ``i * KB``),
-    dequantized with its group's scale / zero point (broadcast along the expanded axis) and
-    reshaped to ``[BLOCK_N, DK]``. Fast path: all from codes. Mixed: codes below ``nk``, ring
-    slot ``pos % R`` in ``[nk, n)``, 0 past ``n`` (finite filler for masked scores).
+    dequantized in float32 with its group's scale / zero point and reshaped to ``[BLOCK_N, DK]``.
+    Fast path: all from codes. Mixed: codes below ``nk``, ring slot ``pos % R`` in ``[nk, n)``,
+    0 past ``n`` (finite filler for masked scores).
     """
     PER: tl.constexpr = 32 // KB  # tokens per code word
     KW: tl.constexpr = BLOCK_N // PER  # code words per channel in the block
@@ -123,19 +179,22 @@ def _load_values(
     pos = start + tl.arange(0, BLOCK_N)
     wcol = tl.arange(0, VW)
     vc_ptrs = vc_base + pos[:, None] * s_vct + wcol[None, :] * s_vcd  # [BLOCK_N, VW]
-    vs_off = pos[:, None] * s_vst + (wcol * PER // G)[None, :] * s_vsd  # the group of each word
+    # The group of each word, or (G < PER) of each channel.
+    GW: tl.constexpr = 1 if G >= PER else PER
+    ch = (wcol * PER)[None, :, None] + tl.arange(0, GW)[None, None, :]  # [1, VW, GW]
+    vs_off = pos[:, None, None] * s_vst + (ch // G) * s_vsd  # [BLOCK_N, VW, GW]
     if MIXED:
         coded = (pos < nv)[:, None] & (wcol[None, :] >= 0)
         words = tl.load(vc_ptrs, mask=coded, other=0)
-        scale = tl.load(vs_base + vs_off, mask=coded, other=0.0).to(tl.float32)
-        zero = tl.load(vz_base + vs_off, mask=coded, other=0.0).to(tl.float32)
+        scale = tl.load(vs_base + vs_off, mask=coded[:, :, None], other=0.0).to(tl.float32)
+        zero = tl.load(vz_base + vs_off, mask=coded[:, :, None], other=0.0).to(tl.float32)
     else:
         words = tl.load(vc_ptrs)
         scale = tl.load(vs_base + vs_off).to(tl.float32)
         zero = tl.load(vz_base + vs_off).to(tl.float32)
     shifts = (tl.arange(0, PER) * VB)[None, None, :]
     codes = (words[:, :, None] >> shifts) & ((1 << VB) - 1)  # [BLOCK_N, VW, PER]
-    values = codes_to_float(codes) * scale[:, :, None] + zero[:, :, None]
+    values = codes_to_float(codes) * scale + zero
     values = tl.reshape(_dot_operand(values, KV_DTYPE, DOT_DTYPE), (BLOCK_N, DV))
     if MIXED:
         dv = tl.arange(0, DV)
@@ -146,69 +205,412 @@ def _load_values(
     return values
 
 
+# ------------------------------------------------------------------------------------ packed tiles
+@triton.jit
+def _load_keys_packed(
+    kc_base, ks_base, kz_base, kw_base,
+    s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
+    start, nk, n,
+    KB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+    MIXED: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
+    KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Keys of ``W`` sub-blocks of ``BN`` positions: sub-block ``w`` holds positions
+    ``start + w * BN + pair_order(BN, 32 / KB)``; ``[W, BN, DK]``, or ``[W, DK, BN]`` with
+    ``CHANNELS_FIRST`` (the right operand of ``q K^T``).
+
+    Words ``[W, KW, DK]`` expand to ``[W, KW, NS, DK]`` int32 (``NS = 16 / KB`` slots, each a pair
+    of tokens ``j`` and ``j + NS`` of the word), are decoded pairwise
+    (:func:`~xquant_fx.kernels.common.decode_pairs`) and joined so that the pair sits in adjacent
+    tile slots along the token axis: each thread then holds runs of consecutive tile slots, which
+    reach the tensor cores through 16-byte shared memory stores and ``ldmatrix`` with no
+    repacking. A word's tokens share one group, so its scale and zero point are one 16-bit
+    register each.
+    """
+    PER: tl.constexpr = 32 // KB  # tokens per code word
+    NS: tl.constexpr = PER // 2  # token pairs per word
+    KW: tl.constexpr = BN // PER  # code words per channel in a sub-block
+    dk = tl.arange(0, DK)
+    wrow = (start + tl.arange(0, W) * BN)[:, None] // PER + tl.arange(0, KW)[None, :]  # [W, KW]
+    kc_ptrs = kc_base + wrow[:, :, None] * s_kct + dk[None, None, :] * s_kcd  # [W, KW, DK]
+    ks_off = (wrow * PER // G)[:, :, None] * s_kst + dk[None, None, :] * s_ksd  # the group of each word
+    if MIXED:
+        coded = (wrow * PER < nk)[:, :, None] & (dk[None, None, :] >= 0)  # Nk is a multiple of G
+        words = tl.load(kc_ptrs, mask=coded, other=0)
+        scale = tl.load(ks_base + ks_off, mask=coded, other=0.0)
+        zero = tl.load(kz_base + ks_off, mask=coded, other=0.0)
+    else:
+        words = tl.load(kc_ptrs)
+        scale = tl.load(ks_base + ks_off)
+        zero = tl.load(kz_base + ks_off)
+    shift, mask, magic, neg_magic = pair_slot_constants(NS, KB, KV_DTYPE)
+    x = words[:, :, None, :] >> shift[None, None, :, None]  # [W, KW, NS, DK]
+    sc = scale[:, :, None, :]
+    zc = zero[:, :, None, :]
+    lo, hi = decode_pairs(x, mask[None, None, :, None], magic[None, None, :, None], neg_magic[None, None, :, None],
+                          sc, sc, zc, zc, KV_DTYPE, DOT_DTYPE, INTERPRET)
+    keys = tl.join(lo, hi)  # [W, KW, NS, DK, 2]: token w * BN + kw * PER + j + h * NS
+    # Built channels-first in both orientations: the transpose is then a relabelling that keeps
+    # runs of positions in each thread (16-byte shared-memory stores, ``ldmatrix.trans``).
+    keys = tl.reshape(tl.permute(keys, (0, 3, 1, 2, 4)), (W, DK, BN))
+    if not CHANNELS_FIRST:
+        keys = tl.permute(keys, (0, 2, 1))
+    if MIXED:
+        pos = (start + tl.arange(0, W) * BN)[:, None] + pair_order(BN, PER)[None, :]  # [W, BN]
+        in_ring = (pos >= nk) & (pos < n)
+        if CHANNELS_FIRST:
+            ring = tl.load(kw_base + (pos % R)[:, None, :] * s_kwt + dk[None, :, None] * s_kwd,
+                           mask=in_ring[:, None, :] & (dk[None, :, None] >= 0), other=0.0)
+            keys = tl.where((pos < nk)[:, None, :], keys, ring.to(DOT_DTYPE))
+        else:
+            ring = tl.load(kw_base + (pos % R)[:, :, None] * s_kwt + dk[None, None, :] * s_kwd,
+                           mask=in_ring[:, :, None] & (dk[None, None, :] >= 0), other=0.0)
+            keys = tl.where((pos < nk)[:, :, None], keys, ring.to(DOT_DTYPE))
+    return keys
+
+
+@triton.jit
+def _load_values_packed(
+    vc_base, vs_base, vz_base, vw_base,
+    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
+    pos, nv, n,
+    VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+    MIXED: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
+    KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Values of positions ``pos [W, BN]``: ``[W, BN, DV]`` whose column ``c`` is channel
+    ``pair_order(DV, 32 / VB)[c]``, or ``[W, DV, BN]`` with ``CHANNELS_FIRST``.
+
+    Words ``[W, BN, NG, WPG]`` (``NG`` groups of ``WPG`` words per token) expand to
+    ``[NS, W, BN, NG, WPG]`` pairs of channels ``j``, ``j + NS`` (the slot axis leads, so that each
+    thread holds all slots of its words in registers: Triton spreads the trailing axes over the
+    lanes), decoded and joined as the keys are, with the pair adjacent along the channel axis.
+    Scales and zero points load as ``[W, BN, NG]``, a contiguous vector per token. The permuted
+    channel order costs nothing: the output columns are stored through the same map.
+    """
+    PER: tl.constexpr = 32 // VB  # channels per code word
+    NS: tl.constexpr = PER // 2  # channel pairs per word
+    if G >= PER:
+        # A word's channels share one group: words [W, BN, NG, WPG] (WPG words per group), the
+        # group's scale and zero point [W, BN, NG], contiguous (one vector load per token).
+        NG: tl.constexpr = DV // G
+        WPG: tl.constexpr = G // PER
+        gcol = tl.arange(0, NG)
+        wcol = (gcol * WPG)[:, None] + tl.arange(0, WPG)[None, :]  # [NG, WPG]
+        vc_ptrs = vc_base + pos[:, :, None, None] * s_vct + wcol[None, None, :, :] * s_vcd
+        vs_off = pos[:, :, None] * s_vst + gcol[None, None, :] * s_vsd  # [W, BN, NG]
+        if MIXED:
+            coded = (pos < nv)[:, :, None] & (gcol[None, None, :] >= 0)
+            words = tl.load(vc_ptrs, mask=coded[:, :, :, None] & (wcol[None, None, :, :] >= 0), other=0)
+            scale = tl.load(vs_base + vs_off, mask=coded, other=0.0)
+            zero = tl.load(vz_base + vs_off, mask=coded, other=0.0)
+        else:
+            words = tl.load(vc_ptrs)
+            scale = tl.load(vs_base + vs_off)
+            zero = tl.load(vz_base + vs_off)
+        shift, mask, magic, neg_magic = pair_slot_constants(NS, VB, KV_DTYPE)
+        x = words[None, :, :, :, :] >> shift[:, None, None, None, None]  # [NS, W, BN, NG, WPG]
+        sc = scale[None, :, :, :, None]
+        zc = zero[None, :, :, :, None]
+        lo, hi = decode_pairs(x, mask[:, None, None, None, None], magic[:, None, None, None, None],
+                              neg_magic[:, None, None, None, None], sc, sc, zc, zc,
+                              KV_DTYPE, DOT_DTYPE, INTERPRET)
+        # [W, BN, NG, WPG, NS, 2]: column word * PER + 2j + h holds channel word * PER + j + h * NS
+        values = tl.reshape(tl.permute(tl.join(lo, hi), (1, 2, 3, 4, 0, 5)), (W, BN, DV))
+    else:  # the two halves of a word may lie in different groups
+        VW: tl.constexpr = DV // PER  # code words per token
+        wcol = tl.arange(0, VW)
+        vc_ptrs = vc_base + pos[:, :, None] * s_vct + wcol[None, None, :] * s_vcd  # [W, BN, VW]
+        ch = tl.arange(0, NS)[:, None, None, None] + (wcol * PER)[None, None, None, :]  # [NS, 1, 1, VW]
+        off_lo = pos[None, :, :, None] * s_vst + (ch // G) * s_vsd
+        off_hi = pos[None, :, :, None] * s_vst + ((ch + NS) // G) * s_vsd
+        if MIXED:
+            coded = (pos < nv)[:, :, None] & (wcol[None, None, :] >= 0)
+            words = tl.load(vc_ptrs, mask=coded, other=0)
+            coded4 = coded[None, :, :, :] & (ch >= 0)
+            s_lo = tl.load(vs_base + off_lo, mask=coded4, other=0.0)
+            s_hi = tl.load(vs_base + off_hi, mask=coded4, other=0.0)
+            z_lo = tl.load(vz_base + off_lo, mask=coded4, other=0.0)
+            z_hi = tl.load(vz_base + off_hi, mask=coded4, other=0.0)
+        else:
+            words = tl.load(vc_ptrs)
+            s_lo = tl.load(vs_base + off_lo)
+            s_hi = tl.load(vs_base + off_hi)
+            z_lo = tl.load(vz_base + off_lo)
+            z_hi = tl.load(vz_base + off_hi)
+        shift, mask, magic, neg_magic = pair_slot_constants(NS, VB, KV_DTYPE)
+        x = words[None, :, :, :] >> shift[:, None, None, None]  # [NS, W, BN, VW]
+        lo, hi = decode_pairs(x, mask[:, None, None, None], magic[:, None, None, None],
+                              neg_magic[:, None, None, None], s_lo, s_hi, z_lo, z_hi,
+                              KV_DTYPE, DOT_DTYPE, INTERPRET)
+        # [W, BN, VW, NS, 2]: column w * PER + 2j + h holds channel w * PER + j + h * NS
+        values = tl.reshape(tl.permute(tl.join(lo, hi), (1, 2, 3, 0, 4)), (W, BN, DV))
+    if MIXED:
+        chan = pair_order(DV, PER)
+        in_ring = (pos >= nv) & (pos < n)
+        ring = tl.load(vw_base + (pos % R)[:, :, None] * s_vwt + chan[None, None, :] * s_vwd,
+                       mask=in_ring[:, :, None] & (chan[None, None, :] >= 0), other=0.0)
+        values = tl.where((pos < nv)[:, :, None], values, ring.to(DOT_DTYPE))
+    if CHANNELS_FIRST:
+        values = tl.permute(values, (0, 2, 1))
+    return values
+
+
+# ------------------------------------------------------------------------------------ softmax
+@triton.jit
+def _mask_values(m, MASK_BOOL: tl.constexpr):
+    """Loaded mask values -> keep flags (bool masks) or additive terms in log2 units. A finite
+    additive value stays finite (quant.attend adds it in float32: a row masked everywhere by the
+    dtype's minimum averages uniformly there too)."""
+    if MASK_BOOL:
+        return m != 0
+    else:
+        m = m.to(tl.float32)
+        return tl.where(m == float("-inf"), m, tl.maximum(m, -2.3586e38) * 1.4426950408889634)
+
+
+@triton.jit
+def _shared_mask(mask_ptr, s_mt, start, mask_len, W: tl.constexpr, BN: tl.constexpr, PER: tl.constexpr,
+                 MASK_BOOL: tl.constexpr):
+    """The mask of a program whose query rows share one mask row (``Lq = 1`` or a mask constant
+    along it, and constant across the GQA group): ``[W, BN]`` values (see :func:`_mask_values`)
+    of positions ``start + w * BN + pair_order(BN, PER)`` (``PER == 0``: in order). Read in
+    order (contiguous per sub-block), then permuted in registers; positions at or past
+    ``mask_len`` are masked. Stage 1 reads it one block ahead of its use: byte-wide loads are not
+    staged by cp.async, and this keeps their latency off the loop's critical path."""
+    if PER > 0:
+        KW: tl.constexpr = BN // PER
+        NS: tl.constexpr = PER // 2
+        pos = ((start + tl.arange(0, W) * BN)[:, None, None, None] + (tl.arange(0, KW) * PER)[None, :, None, None]
+               + (tl.arange(0, 2) * NS)[None, None, :, None] + tl.arange(0, NS)[None, None, None, :])
+        # pos [W, KW, 2, NS]: in order
+    else:
+        pos = (start + tl.arange(0, W) * BN)[:, None] + tl.arange(0, BN)[None, :]
+    if MASK_BOOL:
+        m = tl.load(mask_ptr + pos * s_mt, mask=pos < mask_len, other=0)
+    else:
+        m = tl.load(mask_ptr + pos * s_mt, mask=pos < mask_len, other=float("-inf"))
+    m = _mask_values(m, MASK_BOOL)
+    if PER > 0:  # natural [.., h, j] -> slot 2j + h
+        m = tl.reshape(tl.permute(m, (0, 1, 3, 2)), (W, BN))
+    return m
+
+
+@triton.jit
+def _mask_scores(scores, pos, qpos, row_ok, m_row, shared, mask_ptr, s_mt, mask_len,
+                 MIXED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr):
+    """Apply the causal limit (``MIXED`` blocks: ``pos <= qpos``) and the caller's mask to
+    ``scores`` (log2 units). ``pos`` / ``qpos`` / ``row_ok`` / ``m_row`` / ``shared`` broadcast
+    against ``scores``: positions, each row's position, whether the row is a real query row, each
+    row's offset into the mask, and (``MASK_SHARED``) the mask values all rows share
+    (:func:`_shared_mask`). Mask positions at or past ``mask_len`` are masked."""
+    if MIXED:
+        scores = tl.where(pos <= qpos, scores, float("-inf"))
+    if HAS_MASK:
+        if MASK_SHARED:
+            m = shared
+        else:
+            ok = (pos < mask_len) & row_ok
+            if MASK_BOOL:
+                m = _mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=0), MASK_BOOL)
+            else:
+                m = _mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=float("-inf")), MASK_BOOL)
+        if MASK_BOOL:
+            scores = tl.where(m, scores, float("-inf"))
+        else:
+            scores = scores + m
+    return scores
+
+
+#: Lazy rescaling: the running max of a row moves only when a score exceeds it by more than
+#: this (log2 units), so probabilities stay below 2^8 and the accumulator is rescaled on a few
+#: blocks only.
+RESCALE_THRESHOLD = tl.constexpr(8.0)
+
+
+@triton.jit
+def _online_softmax(scores, m_i, l_part, acc, AXIS: tl.constexpr):
+    """One online-softmax step: ``scores`` (log2 units) reduced along ``AXIS`` (the position
+    axis; ``acc``'s channel axis sits at the same index). Returns ``(p, m_i, l_part, acc)`` with
+    ``p`` the float32 probabilities relative to the (possibly stale) running max ``m_i``.
+
+    ``l_part`` has the shape of ``scores``: each thread sums its own probabilities, reduced along
+    ``AXIS`` once after the loop (no shuffles per block). ``m_i`` moves, and ``l_part`` / ``acc``
+    are rescaled, only on blocks where some score exceeds its row's max by more than
+    ``RESCALE_THRESHOLD`` (one uniform branch, tested elementwise): after the first block of a
+    row that is rare. A row with nothing visible yet keeps ``m = -inf`` and gets ``p = 0``.
+    """
+    grow = scores > tl.expand_dims(m_i + RESCALE_THRESHOLD, AXIS)
+    if tl.max(grow.to(tl.int32)) > 0:
+        m_new = tl.maximum(m_i, tl.max(scores, axis=AXIS))
+        alpha = tl.expand_dims(tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new)), AXIS)
+        l_part = l_part * alpha
+        acc = acc * alpha
+        m_i = m_new
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    p = tl.math.exp2(scores - tl.expand_dims(m_ref, AXIS))
+    return p, m_i, l_part + p, acc
+
+
 @triton.jit
 def _attend_block(
-    q, m_i, l_i, acc, qpos,
-    kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base,
+    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
+    kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
     s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-    start, nk, nv, n, qk_scale,
+    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+    start, nk, nv, n, qk_scale, mask_len,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MIXED: tl.constexpr,
-    TRANSPOSED: tl.constexpr, KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    MASK_SHARED: tl.constexpr,
+    KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """One online-softmax step over ``BLOCK_N`` positions for the ``BLOCK_M`` query rows.
+    """One online-softmax step of the shared-block kernel over ``BLOCK_N`` positions for the
+    ``BLOCK_M`` query rows.
 
-    ``m_i`` / ``l_i [BLOCK_M]``: running max (log2 units) and sum; ``qpos [BLOCK_M]``: each row's
-    position (causal limit). Keys and values are rounded to the cache dtype (as ``read_keys`` /
-    ``read_values`` return them) and multiplied on the tensor cores with float32 accumulation
-    (operands in ``DOT_DTYPE``: the cache dtype, or float32 where the interpreter cannot multiply
-    bfloat16).
+    ``m_i [BLOCK_M]``: running max (log2 units); ``l_i``: partial sums (the shape of the scores,
+    see :func:`_online_softmax`); ``qpos [BLOCK_M]``: each row's position (causal limit);
+    ``row_ok`` / ``m_row`` / ``shared``: see :func:`_mask_scores` (``shared`` None: read here;
+    ``m_row0`` is the shared row's offset). Keys and values
+    are rounded to the cache dtype (as ``read_keys`` / ``read_values`` return them) and multiplied
+    on the tensor cores with float32 accumulation (operands in ``DOT_DTYPE``: the cache dtype, or
+    float32 where the interpreter cannot multiply bfloat16).
 
-    ``TRANSPOSED`` computes ``S^T = K q^T`` and ``O^T = V^T P^T`` (``q [DK, BLOCK_M]``,
-    ``acc [DV, BLOCK_M]``): the dequantized tiles are the left operands, with ``BLOCK_N`` rows,
-    which lets Hopper take them from registers (wgmma) instead of shared memory. Otherwise
-    ``q [BLOCK_M, DK]``, ``acc [BLOCK_M, DV]``.
+    ``PACKED`` blocks hold their positions in :func:`~xquant_fx.kernels.common.pair_order` (keys
+    and values alike, so the softmax never notices), generic blocks in order. ``TRANSPOSED``
+    computes ``S^T = K q^T`` and ``O^T = V^T P^T`` (``q [DK, BLOCK_M]``, ``acc [DV, BLOCK_M]``),
+    otherwise ``S = q K^T``, ``O = P V`` (``q [BLOCK_M, DK]``, ``acc [BLOCK_M, DV]``).
     """
-    keys = _load_keys(kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-                      start, nk, n, KB, G, R, DK, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DK]
-    values = _load_values(vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-                          start, nv, n, VB, G, R, DV, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DV]
+    if PACKED:
+        pos = start + pair_order(BLOCK_N, 32 // KB)
+        keys = _load_keys_packed(kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
+                                 start, nk, n, KB, G, R, DK, 1, BLOCK_N, MIXED, not TRANSPOSED,
+                                 KV_DTYPE, DOT_DTYPE, INTERPRET)
+        values = _load_values_packed(vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
+                                     pos[None, :], nv, n, VB, G, R, DV, 1, BLOCK_N, MIXED, TRANSPOSED,
+                                     KV_DTYPE, DOT_DTYPE, INTERPRET)
+        if TRANSPOSED:
+            keys = tl.reshape(keys, (BLOCK_N, DK))
+            values = tl.reshape(values, (DV, BLOCK_N))
+        else:
+            keys = tl.reshape(keys, (DK, BLOCK_N))
+            values = tl.reshape(values, (BLOCK_N, DV))
+    else:
+        pos = start + tl.arange(0, BLOCK_N)
+        keys = _load_keys(kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
+                          start, nk, n, KB, G, R, DK, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DK]
+        values = _load_values(vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
+                              start, nv, n, VB, G, R, DV, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DV]
+        if TRANSPOSED:
+            values = tl.trans(values)
+        else:
+            keys = tl.trans(keys)
+    if not (HAS_MASK and MASK_SHARED):
+        shared = pos  # placeholder when the rows do not share the mask
+    elif shared is None:  # stage 2 does not prefetch
+        shared = _shared_mask(mask_ptr + m_row0, s_mt, start, mask_len, 1, BLOCK_N,
+                              32 // KB if PACKED else 0, MASK_BOOL)
+    shared = tl.reshape(shared, (BLOCK_N,))
     if TRANSPOSED:
         scores = tl.dot(keys, q, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        if MIXED:
-            pos = start + tl.arange(0, BLOCK_N)
-            scores = tl.where(pos[:, None] <= qpos[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        # A row with nothing visible yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(scores - m_ref[None, :])  # [BLOCK_N, BLOCK_M]
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        p = _dot_operand(p, KV_DTYPE, DOT_DTYPE)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(values), p, input_precision=DOT_PRECISION)
+        scores = _mask_scores(scores, pos[:, None], qpos[None, :], row_ok[None, :], m_row[None, :], shared[:, None],
+                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 0)
+        acc += tl.dot(values, _dot_operand(p, KV_DTYPE, DOT_DTYPE), input_precision=DOT_PRECISION)
     else:
-        scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if MIXED:
-            pos = start + tl.arange(0, BLOCK_N)
-            scores = tl.where(pos[None, :] <= qpos[:, None], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(scores - m_ref[:, None])  # [BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = _dot_operand(p, KV_DTYPE, DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+        scores = tl.dot(q, keys, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        scores = _mask_scores(scores, pos[None, :], qpos[:, None], row_ok[:, None], m_row[:, None], shared[None, :],
+                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
+        acc += tl.dot(_dot_operand(p, KV_DTYPE, DOT_DTYPE), values, input_precision=DOT_PRECISION)
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _attend_split_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr,
-    out_ptr, part_acc_ptr, part_ml_ptr,
-    # q [b, Hq, Lq, DK]; out [b, Hq, Lq, DV]
+def _attend_warps_block(
+    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
+    kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
+    s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
+    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+    start, nk, nv, n, qk_scale, mask_len,
+    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MIXED: tl.constexpr,
+    TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
+    KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One online-softmax step of the warp-split kernel: ``W`` sub-blocks of ``BN`` positions,
+    sub-block ``w`` for warp ``w`` (a leading batch axis: Triton gives each warp one batch of a
+    3-d ``tl.dot``), each with its own running state ``m_i [W, BLOCK_M]``, ``l_i`` (partial sums
+    shaped as the scores), ``acc``.
+
+    ``q``: ``[W, BLOCK_M, DK]`` (``[W, DK, BLOCK_M]`` when ``TRANSPOSED``), the same in every
+    batch; ``acc [W, BLOCK_M, DV]`` (``[W, DV, BLOCK_M]``). Nothing crosses warps in the softmax
+    but the one-flag test of :func:`_online_softmax`; ``P`` feeds the second product from the
+    registers the first left it in (``-t``: through a small shared-memory tile).
+    """
+    pos = (start + tl.arange(0, W) * BN)[:, None] + pair_order(BN, 32 // KB)[None, :]  # [W, BN]
+    keys = _load_keys_packed(kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
+                             start, nk, n, KB, G, R, DK, W, BN, MIXED, not TRANSPOSED,
+                             KV_DTYPE, DOT_DTYPE, INTERPRET)
+    values = _load_values_packed(vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
+                                 pos, nv, n, VB, G, R, DV, W, BN, MIXED, TRANSPOSED,
+                                 KV_DTYPE, DOT_DTYPE, INTERPRET)
+    if not (HAS_MASK and MASK_SHARED):
+        shared = pos  # placeholder when the rows do not share the mask
+    if TRANSPOSED:
+        scores = tl.dot(keys, q) * qk_scale  # [W, BN, BLOCK_M]
+        scores = _mask_scores(scores, pos[:, :, None], qpos[None, None, :], row_ok[None, None, :],
+                              m_row[None, None, :], shared[:, :, None], mask_ptr, s_mt, mask_len,
+                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
+        acc += tl.dot(values, _dot_operand(p, KV_DTYPE, DOT_DTYPE))
+    else:
+        scores = tl.dot(q, keys) * qk_scale  # [W, BLOCK_M, BN]
+        scores = _mask_scores(scores, pos[:, None, :], qpos[None, :, None], row_ok[None, :, None],
+                              m_row[None, :, None], shared[:, None, :], mask_ptr, s_mt, mask_len,
+                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 2)
+        acc += tl.dot(_dot_operand(p, KV_DTYPE, DOT_DTYPE), values)
+    return m_i, l_i, acc
+
+
+# ------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, bi, hi, n,
+                LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr,
+                KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The ``GROUP * LQ`` query rows of KV head ``hi`` of sequence ``bi``, padded to ``BLOCK_M``:
+    ``(q [BLOCK_M, DK], head, qi, qpos, row_ok)``. Row ``r`` is head ``hi * GROUP + r // LQ``, new
+    token ``qi = r % LQ`` at position ``qpos = n - LQ + qi``; padding rows are zero."""
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * LQ
+    head = hi * GROUP + rows // LQ
+    qi = rows % LQ
+    qpos = n - LQ + qi
+    dk = tl.arange(0, DK)
+    q_ptrs = q_ptr + bi * s_qb + head[:, None] * s_qh + qi[:, None] * s_ql + dk[None, :] * s_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (dk[None, :] >= 0), other=0.0)
+    return q.to(KV_DTYPE).to(DOT_DTYPE), head, qi, qpos, row_ok
+
+
+@triton.jit
+def _store_partial(part_acc_ptr, part_ml_ptr, part, acc, m_i, l_i, chan, row_ok,
+                   M: tl.constexpr, BLOCK_M: tl.constexpr, DV: tl.constexpr):
+    """Write partial ``part`` (``(acc [BLOCK_M, DV], m_i, l_i)``, accumulator column ``c`` holding
+    channel ``chan[c]``) to the workspace, channels in order."""
+    rows = tl.arange(0, BLOCK_M)
+    tl.store(part_acc_ptr + (part * M + rows[:, None]) * DV + chan[None, :], acc,
+             mask=row_ok[:, None] & (chan[None, :] >= 0))
+    tl.store(part_ml_ptr + part * 2 * M + rows, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 * M + M + rows, l_i, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "num_splits", "mask_len"])
+def _attend_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr,
+    part_acc_ptr, part_ml_ptr,
+    # q [b, Hq, Lq, DK]
     s_qb, s_qh, s_ql, s_qd,
-    s_ob, s_oh, s_ol, s_od,
     # k_codes [B, H, Tq*KB/32, DK]; k_scale / k_zero [B, H, Tq/G, DK]; k_window [B, H, R, DK]
     s_kcb, s_kch, s_kct, s_kcd,
     s_ksb, s_ksh, s_kst, s_ksd,
@@ -217,18 +619,25 @@ def _attend_split_kernel(
     s_vcb, s_vch, s_vct, s_vcd,
     s_vsb, s_vsh, s_vst, s_vsd,
     s_vwb, s_vwh, s_vwt, s_vwd,
-    num_kv_heads, num_splits, qk_scale,
+    # mask [b, Hq, Lq, mask_len] (broadcast dims: stride 0)
+    s_mb, s_mh, s_ml, s_mt,
+    num_kv_heads, num_splits, qk_scale, mask_len,
     LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-    TRANSPOSED: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPLIT: tl.constexpr,
+    PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    MASK_SHARED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, TAIL_PARTS: tl.constexpr,
 ):
-    """Grid ``(b * Hkv, S)``; see the module docstring. ``TRANSPOSED``: product orientation, see
-    :func:`_attend_block`.
+    """Stage 1, grid ``(b * Hkv, S)``: the whole blocks below ``F = Nv // BLOCK_N * BLOCK_N``
+    (keys and values all from codes), split ``S`` ways; see the module docstring. ``WARP_SPLIT``:
+    the number of warps ``W`` taking ``BLOCK_N / W`` positions each (:func:`_attend_warps_block`),
+    or 0 for the shared-block loop (:func:`_attend_block`).
 
-    Partials (``S > 1``): ``part_acc [b * Hkv, S, GROUP * Lq, DV]`` unnormalised output and
-    ``part_ml [b * Hkv, S, 2, GROUP * Lq]`` running max (log2 units) and sum, float32. Query row
-    ``r`` of the block is head ``kv_head * GROUP + r // Lq``, new token ``r % Lq``.
+    Writes its partial: ``part_acc [b * Hkv, S + T, GROUP * Lq, DV]`` unnormalised output and
+    ``part_ml [b * Hkv, S + T, 2, GROUP * Lq]`` running max (log2 units) and sum, float32 (an
+    empty slice writes ``-inf, 0, 0``; the last ``T`` partials are stage 2's). Query row ``r`` of
+    the block is head ``kv_head * GROUP + r // Lq``, new token ``r % Lq``.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -236,23 +645,23 @@ def _attend_split_kernel(
     hi = (pid_bh % num_kv_heads).to(tl.int64)
     KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
     M: tl.constexpr = GROUP * LQ
+    # Per-token rows of the value codes / scales are a few words long, not a multiple of 16
+    # elements, so Triton would not know them aligned: with their lengths as constants it loads
+    # each row as one vector (and stages it with cp.async).
+    if VC_ROW > 0:
+        s_vct = VC_ROW
+    if VS_ROW > 0:
+        s_vst = VS_ROW
 
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
     n = tl.load(n_ptr).to(tl.int32)
     nv = tl.maximum(n - R, 0)
     nk = (nv + G - 1) // G * G
-
-    rows = tl.arange(0, BLOCK_M)
-    head = hi * GROUP + rows // LQ
-    qi = rows % LQ
-    qpos = n - LQ + qi  # [BLOCK_M]
-    dk = tl.arange(0, DK)
-    dv = tl.arange(0, DV)
-    q_ptrs = q_ptr + bi * s_qb + head[:, None] * s_qh + qi[:, None] * s_ql + dk[None, :] * s_qd
-    q = tl.load(q_ptrs, mask=(rows < M)[:, None] & (dk[None, :] >= 0), other=0.0)  # [BLOCK_M, DK]
-    q = q.to(KV_DTYPE).to(DOT_DTYPE)
-    if TRANSPOSED:
-        q = tl.trans(q)  # [DK, BLOCK_M]
+    fast = nv // BLOCK_N * BLOCK_N
+    q, head, qi, qpos, row_ok = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, bi, hi, n,
+                                            LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
+    m_row = bi * s_mb + head * s_mh + qi * s_ml  # [BLOCK_M] offsets into the mask
+    m_row0 = bi * s_mb + (hi * GROUP) * s_mh  # the mask row all rows share (MASK_SHARED)
 
     kc_base = kc_ptr + bi * s_kcb + hi * s_kch
     ks_base = ks_ptr + bi * s_ksb + hi * s_ksh
@@ -263,59 +672,168 @@ def _attend_split_kernel(
     vz_base = vz_ptr + bi * s_vsb + hi * s_vsh
     vw_base = vw_ptr + bi * s_vwb + hi * s_vwh
 
-    # This split's slice [lo, hi) of [0, n), in whole blocks.
-    chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
+    # This split's slice [lo, hi) of [0, F), in whole blocks.
+    chunk = tl.cdiv(tl.cdiv(fast, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
-    hi_pos = tl.minimum(lo + chunk, n)
-    fast_end = tl.maximum(lo, lo + (tl.minimum(hi_pos, nv) - lo) // BLOCK_N * BLOCK_N)
+    hi_pos = tl.minimum(lo + chunk, fast)
+
+    if WARP_SPLIT > 0:
+        W: tl.constexpr = WARP_SPLIT
+        BN: tl.constexpr = BLOCK_N // WARP_SPLIT
+        m_i = tl.full((W, BLOCK_M), float("-inf"), tl.float32)
+        if TRANSPOSED:
+            qw = tl.broadcast_to(tl.trans(q)[None, :, :], (W, DK, BLOCK_M))
+            acc = tl.zeros((W, DV, BLOCK_M), tl.float32)
+            l_i = tl.zeros((W, BN, BLOCK_M), tl.float32)
+        else:
+            qw = tl.broadcast_to(q[None, :, :], (W, BLOCK_M, DK))
+            acc = tl.zeros((W, BLOCK_M, DV), tl.float32)
+            l_i = tl.zeros((W, BLOCK_M, BN), tl.float32)
+        # A mask shared by all rows is read one block ahead (byte-wide loads are not staged by
+        # cp.async): its latency hides behind a whole block.
+        shared = tl.zeros((W, BN), tl.int1)
+        if HAS_MASK and MASK_SHARED:
+            shared = _shared_mask(mask_ptr + m_row0, s_mt, lo, mask_len, W, BN, 32 // KB, MASK_BOOL)
+        for start in range(lo, hi_pos, BLOCK_N):
+            ahead = shared
+            if HAS_MASK and MASK_SHARED:
+                ahead = _shared_mask(mask_ptr + m_row0, s_mt, start + BLOCK_N, mask_len, W, BN, 32 // KB, MASK_BOOL)
+            m_i, l_i, acc = _attend_warps_block(
+                qw, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
+                kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
+                s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+                start, nk, nv, n, qk_scale, mask_len,
+                KB, VB, G, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                KV_DTYPE, DOT_DTYPE, INTERPRET,
+            )
+            shared = ahead
+        # Combine the warps' states (once per program).
+        l_i = tl.sum(l_i, axis=1 if TRANSPOSED else 2)  # [W, BLOCK_M]
+        m_w = m_i
+        m_i = tl.max(m_w, axis=0)  # [BLOCK_M]
+        wgt = tl.math.exp2(m_w - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])  # [W, BLOCK_M]
+        l_i = tl.sum(l_i * wgt, axis=0)
+        if TRANSPOSED:
+            acc = tl.trans(tl.sum(acc * wgt[:, None, :], axis=0))  # [BLOCK_M, DV]
+        else:
+            acc = tl.sum(acc * wgt[:, :, None], axis=0)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        if TRANSPOSED:
+            q = tl.trans(q)  # [DK, BLOCK_M]
+            acc = tl.zeros((DV, BLOCK_M), tl.float32)
+            l_i = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, DV), tl.float32)
+            l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        PER: tl.constexpr = 32 // KB if PACKED else 0
+        shared = tl.zeros((1, BLOCK_N), tl.int1)
+        if HAS_MASK and MASK_SHARED:
+            shared = _shared_mask(mask_ptr + m_row0, s_mt, lo, mask_len, 1, BLOCK_N, PER, MASK_BOOL)
+        for start in range(lo, hi_pos, BLOCK_N):
+            ahead = shared
+            if HAS_MASK and MASK_SHARED:
+                ahead = _shared_mask(mask_ptr + m_row0, s_mt, start + BLOCK_N, mask_len, 1, BLOCK_N, PER, MASK_BOOL)
+            m_i, l_i, acc = _attend_block(
+                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
+                kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
+                s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+                start, nk, nv, n, qk_scale, mask_len,
+                KB, VB, G, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET,
+            )
+            shared = ahead
+        l_i = tl.sum(l_i, axis=0 if TRANSPOSED else 1)
+        if TRANSPOSED:
+            acc = tl.trans(acc)  # [BLOCK_M, DV]
+
+    if PACKED:
+        chan = pair_order(DV, 32 // VB)  # the channel of each accumulator column
+    else:
+        chan = tl.arange(0, DV)
+    _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + TAIL_PARTS) + split,
+                   acc, m_i, l_i, chan, row_ok, M, BLOCK_M, DV)
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "num_splits", "mask_len"])
+def _attend_tail_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr,
+    part_acc_ptr, part_ml_ptr,
+    s_qb, s_qh, s_ql, s_qd,
+    s_kcb, s_kch, s_kct, s_kcd,
+    s_ksb, s_ksh, s_kst, s_ksd,
+    s_kwb, s_kwh, s_kwt, s_kwd,
+    s_vcb, s_vch, s_vct, s_vcd,
+    s_vsb, s_vsh, s_vst, s_vsd,
+    s_vwb, s_vwh, s_vwt, s_vwd,
+    s_mb, s_mh, s_ml, s_mt,
+    num_kv_heads, num_splits, qk_scale, mask_len,
+    LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, FAST_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Stage 2, grid ``(b * Hkv, T)``: the positions ``[F, n)`` that stage 1 left (fewer than
+    ``R + FAST_BLOCK <= T * BLOCK_N``: the ring window, the codes next to it, the causal edge),
+    one block per program; program ``t`` writes partial ``S + t`` after stage 1's ``S``.
+
+    A separate kernel so that the masked, two-source blocks (codes below the boundaries, ring
+    slots above) do not raise stage 1's register count. Its blocks are ``BLOCK_N`` positions on
+    all warps (:func:`_attend_block`, mixed path, ``q K^T`` orientation).
+    """
+    pid_bh = tl.program_id(0)
+    t = tl.program_id(1)
+    num_tail = tl.num_programs(1)
+    bi = (pid_bh // num_kv_heads).to(tl.int64)
+    hi = (pid_bh % num_kv_heads).to(tl.int64)
+    KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
+    M: tl.constexpr = GROUP * LQ
+
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    n = tl.load(n_ptr).to(tl.int32)
+    nv = tl.maximum(n - R, 0)
+    nk = (nv + G - 1) // G * G
+    fast = nv // FAST_BLOCK * FAST_BLOCK
+    q, head, qi, qpos, row_ok = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, bi, hi, n,
+                                            LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
+    m_row = bi * s_mb + head * s_mh + qi * s_ml
+    m_row0 = bi * s_mb + (hi * GROUP) * s_mh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    if TRANSPOSED:
-        acc = tl.zeros((DV, BLOCK_M), tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, DV), tl.float32)
-    for start in range(lo, fast_end, BLOCK_N):
+    l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_M, DV), tl.float32)
+    for start in range(fast + t * BLOCK_N, tl.minimum(fast + (t + 1) * BLOCK_N, n), BLOCK_N):
         m_i, l_i, acc = _attend_block(
-            q, m_i, l_i, acc, qpos,
-            kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base,
-            s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-            start, nk, nv, n, qk_scale,
-            KB, VB, G, R, DK, DV, BLOCK_N, False, TRANSPOSED, KV_DTYPE, DOT_DTYPE, DOT_PRECISION,
-        )
-    for start in range(fast_end, hi_pos, BLOCK_N):
-        m_i, l_i, acc = _attend_block(
-            q, m_i, l_i, acc, qpos,
-            kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base,
-            s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-            start, nk, nv, n, qk_scale,
-            KB, VB, G, R, DK, DV, BLOCK_N, True, TRANSPOSED, KV_DTYPE, DOT_DTYPE, DOT_PRECISION,
+            q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None,
+            kc_ptr + bi * s_kcb + hi * s_kch, ks_ptr + bi * s_ksb + hi * s_ksh, kz_ptr + bi * s_ksb + hi * s_ksh,
+            kw_ptr + bi * s_kwb + hi * s_kwh, vc_ptr + bi * s_vcb + hi * s_vch, vs_ptr + bi * s_vsb + hi * s_vsh,
+            vz_ptr + bi * s_vsb + hi * s_vsh, vw_ptr + bi * s_vwb + hi * s_vwh, mask_ptr,
+            s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+            start, nk, nv, n, qk_scale, mask_len,
+            KB, VB, G, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
+            KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET,
         )
 
-    if TRANSPOSED:
-        acc = tl.trans(acc)  # [BLOCK_M, DV]
-    row_ok = rows < M
-    if SINGLE_SPLIT:
-        out = acc / l_i[:, None]
-        o_ptrs = out_ptr + bi * s_ob + head[:, None] * s_oh + qi[:, None] * s_ol + dv[None, :] * s_od
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] >= 0))
+    l_i = tl.sum(l_i, axis=1)
+    if PACKED:
+        chan = pair_order(DV, 32 // VB)  # the channel of each accumulator column
     else:
-        part = pid_bh.to(tl.int64) * num_splits + split
-        a_ptrs = part_acc_ptr + (part * M + rows[:, None]) * DV + dv[None, :]
-        tl.store(a_ptrs, acc, mask=row_ok[:, None] & (dv[None, :] >= 0))
-        tl.store(part_ml_ptr + part * 2 * M + rows, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + part * 2 * M + M + rows, l_i, mask=row_ok)
+        chan = tl.arange(0, DV)
+    _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + num_tail) + num_splits + t,
+                   acc, m_i, l_i, chan, row_ok, M, BLOCK_M, DV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_kv_heads", "num_parts"])
 def _attend_merge_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr,
     s_ob, s_oh, s_ol, s_od,
-    num_kv_heads, num_splits,
-    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    num_kv_heads, num_parts,
+    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, PARTS_POW2: tl.constexpr,
 ):
-    """Grid ``(b * Hkv * GROUP * Lq,)``: program ``pid`` merges the ``S`` partials of query row
-    ``pid % (GROUP * Lq)`` of (sequence, KV head) ``pid // (GROUP * Lq)`` into ``out``."""
+    """Stage 3, grid ``(b * Hkv * GROUP * Lq,)``: program ``pid`` merges the ``S + T`` partials
+    of query row ``pid % (GROUP * Lq)`` of (sequence, KV head) ``pid // (GROUP * Lq)`` into
+    ``out``."""
     M: tl.constexpr = GROUP * LQ
     pid = tl.program_id(0)
     bh = (pid // M).to(tl.int64)
@@ -323,16 +841,18 @@ def _attend_merge_kernel(
     bi = bh // num_kv_heads
     head = (bh % num_kv_heads) * GROUP + r // LQ
     qi = r % LQ
-    s = tl.arange(0, SPLITS_POW2)
+    s = tl.arange(0, PARTS_POW2)
     dv = tl.arange(0, DV)
-    ok = s < num_splits
-    part = bh * num_splits + s  # [S]
+    ok = s < num_parts
+    part = bh * num_parts + s  # [P]
     m = tl.load(part_ml_ptr + part * 2 * M + r, mask=ok, other=float("-inf"))
     l = tl.load(part_ml_ptr + part * 2 * M + M + r, mask=ok, other=0.0)
     acc = tl.load(part_acc_ptr + (part * M + r)[:, None] * DV + dv[None, :],
-                  mask=ok[:, None] & (dv[None, :] >= 0), other=0.0)  # [S, DV]
-    m_max = tl.max(m, axis=0)  # finite: every row sees position 0
-    w = tl.math.exp2(m - m_max)  # empty splits (m = -inf) weigh 0
+                  mask=ok[:, None] & (dv[None, :] >= 0), other=0.0)  # [P, DV]
+    m_max = tl.max(m, axis=0)
+    # Partials with nothing visible (m = -inf) weigh 0; a row masked everywhere gives 0 / 0 = NaN,
+    # as the reference softmax does.
+    w = tl.math.exp2(m - m_max)
     total = tl.sum(l * w, axis=0)
     out = tl.sum(acc * w[:, None], axis=0) / total
     tl.store(out_ptr + bi * s_ob + head * s_oh + qi * s_ol + dv * s_od, out.to(out_ptr.dtype.element_ty))
@@ -346,46 +866,92 @@ def _sm_count(device_index: int) -> int:
 
 #: Fewest positions a split is given (at capacity): below this a split's fixed cost dominates.
 MIN_SPLIT_TOKENS = 256
-#: Programs per multiprocessor that stage 1 aims at, so that slices of uneven cost even out.
-WAVES = 4
+#: Share of the resident program slots the last round of stage 1 must fill (wave quantization).
+MIN_ROUND_FILL = 0.85
 #: Multiprocessors assumed by the CPU interpreter (keeps interpreted runs small but split).
 INTERPRETER_SMS = 2
+#: Positions per iteration of stage 2 (the tail: ring window and the codes next to it).
+TAIL_BLOCK_N = 32
 
 
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Uninitialised float32 buffer for the split partials (every element is written)."""
+    """Uninitialised float32 buffer for the partials (every element is written)."""
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def num_splits(batch_kv_heads: int, capacity: int, device: torch.device) -> int:
-    """Sequence slices per (sequence, KV head): enough programs to fill the GPU ``WAVES`` times,
-    at most one per ``MIN_SPLIT_TOKENS`` positions of ``capacity``. Static: independent of ``n``."""
+def num_splits(batch_kv_heads: int, capacity: int, device: torch.device, ctas_per_sm: int = 3) -> int:
+    """Sequence slices per (sequence, KV head) for stage 1. Static: a function of the cache
+    capacity, the batch and the device, never of ``n`` (CUDA-graph safe).
+
+    ``ctas_per_sm``: stage-1 programs resident per multiprocessor (from the kernel's registers,
+    :class:`AttendConfig`). The count fills every resident slot at least once, with the last
+    round of programs at least ``MIN_ROUND_FILL`` full, and gives each slice at least
+    ``MIN_SPLIT_TOKENS`` positions of ``capacity``; failing both, the best-filled count.
+    """
     device = torch.device(device)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else INTERPRETER_SMS
-    want = math.ceil(WAVES * sms / batch_kv_heads)
-    return max(1, min(want, math.ceil(capacity / MIN_SPLIT_TOKENS)))
+    resident = sms * ctas_per_sm
+    most = max(1, math.ceil(capacity / MIN_SPLIT_TOKENS))
+    best, best_fill = 1, 0.0
+    for s in range(1, most + 1):
+        programs = batch_kv_heads * s
+        fill = programs / (math.ceil(programs / resident) * resident)
+        if programs >= resident and fill >= MIN_ROUND_FILL:
+            return s
+        if fill > best_fill + 1e-9:
+            best, best_fill = s, fill
+    return best
 
 
 @dataclasses.dataclass(frozen=True)
 class AttendConfig:
-    """Launch configuration of stage 1: positions per iteration, warps, software-pipelining
-    stages, and the product orientation (see :func:`_attend_block`)."""
+    """Launch configuration of stage 1: positions per iteration (all warps together), warps,
+    software-pipelining stages, and the programs expected resident per multiprocessor (from the
+    compiled kernel's registers: 65536 / (128 * registers) at 4 warps), which sizes the split."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    transposed: bool = False
+    ctas_per_sm: int = 2
 
 
-def block_config(block_m: int, dk: int, dv: int) -> AttendConfig:
-    """Stage-1 configuration for ``block_m`` (padded) query rows and the head dims."""
+def _row_stride(t: torch.Tensor) -> int:
+    """The token stride of a per-token tensor ``[B, H, T, C]`` when its rows are contiguous and
+    short (a kernel constant then), else 0 (taken at run time)."""
+    return t.stride(2) if t.stride(3) == 1 and 0 < t.stride(2) <= 64 else 0
+
+
+def default_variant(dtype: torch.dtype, block_m: int = 16) -> str:
+    """The variant :func:`attend` runs for a cache of ``dtype`` and ``block_m`` padded query
+    rows."""
+    if dtype == torch.float32:
+        return "generic"
+    return "warps-t" if block_m <= WARPS_MAX_ROWS else "packed"
+
+
+def block_config(variant: str, block_m: int, dk: int, dv: int, k_bits: int = 2) -> AttendConfig:
+    """Stage-1 configuration of ``variant`` for ``block_m`` (padded) query rows, the head dims and
+    the key width (a warp's sub-block holds whole key words: ``>= 32 / k_bits`` positions).
+
+    Register counts are from offline sm_90 compiles with Triton 3.6 (K2/V1, head_dim 128, GQA 4):
+    ``warps-t`` 162 at 16 positions per warp, 227 at 32; ``warps`` 226 / 254; ``packed`` 162 at
+    64 positions; ``generic`` 168.
+    """
+    if variant.startswith("warps"):
+        per_warp = max(16, 32 // k_bits)
+        big = per_warp > 16 or max(dk, dv) > 128 or block_m > 8 or variant == "warps"
+        return AttendConfig(block_n=4 * per_warp, num_warps=4, num_stages=4, ctas_per_sm=2 if big else 3)
+    if variant.startswith("packed"):
+        if block_m >= 64 or max(dk, dv) > 128:
+            return AttendConfig(block_n=64, num_warps=8, num_stages=3, ctas_per_sm=1)
+        return AttendConfig(block_n=64, num_warps=4, num_stages=3, ctas_per_sm=3)
     # Measured on an H200 (K2/V1, head_dim 128, GQA 4, Lq 1, batch 1 / 8 / 32): 64 positions,
     # 4 warps, 2 stages led at batch 8 and 32 (3 stages: +8% at batch 1, -15% at batch 8);
     # 128 positions or 8 warps were 1.3-2x slower, the transposed (wgmma) product 1.2-1.3x.
     if block_m >= 64 or max(dk, dv) > 128:
-        return AttendConfig(block_n=64, num_warps=8, num_stages=2)
-    return AttendConfig(block_n=64, num_warps=4, num_stages=2)
+        return AttendConfig(block_n=64, num_warps=8, num_stages=2, ctas_per_sm=1)
+    return AttendConfig(block_n=64, num_warps=4, num_stages=2, ctas_per_sm=2)
 
 
 def attend(
@@ -393,16 +959,20 @@ def attend(
     k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor, k_window: torch.Tensor,
     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, v_window: torch.Tensor,
     n: torch.Tensor,
-    k_bits: int, v_bits: int, group: int, scale: float,
+    k_bits: int, v_bits: int, group: int, scale: float, mask: torch.Tensor | None = None,
     *, splits: int | None = None, out: torch.Tensor | None = None, config: AttendConfig | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Decode attention of ``q [b, Hq, Lq, Dk]`` (positions ``n - Lq .. n - 1``, causal among
     them) over a quantized layer; returns ``out [b, Hq, Lq, Dv]`` in ``q.dtype``.
 
     Storage as in :mod:`xquant_fx.cache` (batch ``>= b``, ``Hkv`` KV heads with ``Hq % Hkv == 0``);
     a sharing layer passes its partner's ``k_codes`` / ``v_codes``. ``n`` is a 0-d int64 device
-    tensor. ``splits`` overrides :func:`num_splits`; ``out`` receives the result; ``config``
-    overrides :func:`block_config` (tests, benchmarks).
+    tensor. ``mask`` as :func:`xquant_fx.quant.attend` takes it: broadcastable to
+    ``[b, Hq, Lq, M]``, bool (True attends) or additive float, positions at or past ``M`` masked.
+    ``splits`` overrides :func:`num_splits`; ``out`` receives the result; ``config`` overrides
+    :func:`block_config`; ``variant`` (one of :data:`VARIANTS`) overrides
+    :func:`default_variant` (tests, benchmarks).
     """
     check_bits("k_bits", k_bits)
     check_bits("v_bits", v_bits)
@@ -418,50 +988,86 @@ def attend(
         raise ValueError(f"q is {q.dtype} but the cache holds {k_window.dtype}")
     for name, value in (("head_dim (keys)", dk), ("head_dim (values)", dv), ("group_size", group)):
         check_pow2(name, value)
-    if dv % group or group * k_bits % 32:
-        raise ValueError(f"group_size={group} does not tile value head_dim {dv} / {k_bits}-bit key words")
+    if dv % group or group * k_bits % 32 or dv * v_bits % 32:
+        raise ValueError(f"group_size={group} does not tile value head_dim {dv} / {k_bits}-bit key words, "
+                         f"or {v_bits}-bit value codes do not fill whole words")
     if k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
         raise ValueError("attend: scale and zero-point tensors must share strides")
     if lq > R:
         raise ValueError(f"{lq} query tokens exceed the residual window R={R}")
-
     group_rows = hq // hkv * lq
     block_m = max(16, triton.next_power_of_2(group_rows))
-    cfg = config or block_config(block_m, dk, dv)
-    if cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1) or cfg.block_n * k_bits < 32:
-        raise ValueError(f"block_n={cfg.block_n}: a power of two >= 16 holding whole {k_bits}-bit key words")
+    variant = variant or default_variant(q.dtype, block_m)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    packed = not variant.startswith("generic")
+    if packed and q.dtype == torch.float32:
+        raise ValueError(f"variant {variant!r} decodes into 16-bit floats; a float32 cache runs 'generic'")
+    if variant == "warps-t":  # the rows are the n8 side of the products: pad to 8 only
+        block_m = max(8, triton.next_power_of_2(group_rows))
+    cfg = config or block_config(variant, block_m, dk, dv, k_bits)
+    warp_split = cfg.num_warps if variant.startswith("warps") else 0
+    per_block = cfg.block_n // max(warp_split, 1)  # positions of one sub-block
+    if per_block < 16 or per_block & (per_block - 1) or per_block * k_bits < 32:
+        raise ValueError(f"block_n={cfg.block_n} over {max(warp_split, 1)} sub-blocks: each a power of two "
+                         f">= 16 positions holding whole {k_bits}-bit key words")
+    if warp_split and block_m > WARPS_MAX_ROWS:
+        raise ValueError(f"variant {variant!r} takes at most {WARPS_MAX_ROWS} query rows per KV head, got {block_m}")
     capacity = v_scale.shape[2] + R  # positions the cache can hold (>= max_cache_len)
-    splits = splits or num_splits(b * hkv, capacity, q.device)
+    splits = splits or num_splits(b * hkv, capacity, q.device, cfg.ctas_per_sm)
+
+    if mask is not None:
+        if mask.dim() > 4:
+            raise ValueError(f"mask must have at most 4 dims, got {tuple(mask.shape)}")
+        mask_bool = mask.dtype == torch.bool
+        if mask_bool:
+            # a real conversion before the broadcast (b x Lq x M bytes): Inductor cannot lower
+            # a bool -> uint8 dtype view on every torch version
+            mask = mask.to(torch.uint8)
+        mask = mask.expand(b, hq, lq, mask.shape[-1])  # broadcast dims get stride 0
+        mask_len, mask_strides = mask.shape[-1], mask.stride()
+    else:
+        mask_bool, mask_len, mask_strides = False, 0, (0, 0, 0, 0)
 
     if out is None:
         out = torch.empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
-    if splits > 1:
-        part_acc = _workspace((b * hkv, splits, group_rows, dv), q.device)
-        part_ml = _workspace((b * hkv, splits, 2, group_rows), q.device)
-    else:  # unused: the single split writes `out`
-        part_acc = part_ml = out
+    tail_parts = math.ceil((R + cfg.block_n) / TAIL_BLOCK_N)  # stage 2 programs per (sequence, KV head)
+    parts = splits + tail_parts
+    part_acc = _workspace((b * hkv, parts, group_rows, dv), q.device)  # stage 1's S, then stage 2's T
+    part_ml = _workspace((b * hkv, parts, 2, group_rows), q.device)
     qk_scale = scale * _LOG2E
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 caches: no TF32 rounding
     # Triton's interpreter multiplies bfloat16 dot operands as raw integers: give it float32.
-    dot_dtype = torch.float32 if interpreting() and q.dtype == torch.bfloat16 else q.dtype
-    launch(_attend_split_kernel)[(b * hkv, splits)](
-        q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-        out, part_acc, part_ml,
-        *q.stride(), *out.stride(),
-        *k_codes.stride(), *k_scale.stride(), *k_window.stride(),
-        *v_codes.stride(), *v_scale.stride(), *v_window.stride(),
-        hkv, splits, qk_scale,
-        LQ=lq, GROUP=hq // hkv, BLOCK_M=block_m,
-        KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, BLOCK_N=cfg.block_n,
-        TRANSPOSED=cfg.transposed, SINGLE_SPLIT=splits == 1, DOT_DTYPE=_TL_DTYPES[dot_dtype], DOT_PRECISION=precision,
+    interpret = interpreting()
+    dot_dtype = _TL_DTYPES[torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype]
+    mask_arg = mask if mask is not None else q
+    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg)
+    storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
+                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides)
+    # One mask row for all of a program's query rows: constant along Lq (or Lq = 1) and across
+    # the GQA group (or one head per group).
+    mask_shared = mask is not None and (lq == 1 or mask_strides[2] == 0) and (hq == hkv or mask_strides[1] == 0)
+    common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=packed,
+                  HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared, DOT_DTYPE=dot_dtype,
+                  DOT_PRECISION=precision, INTERPRET=interpret)
+    launch(_attend_kernel)[(b * hkv, splits)](
+        *storage, part_acc, part_ml,
+        *q.stride(), *storage_strides,
+        hkv, splits, qk_scale, mask_len,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, WARP_SPLIT=warp_split, TRANSPOSED=variant.endswith("-t"),
+        VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), TAIL_PARTS=tail_parts, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
-            out, part_acc, part_ml,
-            *out.stride(),
-            hkv, splits,
-            LQ=lq, GROUP=hq // hkv, DV=dv, SPLITS_POW2=triton.next_power_of_2(splits),
-            num_warps=4,
-        )
+    launch(_attend_tail_kernel)[(b * hkv, tail_parts)](
+        *storage, part_acc, part_ml,
+        *q.stride(), *storage_strides,
+        hkv, splits, qk_scale, mask_len,
+        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), FAST_BLOCK=cfg.block_n, BLOCK_N=TAIL_BLOCK_N, **common,
+        num_warps=4, num_stages=1,
+    )
+    launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
+        out, part_acc, part_ml, *out.stride(), hkv, parts,
+        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_POW2=triton.next_power_of_2(parts),
+        num_warps=4,
+    )
     return out

@@ -1,4 +1,4 @@
-"""Helpers shared by the cache kernels: code-word packing and launch plumbing."""
+"""Helpers shared by the cache kernels: code-word packing and unpacking, launch plumbing."""
 
 from __future__ import annotations
 
@@ -63,3 +63,102 @@ def round_to(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def pair_order(N: tl.constexpr, PER: tl.constexpr):
+    """``[N]``: the element (token or channel) that slot ``i`` of a packed tile holds.
+
+    A code word holds ``PER`` elements; its two 16-bit halves are decoded together, so slots
+    ``2j`` and ``2j + 1`` of each run of ``PER`` hold elements ``j`` and ``j + PER / 2``.
+    """
+    i = tl.arange(0, N)
+    r = i % PER
+    return i - r + r // 2 + (r % 2) * (PER // 2)
+
+
+@triton.jit
+def pair_slot_constants(NS: tl.constexpr, B: tl.constexpr, KV_DTYPE: tl.constexpr):
+    """Per slot ``j < NS`` (code ``j`` of each 16-bit half of a word, at bit ``B * j``):
+    ``(shift, mask, magic, neg_magic)``, int32 ``[NS]``, each of the last three the same 16-bit
+    pattern in both halves.
+
+    ``(word >> shift) & mask`` leaves the code at bit ``k < MANT - B + 1`` of each half, inside the
+    16-bit float's mantissa; OR-ing ``magic``, the bit pattern of ``2^(MANT - k)``, makes the half
+    the float ``2^(MANT - k) + code`` exactly, and adding ``neg_magic`` (``-2^(MANT - k)``) leaves
+    the code as a float. ``MANT // B`` consecutive slots share one shift.
+    """
+    if KV_DTYPE == tl.float16:
+        MANT: tl.constexpr = 10
+        BIAS: tl.constexpr = 15
+    else:
+        MANT: tl.constexpr = 7
+        BIAS: tl.constexpr = 127
+    SPB: tl.constexpr = MANT // B  # slots per shift
+    j = tl.arange(0, NS)
+    k = B * (j % SPB)
+    shift = (B * SPB) * (j // SPB)
+    mask = ((1 << B) - 1) << k
+    magic = (BIAS + MANT - k) << MANT
+    neg = magic | 0x8000
+    return shift, mask | (mask << 16), magic | (magic << 16), neg | (neg << 16)
+
+
+@triton.jit
+def half_to_float(x, KV_DTYPE: tl.constexpr):
+    """The low 16 bits of int32 ``x`` read as a ``KV_DTYPE`` float, in float32 (interpreter)."""
+    if KV_DTYPE == tl.float16:
+        return (x & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return ((x & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def decode_pairs(x, mask, magic, neg_magic, s_lo, s_hi, z_lo, z_hi,
+                 KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Dequantize two codes per int32 element of ``x`` (shifted code words, see
+    :func:`pair_slot_constants`): ``(lo, hi)``, the values ``code * s + z`` of the codes in the low
+    and high 16-bit halves, rounded to ``KV_DTYPE`` (as ``quant.read_keys`` / ``read_values``
+    return them), in ``DOT_DTYPE``. ``s_*`` / ``z_*``: scale and zero point of each half
+    (``KV_DTYPE``).
+
+    On the GPU, three instructions per pair: ``lop3`` (mask and magic in one), a packed
+    ``add`` (subtract the magic) and a packed ``fma`` with the scale and zero point broadcast from
+    16-bit registers. The interpreter, which runs no PTX, decodes the same bit patterns in
+    float32.
+    """
+    if INTERPRET:
+        t = (x & mask) | magic
+        c_lo = half_to_float(t, KV_DTYPE) + half_to_float(neg_magic, KV_DTYPE)
+        c_hi = half_to_float(t >> 16, KV_DTYPE) + half_to_float(neg_magic >> 16, KV_DTYPE)
+        lo = round_to(c_lo * s_lo.to(tl.float32) + z_lo.to(tl.float32), KV_DTYPE).to(DOT_DTYPE)
+        hi = round_to(c_hi * s_hi.to(tl.float32) + z_hi.to(tl.float32), KV_DTYPE).to(DOT_DTYPE)
+    else:
+        if KV_DTYPE == tl.float16:
+            y = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, s2, z2; "
+                "lop3.b32 t, $1, $2, $3, 0xEA; "
+                "add.rn.f16x2 t, t, $4; "
+                "mov.b32 s2, {$5, $6}; "
+                "mov.b32 z2, {$7, $8}; "
+                "fma.rn.f16x2 $0, t, s2, z2; }",
+                "=r,r,r,r,r,h,h,h,h",
+                [x, mask, magic, neg_magic, s_lo.to(tl.int16, bitcast=True), s_hi.to(tl.int16, bitcast=True),
+                 z_lo.to(tl.int16, bitcast=True), z_hi.to(tl.int16, bitcast=True)],
+                dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            y = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, one, s2, z2; "
+                "lop3.b32 t, $1, $2, $3, 0xEA; "
+                "mov.b32 one, 0x3F803F80; "
+                "fma.rn.bf16x2 t, t, one, $4; "
+                "mov.b32 s2, {$5, $6}; "
+                "mov.b32 z2, {$7, $8}; "
+                "fma.rn.bf16x2 $0, t, s2, z2; }",
+                "=r,r,r,r,r,h,h,h,h",
+                [x, mask, magic, neg_magic, s_lo.to(tl.int16, bitcast=True), s_hi.to(tl.int16, bitcast=True),
+                 z_lo.to(tl.int16, bitcast=True), z_hi.to(tl.int16, bitcast=True)],
+                dtype=tl.int32, is_pure=True, pack=1)
+        lo = y.to(tl.int16).to(KV_DTYPE, bitcast=True)
+        hi = (y >> 16).to(tl.int16).to(KV_DTYPE, bitcast=True)
+    return lo, hi
