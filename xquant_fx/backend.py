@@ -3,7 +3,13 @@
 Registered under the name ``"xquant"`` when :mod:`xquant_fx` is imported, and through the
 ``torch_dynamo_backends`` entry point (so ``torch.compile(model, backend="xquant")`` also works in
 a process that never imported the package). ``mode`` and ``options`` are passed through to
-Inductor (``mode="reduce-overhead"`` gives CUDA graphs).
+Inductor (``mode="reduce-overhead"`` gives CUDA graphs), except the backend's own options:
+
+* ``moe_top_k``, ``moe_renormalize``, ``moe_min_weight``, ``moe_top_p`` (as in
+  :class:`xquant_fx.XQuantConfig`), or ``moe_plan`` (what :func:`xquant_fx.optimize` passes): the
+  expert pruning of :mod:`xquant_fx.passes.prune_moe_router`;
+* ``xquant_verbose``: print the passes' hits for every graph compiled;
+* ``mode``: as torch.compile's ``mode`` (which torch.compile does not take together with options).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import logging
 
 import torch
 
-from .passes import PassReport, run_passes
+from .moe import plan_from_options
+from .passes import PassContext, PassReport, run_passes
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +31,20 @@ def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, op
     """Backend entry point: ``torch.compile(model, backend="xquant", mode=..., options=...)``."""
     from . import ops  # noqa: F401  (registers the xquant:: ops the passes emit)
 
-    run_passes(gm, REPORT)
-    logger.info("%s", REPORT)
+    patches = dict(options or {})
+    mode = mode or patches.pop("mode", None)  # torch.compile refuses mode and options together
+    verbose = bool(patches.pop("xquant_verbose", False))
+    ctx = PassContext(moe=plan_from_options(patches))
+    graph_report = PassReport()
+    run_passes(gm, graph_report, ctx=ctx)
+    REPORT.graphs += 1
+    for name, hits in graph_report.hits.items():
+        REPORT.add(name, hits)
+    logger.info("%s", graph_report)
+    if verbose:
+        print(f"[xquant] graph {REPORT.graphs}: " + ", ".join(f"{n} {h}" for n, h in graph_report.hits.items()))
     from torch._inductor.compile_fx import compile_fx
 
-    patches = dict(options or {})
     if mode and mode != "default":
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     return compile_fx(gm, example_inputs, config_patches=patches)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 QUANT_BITS = (1, 2, 4)
 FULL_PRECISION = 16
@@ -24,6 +24,37 @@ DEFAULT_ETA = {1: 1 / 6, 2: 0.09}
 
 BitsSpec = int | Sequence[int]
 ShareSpec = int | float | None
+
+
+class MoESchedule(NamedTuple):
+    """Activated experts by MoE-layer depth (arXiv 2505.03531): ``first`` experts in the first MoE
+    layer, ``peak`` at MoE layer ``at``, ``last`` in the last one, linear in between, rounded to
+    the nearest integer (halves up). Layers are counted over MoE layers only, from 0: a model whose
+    first decoder layer is dense (DeepSeek ``first_k_dense_replace=1``) has MoE layer 0 at decoder
+    layer 1."""
+
+    first: int
+    peak: int
+    last: int
+    at: int
+
+    def resolve(self, num_moe_layers: int) -> list[int]:
+        if not 0 <= self.at < num_moe_layers:
+            raise ValueError(
+                f"MoESchedule.at={self.at}: must index one of the model's {num_moe_layers} MoE layers (0..{num_moe_layers - 1})"
+            )
+        last = num_moe_layers - 1
+        ks = []
+        for i in range(num_moe_layers):
+            if i <= self.at:
+                x = self.peak if self.at == 0 else self.first + (self.peak - self.first) * i / self.at
+            else:
+                x = self.peak + (self.last - self.peak) * (i - self.at) / (last - self.at)
+            ks.append(int(x + 0.5))
+        return ks
+
+
+MoETopK = int | Sequence[int] | MoESchedule | None
 
 
 @dataclass(frozen=True)
@@ -62,6 +93,19 @@ class XQuantConfig:
         eta: calibration strength per bit width, ``{1: 1/6, 2: 0.045}``; a width not listed is
             not calibrated. Each value in [0, 0.5).
         name: preset name, for reports.
+        moe_top_k: routed experts activated per token in MoE layers (DESIGN §3): one int for every
+            MoE layer, a list with one entry per MoE layer (MoE layers counted from 0, dense layers
+            skipped), or a :class:`MoESchedule`. ``None`` keeps the model's ``num_experts_per_tok``.
+            Each value in ``1 .. num_experts_per_tok`` (checked against the model).
+        moe_renormalize: rescale the kept routing weights of a token so that they sum to what the
+            model's full top-k weights summed to. ``False`` (default) keeps each router's own rule:
+            routers that normalize their top-k (Mixtral; Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3
+            with ``norm_topk_prob=True``) renormalize over the kept experts by themselves; the
+            others (``norm_topk_prob=False``, DeepSeek-V2) keep raw probabilities.
+        moe_min_weight: per-token dynamic pruning: drop a routed expert whose routing weight is
+            below this fraction of the token's top weight. In [0, 1); 0 or ``None`` is off.
+        moe_top_p: per-token dynamic pruning: keep the fewest top experts whose weights reach this
+            fraction of the token's top-k weight. In (0, 1]; 1 or ``None`` is off.
     """
 
     k_bits: BitsSpec = 2
@@ -72,6 +116,10 @@ class XQuantConfig:
     v_share_from: ShareSpec = None
     eta: dict[int, float] = field(default_factory=dict)
     name: str = "custom"
+    moe_top_k: MoETopK = None
+    moe_renormalize: bool = False
+    moe_min_weight: float | None = None
+    moe_top_p: float | None = None
 
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
@@ -108,6 +156,70 @@ class XQuantConfig:
                 raise ValueError(f"XQuantConfig.eta has key {bits!r}: keys must be bit widths in {QUANT_BITS}")
             if not isinstance(eta, (int, float)) or not 0.0 <= eta < 0.5:
                 raise ValueError(f"XQuantConfig.eta[{bits}]={eta!r}: must be a number in [0, 0.5)")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        def positive_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        k = self.moe_top_k
+        if isinstance(k, MoESchedule):
+            if not all(positive_int(v) for v in (k.first, k.peak, k.last)) or not (
+                isinstance(k.at, int) and k.at >= 0
+            ):
+                raise ValueError(
+                    f"XQuantConfig.moe_top_k={k!r}: a schedule needs first/peak/last >= 1 and a MoE layer index at >= 0"
+                )
+        elif k is not None and not positive_int(k):
+            if isinstance(k, (str, bytes)) or not hasattr(k, "__len__") or not k or not all(positive_int(v) for v in k):
+                raise ValueError(
+                    f"XQuantConfig.moe_top_k={k!r}: must be None, an int >= 1, a non-empty list of ints >= 1 "
+                    "(one per MoE layer) or an MoESchedule"
+                )
+            object.__setattr__(self, "moe_top_k", tuple(k))
+        if not isinstance(self.moe_renormalize, bool):
+            raise ValueError(f"XQuantConfig.moe_renormalize={self.moe_renormalize!r}: must be True or False")
+        w = self.moe_min_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < 1.0):
+            raise ValueError(f"XQuantConfig.moe_min_weight={w!r}: must be None or a fraction in [0, 1)")
+        p = self.moe_top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0):
+            raise ValueError(f"XQuantConfig.moe_top_p={p!r}: must be None or a fraction in (0, 1]")
+
+    @property
+    def prunes_experts(self) -> bool:
+        """Whether any MoE option changes routing (the ``prune_moe_router`` pass has work)."""
+        return (
+            self.moe_top_k is not None
+            or self.moe_renormalize
+            or bool(self.moe_min_weight)
+            or (self.moe_top_p is not None and self.moe_top_p < 1.0)
+        )
+
+    def resolve_moe_top_k(self, num_moe_layers: int, model_k: int) -> list[int]:
+        """Activated experts per MoE layer (``model_k`` where ``moe_top_k`` is ``None``); raises
+        ``ValueError`` for a list of the wrong length or a k outside ``1 .. model_k``."""
+        k = self.moe_top_k
+        if k is None:
+            ks = [model_k] * num_moe_layers
+        elif isinstance(k, MoESchedule):
+            ks = k.resolve(num_moe_layers)
+        elif isinstance(k, int):
+            ks = [k] * num_moe_layers
+        else:
+            if len(k) != num_moe_layers:
+                raise ValueError(
+                    f"XQuantConfig.moe_top_k lists {len(k)} MoE layers but the model has {num_moe_layers}"
+                )
+            ks = list(k)
+        bad = [(i, v) for i, v in enumerate(ks) if not 1 <= v <= model_k]
+        if bad:
+            i, v = bad[0]
+            raise ValueError(
+                f"XQuantConfig.moe_top_k={k!r} asks for {v} experts in MoE layer {i}: the model routes each token "
+                f"to {model_k} (num_experts_per_tok), so each value must be in 1..{model_k}"
+            )
+        return ks
 
     # ------------------------------------------------------------------ presets
     PRESETS = ("fp16", "kivi-2", "kivi-4", "asymkv-1.5", "xquant-1.38", "xquant-1.15")

@@ -1,4 +1,5 @@
-"""Custom ops of the quantized KV cache: ``xquant::append_token`` and ``xquant::attend``.
+"""Custom ops: the quantized KV cache (``xquant::append_token``, ``xquant::attend``) and the routed
+experts of MoE layers (``xquant::moe_experts``).
 
 Both are ``torch.library.triton_op`` s: ``torch.compile`` and AOTInductor trace into them and see
 the Triton kernel launches (through ``torch.library.wrap_triton``) instead of an opaque call.
@@ -24,6 +25,8 @@ Signatures (storage layout as in :mod:`xquant_fx.cache`; a sharing layer passes 
     xquant::read_keys(Tensor codes, Tensor scale, Tensor zero, Tensor window, Tensor n,
         int bits, int group, int length) -> Tensor          # quant.read_keys, plain torch
     xquant::read_values(...same...) -> Tensor                 # quant.read_values, plain torch
+    xquant::moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down)
+        -> Tensor                                            # moe.experts_reference
 
 ``read_keys`` / ``read_values`` are the eager cache read (dequantize everything, attention runs
 on the result). They are ops, not inline torch code, so that the graph pass
@@ -41,7 +44,7 @@ from torch.library import triton_op
 
 from . import quant
 
-__all__ = ["append_token", "attend", "read_keys", "read_values", "uses_kernels"]
+__all__ = ["append_token", "attend", "moe_experts", "read_keys", "read_values", "uses_kernels"]
 
 
 def uses_kernels(t: torch.Tensor) -> bool:
@@ -134,3 +137,35 @@ def read_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, wi
 @read_values.register_fake
 def _read_values_fake(codes, scale, zero, window, n, bits, group, length):
     return window.new_empty((window.shape[0], window.shape[1], length, window.shape[-1]))
+
+
+# --------------------------------------------------------------------------- moe_experts
+@triton_op("xquant::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """Routed experts of tokens ``x [T, H]`` over slots ``ids``/``weights [T, K]`` (``ids >= E``:
+    sentinel, skipped), ``gate_up [E, 2I, H]``, ``down [E, H, I]``, SiLU gating:
+    :func:`xquant_fx.moe.experts_reference`."""
+    from .moe import experts_reference
+
+    if x.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"moe_experts: x must be [T, H] and ids/weights [T, K]; got x {tuple(x.shape)}, ids {tuple(ids.shape)}, "
+            f"weights {tuple(weights.shape)}"
+        )
+    e, two_i, hid = gate_up.shape
+    if hid != x.shape[1] or down.shape != (e, hid, two_i // 2):
+        raise ValueError(
+            f"moe_experts: gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)} do not match hidden size "
+            f"{x.shape[1]} ([E, 2I, H] and [E, H, I] expected)"
+        )
+    if uses_kernels(x):
+        from .kernels.moe import moe_experts as kernel_moe
+
+        return kernel_moe(x, ids, weights, gate_up, down)
+    return experts_reference(x, ids, weights, gate_up, down)
+
+
+@moe_experts.register_fake
+def _moe_experts_fake(x, ids, weights, gate_up, down) -> torch.Tensor:
+    return torch.empty_like(x)

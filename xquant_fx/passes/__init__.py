@@ -1,6 +1,7 @@
 """Graph passes of the ``xquant`` backend, run in one ordered pipeline on the Dynamo FX graph.
 
-Each pass is ``pass_fn(gm: torch.fx.GraphModule) -> int`` (the number of rewrites it made), lives
+Each pass is ``pass_fn(gm: torch.fx.GraphModule, ctx: PassContext) -> int`` (the number of
+rewrites it made; ``ctx`` carries what the backend was asked for, e.g. the MoE plan), lives
 in a file named after it, documents the pattern it matches and when it declines (declines are
 logged at DEBUG level), and counts its hits in ``torch._dynamo.utils.counters["xquant"]``.
 The runner lints and recompiles the graph after every pass that changed it and names the pass
@@ -14,12 +15,22 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..moe import MoEPlan
 from .fuse_kv_attention import fuse_kv_attention
+from .prune_moe_router import prune_moe_router
 
 logger = logging.getLogger(__name__)
 
 #: The pipeline, in order.
-PASSES = (fuse_kv_attention,)
+PASSES = (fuse_kv_attention, prune_moe_router)
+
+
+@dataclass
+class PassContext:
+    """What the passes were asked to do: ``moe`` is the expert-pruning plan (``None``: keep the
+    model's routing)."""
+
+    moe: MoEPlan | None = None
 
 
 @dataclass
@@ -41,14 +52,17 @@ class PassFailed(RuntimeError):
     pass
 
 
-def run_passes(gm: torch.fx.GraphModule, report: PassReport | None = None, passes=PASSES) -> torch.fx.GraphModule:
+def run_passes(
+    gm: torch.fx.GraphModule, report: PassReport | None = None, passes=PASSES, ctx: PassContext | None = None
+) -> torch.fx.GraphModule:
     """Run ``passes`` in order on ``gm`` (in place); returns ``gm``."""
     report = report if report is not None else PassReport()
+    ctx = ctx if ctx is not None else PassContext()
     report.graphs += 1
     for pass_fn in passes:
         name = pass_fn.__name__
         try:
-            hits = pass_fn(gm)
+            hits = pass_fn(gm, ctx)
             if hits:
                 gm.graph.lint()
                 gm.recompile()

@@ -109,7 +109,7 @@ def _sdpa_args(node) -> dict:
     return args
 
 
-def fuse_kv_attention(gm: fx.GraphModule) -> int:
+def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
     read_keys = torch.ops.xquant.read_keys.default
     read_values = torch.ops.xquant.read_values.default
     attend = torch.ops.xquant.attend.default

@@ -1,0 +1,315 @@
+"""MoE expert pruning: config, routing rule, experts op and kernel, the graph pass, optimize()."""
+
+from __future__ import annotations
+
+import copy
+import pytest
+import torch
+from mini_models import MOE_FAMILIES, mini_model, mini_moe_model
+
+import xquant_fx
+from xquant_fx import XQuantConfig, ops  # noqa: F401  (registers xquant::moe_experts)
+from xquant_fx.config import MoESchedule
+from xquant_fx.moe import experts_reference, find_moe_layers, install_experts, prune_routes
+from xquant_fx.passes import PassContext, PassFailed, run_passes
+from xquant_fx.moe import MoEPlan
+from xquant_fx.passes.prune_moe_router import find_routers, prune_moe_router
+
+torch._dynamo.config.cache_size_limit = 64
+
+
+# --------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("moe_top_k", 0), ("moe_top_k", -2), ("moe_top_k", "4"), ("moe_top_k", []), ("moe_top_k", [2, 0]),
+        ("moe_top_k", 2.0), ("moe_top_k", MoESchedule(0, 2, 2, 1)), ("moe_top_k", MoESchedule(2, 2, 2, -1)),
+        ("moe_renormalize", "yes"), ("moe_min_weight", 1.0), ("moe_min_weight", -0.1),
+        ("moe_top_p", 0.0), ("moe_top_p", 1.5), ("moe_top_p", True),
+    ],
+)
+def test_bad_moe_options_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        XQuantConfig(**{field: value})
+
+
+def test_schedule_interpolates_over_moe_layers_and_rounds_halves_up():
+    assert MoESchedule(2, 6, 3, 2).resolve(6) == [2, 4, 6, 5, 4, 3]
+    assert MoESchedule(1, 2, 1, 2).resolve(5) == [1, 2, 2, 2, 1]  # 1.5 -> 2 on both sides
+    assert MoESchedule(4, 4, 1, 0).resolve(4) == [4, 3, 2, 1]
+    with pytest.raises(ValueError, match="at=6"):
+        MoESchedule(2, 6, 3, 6).resolve(6)
+
+
+def test_resolve_top_k_checks_the_model():
+    assert XQuantConfig(moe_top_k=3).resolve_moe_top_k(4, 8) == [3] * 4
+    assert XQuantConfig(moe_top_k=[1, 2, 3]).resolve_moe_top_k(3, 4) == [1, 2, 3]
+    assert XQuantConfig().resolve_moe_top_k(2, 6) == [6, 6]
+    with pytest.raises(ValueError, match="routes each token to 4"):
+        XQuantConfig(moe_top_k=5).resolve_moe_top_k(3, 4)
+    with pytest.raises(ValueError, match="lists 2 MoE layers but the model has 3"):
+        XQuantConfig(moe_top_k=[1, 2]).resolve_moe_top_k(3, 4)
+
+
+# --------------------------------------------------------------------------- routing rule
+def test_prune_routes_keeps_the_largest_values_of_unsorted_slots():
+    values = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
+    indices = torch.tensor([[5, 1, 7, 2]])
+    v, i = prune_routes(values, indices, num_experts=8, keep=2)
+    assert i.tolist() == [[8, 1, 8, 2]]
+    assert v[0].tolist() == pytest.approx([0.0, 0.4, 0.0, 0.3])
+
+
+def test_prune_routes_dynamic_rules_drop_exactly_their_slots():
+    values = torch.tensor([[0.50, 0.05, 0.30, 0.15], [0.25, 0.25, 0.25, 0.25]])
+    indices = torch.arange(8).view(2, 4)
+    # min_weight: slot kept iff weight >= 0.2 * top weight (0.10 for row 0)
+    _, i = prune_routes(values, indices, 8, keep=4, min_weight=0.2)
+    assert i.tolist() == [[0, 8, 2, 3], [4, 5, 6, 7]]
+    # top_p: keep until the weights ranked above reach 0.75 of the total
+    _, i = prune_routes(values, indices, 8, keep=4, top_p=0.75)
+    assert i.tolist() == [[0, 8, 2, 8], [4, 5, 6, 8]]
+    # the first slot always survives, whatever the thresholds
+    _, i = prune_routes(values, indices, 8, keep=1, min_weight=0.99, top_p=0.01)
+    assert i.tolist() == [[0, 8, 8, 8], [4, 8, 8, 8]]
+
+
+def test_prune_routes_renormalize_and_logits():
+    values = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    v, _ = prune_routes(values, torch.arange(4)[None], 4, keep=2, renormalize=True)
+    assert v.sum().item() == pytest.approx(1.0) and v[0, :2].tolist() == pytest.approx([0.4 / 0.7, 0.3 / 0.7])
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    v, i = prune_routes(logits, torch.arange(4)[None], 4, keep=2, logits=True)
+    assert i.tolist() == [[0, 1, 4, 4]] and torch.isinf(v[0, 2:]).all()
+    assert v.softmax(-1)[0, 2:].tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- experts
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_experts_reference_equals_transformers_eager_experts(family):
+    model = mini_moe_model(family)
+    layer = find_moe_layers(model)[0]
+    block = model.get_submodule(layer.name)
+    model.set_experts_implementation("eager")
+    for tokens in (3, 40):  # per-slot gather path and all-experts path
+        x = torch.randn(tokens, model.config.hidden_size)
+        _, w, ids = block.gate(x)
+        ref = experts_reference(x, ids, w, block.experts.gate_up_proj, block.experts.down_proj)
+        torch.testing.assert_close(ref, block.experts(x, ids, w), atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture
+def force_kernels(monkeypatch):
+    monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
+
+
+@pytest.mark.parametrize("tokens, k, experts", [(1, 8, 16), (3, 4, 8), (37, 2, 8), (64, 8, 16)])
+def test_moe_kernel_matches_reference(tokens, k, experts, force_kernels):
+    from xquant_fx.kernels.moe import moe_experts as kernel
+
+    torch.manual_seed(tokens)
+    hid, inter = 64, 48
+    x = torch.randn(tokens, hid)
+    gate_up = torch.randn(experts, 2 * inter, hid) * 0.1
+    down = torch.randn(experts, hid, inter) * 0.1
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k)
+    ids[:, k // 2:][torch.rand(tokens, k - k // 2) < 0.5] = experts  # sentinel slots
+    ref = experts_reference(x, ids, w, gate_up, down)
+    torch.testing.assert_close(kernel(x, ids, w, gate_up, down), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.ops.xquant.moe_experts(x, ids, w, gate_up, down), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_moe_experts_op_checks_shapes_and_has_a_fake():
+    x, ids, w = torch.randn(2, 16), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2)
+    gate_up, down = torch.randn(4, 8, 16), torch.randn(4, 16, 4)
+    with pytest.raises(ValueError, match="do not match hidden size"):
+        torch.ops.xquant.moe_experts(x, ids, w, gate_up, torch.randn(4, 16, 5))
+    with pytest.raises(ValueError, match=r"ids/weights \[T, K\]"):
+        torch.ops.xquant.moe_experts(x, ids, w[:, :1], gate_up, down)
+    torch.library.opcheck(torch.ops.xquant.moe_experts.default, (x, ids, w, gate_up, down))
+
+
+# --------------------------------------------------------------------------- hand-written routers
+def _reference_router(router, family: str, keep: int, min_weight: float = 0.0):
+    """The routing of ``router`` (same weights) written out by hand, activating ``keep`` experts."""
+    cfg_norm = getattr(router, "norm_topk_prob", family == "mixtral")
+
+    def forward(hidden):
+        hidden = hidden.reshape(-1, router.weight.shape[1])
+        logits = hidden.float() @ router.weight.float().t()
+        n_exp = logits.shape[-1]
+        if family.startswith("deepseek_v3"):
+            scores = logits.sigmoid()
+            choice = scores + router.e_score_correction_bias
+            groups = choice.view(-1, router.num_group, n_exp // router.num_group)
+            group_score = groups.topk(2, dim=-1).values.sum(-1)
+            chosen = group_score.topk(router.topk_group, dim=-1).indices
+            allowed = torch.zeros_like(group_score).scatter(1, chosen, 1.0).bool()
+            choice = choice.masked_fill(~allowed.repeat_interleave(n_exp // router.num_group, dim=1), float("-inf"))
+            ids = choice.topk(keep, dim=-1).indices
+            w = scores.gather(1, ids)
+            if router.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            return logits, w * router.routed_scaling_factor, ids
+        probs = logits.softmax(-1)
+        if family == "deepseek_v2_group":
+            group_score = probs.view(-1, router.num_group, n_exp // router.num_group).max(-1).values
+            chosen = group_score.topk(router.topk_group, dim=-1).indices
+            allowed = torch.zeros_like(group_score).scatter(1, chosen, 1.0).bool()
+            probs = probs.masked_fill(~allowed.repeat_interleave(n_exp // router.num_group, dim=1), 0.0)
+        w, ids = probs.topk(keep, dim=-1)
+        if min_weight:
+            drop = w < min_weight * w[:, :1]
+            w = w.masked_fill(drop, 0.0)
+            ids = ids.masked_fill(drop, n_exp)
+        if family.startswith("deepseek_v2"):
+            return logits, w * router.routed_scaling_factor, ids
+        if cfg_norm:
+            w = w / w.sum(-1, keepdim=True)
+        return logits, w.to(hidden.dtype), ids
+
+    return forward
+
+
+def _with_reference_routers(model, family, keeps, min_weight=0.0):
+    ref = copy.deepcopy(model)
+    for layer, keep in zip(find_moe_layers(ref), keeps):
+        router = ref.get_submodule(layer.name).gate
+        router.forward = _reference_router(router, family, keep, min_weight)
+    return ref
+
+
+def _compiled_logits(model, ids, **options):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="xquant", fullgraph=True, options=options)
+    with torch.no_grad():
+        out = compiled(ids).logits
+    torch._dynamo.reset()
+    return out
+
+
+def _run_with_pass(model, ids, plan):
+    """``model(ids)`` compiled by a backend that runs ``prune_moe_router`` alone: (logits, graph, hits)."""
+    seen = []
+
+    def backend(gm, inputs):
+        seen.append((gm, prune_moe_router(gm, PassContext(moe=plan))))
+        gm.recompile()
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    (gm, hits), = seen
+    return logits, gm, hits
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_pass_prunes_each_router_like_a_hand_written_router(family):
+    model = mini_moe_model(family)
+    install_experts(model)
+    layers = find_moe_layers(model)
+    model_k = layers[0].top_k
+    keeps = [max(1, model_k - 1 - (i % 2)) for i in range(len(layers))]  # per-layer k
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    plan = MoEPlan(top_k={m.layer: k for m, k in zip(layers, keeps)},
+                   experts={m.layer: (m.num_experts, m.top_k) for m in layers})
+
+    logits, gm, hits = _run_with_pass(model, ids, plan)
+    assert hits == len(layers)  # once per MoE layer (DeepSeek: the final of its top-k calls)
+    assert [n.args[3] for n in gm.graph.nodes if n.target is prune_routes] == keeps  # intended k per layer
+    assert prune_moe_router(gm, PassContext(moe=plan)) == 0  # idempotent
+    with torch.no_grad():
+        expected = _with_reference_routers(model, family, keeps)(ids).logits
+        full = model(ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+    assert (full - expected).abs().max() > 1e-3  # pruning changed something
+
+    if family in ("mixtral", "deepseek_v3"):  # the whole xquant backend (Inductor), fed the config field
+        torch.testing.assert_close(_compiled_logits(model, ids, moe_top_k=list(keeps)), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_find_routers_picks_the_final_top_k_of_each_router():
+    model = mini_moe_model("deepseek_v3")
+    install_experts(model)
+    _, gm, _ = _run_with_pass(model, torch.zeros(1, 3, dtype=torch.long), None)
+    topks = [n for n in gm.graph.nodes if "topk" in str(n.target)]
+    routers = find_routers(gm)
+    assert len(topks) == 3 * len(routers)  # two group-level top-k calls per layer are not routers
+    for node, experts, k in routers.values():
+        assert (experts, k) == (8, 4) and node.kwargs.get("k", None) == 4
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_model_k_changes_nothing_and_dynamic_pruning_matches_reference(family):
+    model = mini_moe_model(family)
+    install_experts(model)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    k = find_moe_layers(model)[0].top_k
+    with torch.no_grad():
+        eager = model(ids).logits
+    torch.testing.assert_close(_compiled_logits(model, ids, moe_top_k=k), eager, atol=1e-5, rtol=1e-4)
+    keeps = [k] * len(find_moe_layers(model))
+    with torch.no_grad():
+        expected = _with_reference_routers(model, family, keeps, min_weight=0.5)(ids).logits
+    assert (expected - eager).abs().max() > 1e-3
+    torch.testing.assert_close(_compiled_logits(model, ids, moe_min_weight=0.5), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_pass_declines_on_dense_and_refuses_unsafe_experts():
+    dense = mini_model("llama", num_hidden_layers=2)
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(dense, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)(
+        torch.zeros(1, 4, dtype=torch.long)
+    )
+    assert prune_moe_router(graphs[0], PassContext(moe=MoEPlan(spec=2))) == 0
+    assert prune_moe_router(graphs[0], PassContext()) == 0
+
+    model = mini_moe_model("qwen3_moe")  # transformers' own experts: sentinel slots would index out of range
+    graphs.clear()
+    torch._dynamo.reset()
+    torch.compile(model, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)(
+        torch.zeros(1, 4, dtype=torch.long)
+    )
+    with pytest.raises(PassFailed, match="prune_moe_router.*not `xquant::moe_experts`"):
+        run_passes(graphs[0], ctx=PassContext(moe=MoEPlan(spec=2)))
+    torch._dynamo.reset()
+
+
+def test_optimize_checks_moe_options():
+    with pytest.raises(ValueError, match="no MoE layers"):
+        xquant_fx.optimize(mini_model("llama", num_hidden_layers=2), XQuantConfig(moe_top_k=2))
+    with pytest.raises(ValueError, match="routes each token to 4"):
+        xquant_fx.optimize(mini_moe_model("qwen3_moe"), XQuantConfig(moe_top_k=6))
+    with pytest.raises(ValueError, match="compile=False"):
+        xquant_fx.optimize(mini_moe_model("qwen3_moe"), XQuantConfig(moe_top_k=2), compile=False)
+
+
+def test_optimize_prunes_the_decode_step():
+    """optimize(): the prompt runs with the model's k, each decode step with moe_top_k."""
+    model = mini_moe_model("qwen3_moe")
+    reference = copy.deepcopy(model)
+    install_experts(reference)
+    routers = [reference.get_submodule(m.name).gate for m in find_moe_layers(reference)]
+    hand = [_reference_router(r, "qwen3_moe", 2) for r in routers]
+    full = [r.forward for r in routers]
+
+    def switch(module, args, kwargs):  # prompt: full routers; one token: hand-written k=2
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        for router, f, h in zip(routers, full, hand):
+            router.forward = h if ids.shape[-1] == 1 else f
+
+    reference.register_forward_pre_hook(switch, with_kwargs=True)
+    cfg = XQuantConfig.preset("kivi-4").replace(residual_length=32, moe_top_k=2)
+    prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    cache = xquant_fx.XQuantCache(reference.config, cfg, max_cache_len=48)
+    expected = reference.generate(prompt, max_new_tokens=6, do_sample=False, past_key_values=cache)
+
+    torch._dynamo.reset()
+    xquant_fx.optimize(model, cfg)
+    got = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert got.tolist() == expected.tolist()
+    torch._dynamo.reset()
