@@ -110,20 +110,23 @@ def main(argv=None) -> int:
                     rows.append(row)
                     outs[method] = out
                     print(row, flush=True)
+                    write(rows, device, args.out)  # after every row: a cut-short run keeps what it measured
+    return 0
+
+
+def write(rows, device, out: Path) -> None:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     meta = (f"{gpu}, {datetime.date.today()}, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"random weights, bf16 on GPU")
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     keys = list(rows[0])
-    with open(args.out / "e2e.csv", "w", newline="") as f:
+    with open(out / "e2e.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# End-to-end decode, {meta}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    (args.out / "e2e.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    (out / "e2e.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from .cache import XQuantCache, kv_geometry, layer_types
 from .config import XQuantConfig
+from .moe import install_experts, plan_for
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def optimize(
     max_batch_size: int | None = None,
     compile: bool | None = None,
     mode: str | None = None,
+    verbose: bool = False,
 ):
     """Make ``model.generate`` store its KV cache with ``config`` (default ``"xquant-1.38"``) and
     run its decode step compiled with the ``xquant`` backend.
@@ -97,9 +99,16 @@ def optimize(
         compile: compile the decode step (default: on CUDA yes, on CPU no, where compiling costs
             more than it saves for short generations).
         mode: ``torch.compile`` mode (default ``"reduce-overhead"`` on CUDA, ``"default"`` on CPU).
+        verbose: print the graph passes' hits for every graph the backend compiles.
+
+    MoE models: their experts run through ``xquant::moe_experts`` (fused Triton kernel on CUDA),
+    and the config's ``moe_*`` options prune the routers of the compiled decode step (the prompt
+    is processed eagerly with the model's own top-k, as transformers runs it); pruning needs the
+    compiled step, so it turns ``compile`` on, and ``compile=False`` with MoE options is an error.
 
     Returns the same model object. Raises ``ValueError`` for a model the cache cannot hold, one
-    already optimized, or one already wrapped by ``torch.compile``.
+    already optimized, one already wrapped by ``torch.compile``, MoE options on a dense model or
+    a ``moe_top_k`` the model cannot take.
     """
     _check_supported(model)
     xq = XQuantConfig.preset(config) if isinstance(config, str) else (config or XQuantConfig.preset("xquant-1.38"))
@@ -110,13 +119,25 @@ def optimize(
     # Resolve the plan now so that a config that does not fit the model fails here, not mid-generate.
     num_layers = kv_geometry(model.config)[0]
     xq.resolve(num_layers)
+    moe_plan = plan_for(model, xq)
+    if moe_plan is not None and compile is False:
+        raise ValueError(
+            "the config prunes MoE experts, which the xquant graph pass does in the compiled decode step: "
+            "optimize(..., compile=False) would ignore it; leave compile on"
+        )
 
     cache_name = cache_argument(model)
     original_generate = model.generate
     shared: dict = {}
 
+    # A model loaded tensor-parallel (tp_plan="auto"): each rank's cache holds its share of the KV
+    # heads, quantized locally. Heads that do not divide across the ranks raise here, before any allocation.
+    from .distributed import kv_tensor_parallel_size
+
+    tp_size = kv_tensor_parallel_size(model)
+
     def new_cache(batch: int, length: int) -> XQuantCache:
-        return XQuantCache(model.config, xq, max_batch_size=batch, max_cache_len=length)
+        return XQuantCache(model.config, xq, max_batch_size=batch, max_cache_len=length, tp_size=tp_size)
 
     @functools.wraps(original_generate)
     def generate(*args, **kwargs):
@@ -142,18 +163,26 @@ def optimize(
 
     model.generate = generate
     model.xquant_config = xq
+    install_experts(model)
     on_cuda = next(model.parameters()).device.type == "cuda"
     if compile is None:
-        compile = on_cuda
+        compile = on_cuda or moe_plan is not None
     if compile:
         from transformers import CompileConfig
 
-        compile_config = CompileConfig(
-            fullgraph=True, backend="xquant", mode=mode or ("reduce-overhead" if on_cuda else "default")
-        )
+        # torch.compile takes a mode or options, not both: the mode travels in the backend's options.
+        options = {"mode": mode or ("reduce-overhead" if on_cuda else "default")}
+        if moe_plan is not None:
+            options.update(moe_plan.to_options())
+        if verbose:
+            options["xquant_verbose"] = True
+        compile_config = CompileConfig(fullgraph=True, backend="xquant", mode=None, options=options)
         compile_config._compile_all_devices = True  # transformers compiles on CUDA only, unless set
         model.generation_config.compile_config = compile_config
         model.generation_config.disable_compile = False
+    else:
+        # transformers would otherwise compile the decode step of any compileable cache itself
+        model.generation_config.disable_compile = True
     setattr(model, _MARK, True)
     logger.info("xquant_fx: %s optimized with %s", type(model).__name__, xq.name)
     return model

@@ -30,6 +30,10 @@ one fed token by token leave the same storage.
 Sliding-window layers (Mistral, Gemma 2/3 local layers) keep transformers' own full-precision
 ``StaticSlidingWindowLayer``: they hold at most ``sliding_window`` tokens, and the memory report
 counts them at 16 bits.
+
+Tensor parallelism (``tp_size=N``, see :mod:`xquant_fx.distributed`): each rank's cache holds its
+``H/N`` KV heads, quantized locally; ``H`` here is then the per-rank head count, and every size
+above, ``memory_report()`` included, is per rank.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from transformers.cache_utils import Cache, StaticLayer, StaticSlidingWindowLaye
 
 from . import quant
 from .config import FULL_PRECISION, LayerPlan, XQuantConfig
+from .distributed import config_tensor_parallel_size, split_kv_heads
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 
@@ -339,6 +344,11 @@ class XQuantCache(Cache):
         max_cache_len: tokens per sequence (prompt + generated); required.
         device, dtype: allocate now; when either is missing, storage is allocated at the first
             update from the model's own key states.
+        tp_size: tensor-parallel ranks the model's KV heads are split over (a model loaded with
+            ``tp_plan="auto"``): the cache holds ``num_key_value_heads / tp_size`` heads, this
+            rank's share, and its sizes and memory report are per rank. ``ValueError`` (before
+            anything is allocated) when it does not divide the head count.
+            :func:`xquant_fx.optimize` sets it from the model.
 
     Use it as ``model.generate(ids, past_key_values=cache)`` (``cache=cache`` on transformers
     versions that renamed the argument), or through :func:`xquant_fx.optimize`.
@@ -352,6 +362,7 @@ class XQuantCache(Cache):
         max_cache_len: int | None = None,
         device=None,
         dtype: torch.dtype | None = None,
+        tp_size: int = 1,
     ):
         if isinstance(xquant_config, str) or xquant_config is None:
             xquant_config = XQuantConfig.preset(xquant_config or "xquant-1.38")
@@ -362,6 +373,10 @@ class XQuantCache(Cache):
         num_layers, heads, k_dim, v_dim = kv_geometry(model_config)
         types = layer_types(model_config)
         text_cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+        heads = split_kv_heads(heads, tp_size, type(text_cfg).__name__)
+        self.tp_size = tp_size
+        # A model that transformers sharded records it on its config; used only to explain a mismatch.
+        self._config_tp_size = config_tensor_parallel_size(model_config)
         window = getattr(text_cfg, "sliding_window", None)
         sliding = [t in _SLIDING_TYPES and window is not None and window < max_cache_len for t in types]
         self.xquant_config = xquant_config
@@ -405,9 +420,29 @@ class XQuantCache(Cache):
         self.dtype = dtype
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if not self.layers[layer_idx].is_initialized and self.dtype is None:
-            self.dtype = key_states.dtype
+        if not self.layers[layer_idx].is_initialized:
+            self._check_heads(key_states.shape[1])
+            if self.dtype is None:
+                self.dtype = key_states.dtype
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _check_heads(self, got: int) -> None:
+        """Before lazily allocating a layer: on a tensor-parallel model, the heads really received
+        must be this rank's share, or the cache would be sized (and reported) wrongly."""
+        heads = self.geometry[0]
+        if got == heads or (self.tp_size == 1 and self._config_tp_size == 1):
+            return
+        if self.tp_size == 1:
+            raise ValueError(
+                f"key_states carry {got} KV heads but the cache was built for all {heads}: the model is "
+                f"tensor-parallel (tp_size={self._config_tp_size}), so build the cache with "
+                f"XQuantCache(..., tp_size=model.tp_size) (xquant_fx.optimize does this)"
+            )
+        raise ValueError(
+            f"key_states carry {got} KV heads but the cache expects {heads} per rank "
+            f"({heads * self.tp_size} KV heads / tp_size={self.tp_size}): the model's tensor-parallel plan does "
+            "not shard its KV heads over tp_size ranks"
+        )
 
     # ------------------------------------------------------------------ memory
     def memory_report(self, dtype: torch.dtype | None = None) -> dict:
@@ -418,7 +453,8 @@ class XQuantCache(Cache):
         ignored, full-precision tensors at their dtype bits); ``stored_bits`` is every byte held
         (codes, scales, zeros, windows, full-precision layers) per element; ``bf16_bytes`` what a
         bf16 cache of the same capacity holds. Exact before allocation too (``dtype`` defaults to
-        the cache's, else bfloat16).
+        the cache's, else bfloat16). With ``tp_size`` > 1 every count is this rank's (its share of
+        the KV heads).
         """
         dtype = dtype or self.dtype or torch.bfloat16
         heads, k_dim, v_dim = self.geometry
@@ -441,6 +477,7 @@ class XQuantCache(Cache):
             code += nk * kb + nv * vb
         return {
             "preset": self.xquant_config.name,
+            "tp_size": self.tp_size,
             "elements": elements,
             "bytes": stored,
             "bf16_bytes": elements * 2,

@@ -1,0 +1,287 @@
+"""MoE decode benchmark: activated experts vs time, ours vs transformers' experts.
+
+A script, not a test (random weights: speed only, never quality). Two model shapes from the
+bundled configs, ``qwen3-30b-a3b`` (128 experts, top-8) and ``deepseek-v2-lite`` (64 experts,
+top-6, 2 shared experts), in bf16 on one GPU.
+
+1. **Check**: our pruned MoE block (the ``xquant`` graph pass + ``xquant::moe_experts``) against
+   the model's own block with its router's ``top_k`` set to ``k`` and transformers' eager experts,
+   at every batch and ``k``; the largest difference relative to the output's scale is reported
+   and the script fails if it exceeds 2e-2.
+2. **MoE layer**: one MoE block (router, routed experts, shared experts), decode input
+   ``[batch, 1, hidden]``. Every variant is traced by Dynamo (``fullgraph=True``), its FX graph
+   run as it is (no Inductor, for anyone) and captured in one CUDA graph: ours at each ``k`` (the
+   ``xquant`` passes rewrite the graph), and transformers' ``grouped_mm`` and ``batched_mm``
+   experts with the router's ``top_k`` set to ``k`` (transformers' own way to fewer experts). The weight-read floor is the
+   bytes of the distinct experts the batch routes to (plus shared experts) over the copy
+   bandwidth (4.30 TB/s measured on the H200, benchmarks/NOTES.md).
+3. **Model decode** (``--model-layers``): one decode step of the whole model (``--model-layers``
+   decoder layers of the shape, bf16 ``StaticCache`` of ``--context`` tokens for every variant, so
+   only the experts differ), captured in a CUDA graph; tokens/s = batch / step time.
+
+    python benchmarks/bench_moe.py --out benchmarks/results [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
+
+import xquant_fx  # noqa: E402
+from xquant_fx.api import cache_argument  # noqa: E402
+from xquant_fx.memory import load_config  # noqa: E402
+from xquant_fx.moe import MoEPlan, find_moe_layers, install_experts  # noqa: E402
+from xquant_fx.passes import PassContext, run_passes  # noqa: E402
+
+COPY_BW = 4.30e12  # bytes/s, H200 device-to-device copy (benchmarks/NOTES.md)
+SHAPES = {"qwen3-30b-a3b": [8, 6, 4, 2, 1], "deepseek-v2-lite": [6, 4, 3, 2, 1]}
+
+
+def build(name: str, layers: int, device, dtype):
+    config = load_config(name)
+    config.num_hidden_layers = layers
+    for attr in ("layer_types", "mlp_only_layers"):
+        if isinstance(getattr(config, attr, None), list) and getattr(config, attr):
+            setattr(config, attr, getattr(config, attr)[:layers])
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def graph_time(fn, iters: int) -> float:
+    """Seconds per call of ``fn`` captured in one CUDA graph (after a warm-up on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def passes_only(plan: MoEPlan | None):
+    """A Dynamo backend that runs our passes and executes the rewritten graph as it is."""
+
+    def backend(gm, inputs):
+        run_passes(gm, ctx=PassContext(moe=plan))
+        return gm.forward
+
+    return backend
+
+
+def traced(module, plan: MoEPlan | None = None):
+    """``module`` through Dynamo (full graph): transformers' graph as traced, or ours rewritten."""
+    torch._dynamo.reset()
+    return torch.compile(module, backend=passes_only(plan) if plan is not None else "eager", fullgraph=True)
+
+
+def timed(fn, iters: int) -> tuple[float, str]:
+    """(seconds per call, how): CUDA-graph replay, or eager calls where capture fails."""
+    try:
+        return graph_time(fn, iters), "graph"
+    except Exception as err:  # noqa: BLE001  (a variant that cannot be captured is timed eagerly)
+        torch.cuda.synchronize()
+        print(f"  capture failed ({type(err).__name__}: {str(err)[:120]}); timing eagerly", flush=True)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / iters, "eager"
+
+
+def routers(model):
+    return [model.get_submodule(m.name).gate for m in find_moe_layers(model)]
+
+
+def set_top_k(model, k: int) -> None:
+    for r in routers(model):
+        r.top_k = k
+
+
+def expert_bytes(model) -> tuple[int, int]:
+    """(bytes of one routed expert, bytes of the shared experts) of the first MoE block."""
+    block = model.get_submodule(find_moe_layers(model)[0].name)
+    ex = block.experts
+    one = (ex.gate_up_proj[0].numel() + ex.down_proj[0].numel()) * ex.gate_up_proj.element_size()
+    shared = 0
+    for name in ("shared_experts", "shared_expert"):
+        if hasattr(block, name):
+            shared += sum(p.numel() * p.element_size() for p in getattr(block, name).parameters())
+    return one, shared
+
+
+def bench_layer(name, model, batches, ks, iters, rows, check, flush):
+    block_name = find_moe_layers(model)[0].name
+    block = model.get_submodule(block_name)
+    model_k = find_moe_layers(model)[0].top_k
+    hidden = model.config.hidden_size
+    one, shared = expert_bytes(model)
+    for batch in batches:
+        x = torch.randn(batch, 1, hidden, device="cuda", dtype=torch.bfloat16)
+        base = {}
+        for k in ks:
+            set_top_k(model, k)
+            with torch.no_grad():
+                _, _, idx = block.gate(x.view(-1, hidden))
+            distinct = idx.unique().numel()
+            floor = (distinct * one + shared) / COPY_BW
+            for impl in ("grouped_mm", "batched_mm"):
+                model.set_experts_implementation(impl)
+                fn = traced(block)
+                with torch.no_grad():
+                    t, how = timed(lambda: fn(x), iters)
+                base[(impl, k)] = t
+                rows.append(dict(part="layer", shape=name, batch=batch, k=k, variant=f"transformers {impl} ({how})",
+                                 us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
+            # reference for the check: the model's own block at k, eager experts
+            model.set_experts_implementation("eager")
+            with torch.no_grad():
+                want = block(x).float()
+            set_top_k(model, model_k)
+            install_experts(model)
+            ours = traced(block, MoEPlan(spec=k))
+            with torch.no_grad():
+                got = ours(x).float()
+                t, how = timed(lambda: ours(x), iters)
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            check.append(dict(shape=name, batch=batch, k=k, rel_err=err))
+            rows.append(dict(part="layer", shape=name, batch=batch, k=k, variant=f"xquant pass + kernel ({how})",
+                             us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
+            print(f"layer {name} b={batch} k={k}: ours {t*1e6:.1f} us, grouped {base[('grouped_mm', k)]*1e6:.1f}, "
+                  f"batched {base[('batched_mm', k)]*1e6:.1f}, floor {floor*1e6:.1f}, err {err:.1e}", flush=True)
+        set_top_k(model, model_k)
+        flush()
+
+
+def bench_model(name, model, batches, ks, context, iters, rows, flush):
+    model_k = find_moe_layers(model)[0].top_k
+    arg = cache_argument(model)
+    for batch in batches:
+        # room for every timed call: transformers 5.17's StaticCache advances its own position counter
+        # on each update, also inside replayed CUDA graphs
+        cache = StaticCache(config=model.config, max_cache_len=context + 16 * iters + 256)
+        ids = torch.randint(1, model.config.vocab_size, (batch, context), device="cuda")
+        set_top_k(model, model_k)
+        model.set_experts_implementation("grouped_mm")
+        with torch.no_grad():
+            model(ids, **{arg: cache})
+        token = ids[:, -1:]
+        pos = torch.full((1,), context, device="cuda", dtype=torch.long)
+
+        def step(fn):
+            return lambda: fn(token, cache_position=pos, **{arg: cache})
+
+        variants = [(f"transformers {impl}", impl, k) for k in ks for impl in ("grouped_mm", "batched_mm")]
+        for label, impl, k in variants:
+            set_top_k(model, k)
+            model.set_experts_implementation(impl)
+            with torch.no_grad():
+                t, how = timed(step(traced(model)), iters)
+            rows.append(dict(part="model", shape=name, batch=batch, k=k, variant=f"{label} ({how})", us=t * 1e6,
+                             floor_us="", tok_s=batch / t))
+            print(f"model {name} b={batch} k={k} {label}: {t*1e3:.3f} ms/step, {batch/t:.0f} tok/s", flush=True)
+        set_top_k(model, model_k)
+        install_experts(model)
+        for k in ks:
+            with torch.no_grad():
+                t, how = timed(step(traced(model, MoEPlan(spec=k))), iters)
+            rows.append(dict(part="model", shape=name, batch=batch, k=k, variant=f"xquant pass + kernel ({how})",
+                             us=t * 1e6, floor_us="", tok_s=batch / t))
+            print(f"model {name} b={batch} k={k} ours: {t*1e3:.3f} ms/step, {batch/t:.0f} tok/s", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+        flush()
+
+
+def write(rows, check, out: Path, header: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "moe.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [header, "", "| part | shape | batch | k | variant | µs | weight-read floor µs | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floor = f"{r['floor_us']:.1f}" if r["floor_us"] != "" else ""
+        tok = f"{r['tok_s']:.0f}" if r["tok_s"] != "" else ""
+        lines.append(f"| {r['part']} | {r['shape']} | {r['batch']} | {r['k']} | {r['variant']} | {r['us']:.1f} | {floor} | {tok} |")
+    lines += ["", "Check (ours vs the model's block with top_k = k, eager experts; max |diff| / max |ref|):", "",
+              "| shape | batch | k | rel. error |", "|---|---|---|---|"]
+    lines += [f"| {c['shape']} | {c['batch']} | {c['k']} | {c['rel_err']:.1e} |" for c in check]
+    (out / "moe.md").write_text("\n".join(lines) + "\n")
+
+
+def header(args, started: float) -> str:
+    return (f"# MoE decode: activated experts vs time\n\n{torch.cuda.get_device_name()}, {datetime.date.today()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, xquant_fx {xquant_fx.__version__}; "
+            f"bf16, random weights, CUDA graphs; model part: {args.model_layers} decoder layers, bf16 StaticCache of "
+            f"{args.context} tokens. `python benchmarks/bench_moe.py` ({time.time() - started:.0f} s).")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    p.add_argument("--model-batches", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--model-layers", type=int, default=8, help="decoder layers in the model-decode part (0: skip)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--quick", action="store_true", help="fewer k and batches")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    assert torch.cuda.is_available(), "bench_moe.py times CUDA graphs: run it on a GPU"
+    torch._dynamo.config.cache_size_limit = 256
+    rows, check, failures = [], [], []
+    started = time.time()
+    for name in args.shapes:
+        ks = SHAPES[name][::2] if args.quick else SHAPES[name]
+        batches = args.batches[:2] if args.quick else args.batches
+        model = build(name, 2, "cuda", torch.bfloat16)  # DeepSeek's layer 0 is dense: layer 1 is MoE
+        def flush():  # after each batch: a cut-short run keeps what it measured
+            write(rows, check, args.out, header(args, started))
+
+        bench_layer(name, model, batches, ks, args.iters, rows, check, flush)
+        del model
+        torch.cuda.empty_cache()
+        if args.model_layers:
+            model = build(name, args.model_layers, "cuda", torch.bfloat16)
+            try:
+                bench_model(name, model, args.model_batches, [ks[0], ks[len(ks) // 2], ks[-2]], args.context,
+                            args.iters // 4, rows, flush)
+            except Exception as err:  # noqa: BLE001  (the layer rows above stay valid)
+                print(f"model part of {name} failed: {type(err).__name__}: {err}", flush=True)
+                failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
+            del model
+            torch.cuda.empty_cache()
+    worst = max(c["rel_err"] for c in check)
+    print(f"worst relative error {worst:.2e}; model-part failures: {failures or 'none'}")
+    return 0 if worst < 2e-2 and not failures else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
