@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", nargs="+", type=int, default=[4096])
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--preset", default="xquant-1.38")
+    p.add_argument("--methods", nargs="+", default=["bf16-static", "xquant"], choices=["bf16-static", "xquant"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         for batch in args.batches:
             for context in args.contexts:
                 outs = {}
-                for method in ("bf16-static", "xquant"):
+                for method in args.methods:
                     row, out = run_one(name, args.layers, batch, context, args.new, device, dtype, method, args.preset)
                     rows.append(row)
                     outs[method] = out

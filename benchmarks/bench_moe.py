@@ -10,7 +10,8 @@ top-6, 2 shared experts), in bf16 on one GPU.
    and the script fails if it exceeds 2e-2.
 2. **MoE layer**: one MoE block (router, routed experts, shared experts), decode input
    ``[batch, 1, hidden]``. Every variant is traced by Dynamo (``fullgraph=True``), its FX graph
-   run as it is (no Inductor, for anyone) and captured in one CUDA graph: ours at each ``k`` (the
+   run as it is (no Inductor, for anyone; at ``--inductor-batches`` also Inductor-compiled, as
+   ``optimize`` runs it) and captured in one CUDA graph: ours at each ``k`` (the
    ``xquant`` passes rewrite the graph), and transformers' ``grouped_mm`` and ``batched_mm``
    experts with the router's ``top_k`` set to ``k`` (transformers' own way to fewer experts). The weight-read floor is the
    bytes of the distinct experts the batch routes to (plus shared experts) over the copy
@@ -91,10 +92,24 @@ def passes_only(plan: MoEPlan | None):
     return backend
 
 
-def traced(module, plan: MoEPlan | None = None):
-    """``module`` through Dynamo (full graph): transformers' graph as traced, or ours rewritten."""
+def traced(module, plan: MoEPlan | None = None, inductor: bool = False):
+    """``module`` through Dynamo (full graph): transformers' graph as traced, or ours rewritten; with
+    ``inductor``, compiled by Inductor (``backend="xquant"`` for ours, with the plan's k)."""
     torch._dynamo.reset()
+    if inductor:
+        if plan is None:
+            return torch.compile(module, backend="inductor", fullgraph=True)
+        return torch.compile(module, backend="xquant", fullgraph=True, options={"moe_top_k": plan.spec})
     return torch.compile(module, backend=passes_only(plan) if plan is not None else "eager", fullgraph=True)
+
+
+def untied(block, x, k: int) -> torch.Tensor:
+    """Tokens whose router scores do not tie at the k-th place: where top-k and "top-K then keep k"
+    may pick different (equally scored) experts. bf16 router logits (Qwen3-MoE) tie often."""
+    with torch.no_grad():
+        logits = block.gate(x.view(-1, x.shape[-1]))[0].float()
+    top = logits.topk(min(k + 1, logits.shape[-1]), dim=-1).values
+    return top[:, k - 1] != top[:, k] if k < logits.shape[-1] else torch.ones_like(top[:, 0], dtype=torch.bool)
 
 
 def timed(fn, iters: int) -> tuple[float, str]:
@@ -135,7 +150,7 @@ def expert_bytes(model) -> tuple[int, int]:
     return one, shared
 
 
-def bench_layer(name, model, batches, ks, iters, rows, check, flush):
+def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_batches=()):
     block_name = find_moe_layers(model)[0].name
     block = model.get_submodule(block_name)
     model_k = find_moe_layers(model)[0].top_k
@@ -150,28 +165,35 @@ def bench_layer(name, model, batches, ks, iters, rows, check, flush):
                 _, _, idx = block.gate(x.view(-1, hidden))
             distinct = idx.unique().numel()
             floor = (distinct * one + shared) / COPY_BW
+            use_inductor = (False, True) if batch in inductor_batches and k in (ks[0], ks[len(ks) // 2]) else (False,)
             for impl in ("grouped_mm", "batched_mm"):
                 model.set_experts_implementation(impl)
-                fn = traced(block)
-                with torch.no_grad():
-                    t, how = timed(lambda: fn(x), iters)
-                base[(impl, k)] = t
-                rows.append(dict(part="layer", shape=name, batch=batch, k=k, variant=f"transformers {impl} ({how})",
-                                 us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
+                for ind in use_inductor:
+                    fn = traced(block, inductor=ind)
+                    with torch.no_grad():
+                        t, how = timed(lambda: fn(x), iters)
+                    base[(impl, k)] = t
+                    rows.append(dict(part="layer", shape=name, batch=batch, k=k,
+                                     variant=f"transformers {impl} ({'inductor, ' if ind else ''}{how})",
+                                     us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
             # reference for the check: the model's own block at k, eager experts
             model.set_experts_implementation("eager")
             with torch.no_grad():
                 want = block(x).float()
             set_top_k(model, model_k)
             install_experts(model)
-            ours = traced(block, MoEPlan(spec=k))
-            with torch.no_grad():
-                got = ours(x).float()
-                t, how = timed(lambda: ours(x), iters)
-            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-            check.append(dict(shape=name, batch=batch, k=k, rel_err=err))
-            rows.append(dict(part="layer", shape=name, batch=batch, k=k, variant=f"xquant pass + kernel ({how})",
-                             us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
+            keep = untied(block, x, k)
+            for ind in use_inductor:
+                ours = traced(block, MoEPlan(spec=k), inductor=ind)
+                with torch.no_grad():
+                    got = ours(x).float()
+                    t, how = timed(lambda: ours(x), iters)
+                g, r = got.view(-1, hidden)[keep], want.view(-1, hidden)[keep]
+                err = ((g - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
+                check.append(dict(shape=name, batch=batch, k=k, rel_err=err, tied=int((~keep).sum())))
+                rows.append(dict(part="layer", shape=name, batch=batch, k=k,
+                                 variant=f"xquant pass + kernel ({'inductor, ' if ind else ''}{how})",
+                                 us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
             print(f"layer {name} b={batch} k={k}: ours {t*1e6:.1f} us, grouped {base[('grouped_mm', k)]*1e6:.1f}, "
                   f"batched {base[('batched_mm', k)]*1e6:.1f}, floor {floor*1e6:.1f}, err {err:.1e}", flush=True)
         set_top_k(model, model_k)
@@ -230,9 +252,10 @@ def write(rows, check, out: Path, header: str) -> None:
         floor = f"{r['floor_us']:.1f}" if r["floor_us"] != "" else ""
         tok = f"{r['tok_s']:.0f}" if r["tok_s"] != "" else ""
         lines.append(f"| {r['part']} | {r['shape']} | {r['batch']} | {r['k']} | {r['variant']} | {r['us']:.1f} | {floor} | {tok} |")
-    lines += ["", "Check (ours vs the model's block with top_k = k, eager experts; max |diff| / max |ref|):", "",
-              "| shape | batch | k | rel. error |", "|---|---|---|---|"]
-    lines += [f"| {c['shape']} | {c['batch']} | {c['k']} | {c['rel_err']:.1e} |" for c in check]
+    lines += ["", "Check (ours vs the model's block with top_k = k, eager experts; max |diff| / max |ref| over the "
+              "tokens whose router scores do not tie at the k-th place; `tied`: tokens left out):", "",
+              "| shape | batch | k | rel. error | tied |", "|---|---|---|---|---|"]
+    lines += [f"| {c['shape']} | {c['batch']} | {c['k']} | {c['rel_err']:.1e} | {c['tied']} |" for c in check]
     (out / "moe.md").write_text("\n".join(lines) + "\n")
 
 
@@ -248,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--model-batches", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--inductor-batches", nargs="*", type=int, default=[1, 8],
+                   help="layer batches also timed Inductor-compiled (at k = K and about K/2)")
     p.add_argument("--model-layers", type=int, default=8, help="decoder layers in the model-decode part (0: skip)")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--iters", type=int, default=200)
@@ -265,7 +290,7 @@ def main(argv=None) -> int:
         def flush():  # after each batch: a cut-short run keeps what it measured
             write(rows, check, args.out, header(args, started))
 
-        bench_layer(name, model, batches, ks, args.iters, rows, check, flush)
+        bench_layer(name, model, batches, ks, args.iters, rows, check, flush, args.inductor_batches)
         del model
         torch.cuda.empty_cache()
         if args.model_layers:

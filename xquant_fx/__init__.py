@@ -6,9 +6,9 @@ Importing the package loads no Triton and initializes no CUDA; the kernels load 
 from .api import optimize
 from .backend import register as _register_backend
 from .cache import XQuantCache
-from .config import XQuantConfig
+from .config import MoESchedule, XQuantConfig
 
 _register_backend()
 
-__all__ = ["XQuantCache", "XQuantConfig", "optimize"]
+__all__ = ["MoESchedule", "XQuantCache", "XQuantConfig", "optimize"]
 __version__ = "0.1.0"

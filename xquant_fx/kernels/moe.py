@@ -10,10 +10,14 @@ selected expert's weights are read once per ``BM`` slots routed to it (once per 
 2. ``down``: ``o[slot] = w[slot] * (h[r] @ down[e]^T)`` in float32; the host sums each token's ``K``
    slots (deterministic, no atomics).
 
-The block table is built on the device with sort / scatter_add / cumsum / searchsorted over a
-static number of blocks, ``S // BM + min(S, E)`` (an upper bound of ``sum_e ceil(n_e / BM)``):
-no host synchronisation, a grid that depends on shapes only, so the step can be captured in a
-CUDA graph. Blocks past the last one, and sentinel slots (``id >= E``), do no work.
+The block table is built on the device by one single-program kernel (``_moe_align_kernel``: a
+histogram of expert ids, prefix sums, the table over a static number of blocks
+``S // BM + min(S, E)`` (an upper bound of ``sum_e ceil(n_e / BM)``), and the slot order by a
+counting sort with atomics), and a last kernel sums each token's ``K`` slot outputs in a fixed
+order. Four launches in all, no host synchronisation, a grid that depends on shapes only: the
+step can be captured in a CUDA graph. Blocks past the last one, and sentinel slots
+(``id >= E``), do no work. (The order of slots *within* one expert's run depends on atomics; each
+slot's result does not, so the output is deterministic.)
 """
 
 from __future__ import annotations
@@ -96,25 +100,79 @@ def _moe_down_kernel(
     tl.store(Out + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _moe_align_kernel(
+    Ids, Order, BlockExpert, BlockRow, BlockEnd, Scratch, S, NUM_BLOCKS,
+    E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BB: tl.constexpr,
+):
+    """One program: slot order and block table of the ``S`` slot ids (``EP >= E + 1``, a power of 2)."""
+    bins = tl.arange(0, EP)
+    counts = tl.zeros([EP], dtype=tl.int32)
+    for s0 in range(0, S, BS):
+        offs = s0 + tl.arange(0, BS)
+        ids = tl.minimum(tl.load(Ids + offs, mask=offs < S, other=E), E).to(tl.int32)
+        counts += tl.histogram(ids, EP)
+    counts = tl.where(bins < E, counts, 0)
+    nblk = (counts + BM - 1) // BM
+    blk_end = tl.cumsum(nblk, 0)
+    starts = tl.cumsum(counts, 0) - counts
+    tl.store(Scratch + bins, starts)
+    tl.store(Scratch + EP + bins, blk_end - nblk)
+    tl.store(Scratch + 2 * EP + bins, counts)
+    tl.store(Scratch + 3 * EP + bins, starts)  # cursors of the counting sort
+    tl.debug_barrier()
+    for b0 in range(0, NUM_BLOCKS, BB):
+        b = b0 + tl.arange(0, BB)
+        expert = tl.sum((blk_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
+        ec = tl.minimum(expert, E - 1)
+        first = tl.load(Scratch + ec)
+        row0 = first + (b - tl.load(Scratch + EP + ec)) * BM
+        row1 = first + tl.load(Scratch + 2 * EP + ec)
+        bmask = b < NUM_BLOCKS
+        tl.store(BlockExpert + b, tl.minimum(expert, E), mask=bmask)
+        tl.store(BlockRow + b, row0, mask=bmask)
+        tl.store(BlockEnd + b, row1, mask=bmask)
+    for s0 in range(0, S, BS):
+        offs = s0 + tl.arange(0, BS)
+        ids = tl.minimum(tl.load(Ids + offs, mask=offs < S, other=E), E).to(tl.int32)
+        valid = (offs < S) & (ids < E)
+        pos = tl.atomic_add(Scratch + 3 * EP + ids, 1, mask=valid)
+        tl.store(Order + pos, offs, mask=valid)
+
+
+@triton.jit
+def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
+                        HID: tl.constexpr, BH: tl.constexpr):
+    """``y[t] = sum_k out[t * K + k]`` over the token's non-sentinel slots, in slot order."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    cmask = cols < HID
+    acc = tl.zeros([BH], dtype=tl.float32)
+    for k in range(K_TOP):
+        slot = t * K_TOP + k
+        valid = tl.load(Ids + slot) < E  # sentinel rows hold garbage: select, do not multiply
+        acc += tl.where(valid, tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0), 0.0)
+    tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
+
+
 def block_table(ids: torch.Tensor, num_experts: int, bm: int):
-    """Slot order and per-block ``(expert, first row, row end)`` for slots ``ids [T, K]``;
-    blocks past the last real one get expert ``num_experts``."""
-    flat = ids.reshape(-1).clamp(max=num_experts).to(torch.int64)
+    """Slot order and per-block ``(expert, first row, row end)`` for slots ``ids [T, K]`` (one
+    launch); blocks past the last real one get expert ``num_experts``."""
+    flat = ids.reshape(-1)
     s = flat.numel()
-    order = torch.sort(flat, stable=True).indices.to(torch.int32)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    counts = counts[:num_experts]
-    starts = counts.cumsum(0) - counts
-    nblk = (counts + bm - 1) // bm
-    blk_end = nblk.cumsum(0)
     num_blocks = s // bm + min(s, num_experts)
-    b = torch.arange(num_blocks, device=ids.device, dtype=torch.int64)
-    expert = torch.searchsorted(blk_end, b, right=True)
-    ec = expert.clamp(max=num_experts - 1)
-    row0 = starts[ec] + (b - (blk_end[ec] - nblk[ec])) * bm
-    row1 = starts[ec] + counts[ec]
-    return order, expert.to(torch.int32), row0.to(torch.int32), row1.to(torch.int32), num_blocks
+    ep = triton.next_power_of_2(num_experts + 1)
+    dev = ids.device
+    order = torch.empty(s, dtype=torch.int32, device=dev)
+    expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    row0 = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    row1 = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    scratch = torch.empty(4 * ep, dtype=torch.int32, device=dev)
+    launch(_moe_align_kernel)[(1,)](
+        flat, order, expert, row0, row1, scratch, s, num_blocks,
+        E=num_experts, EP=ep, BM=bm, BS=min(1024, triton.next_power_of_2(s)), BB=32, num_warps=4,
+    )
+    return order, expert, row0, row1, num_blocks
 
 
 def _tiles(slots: int, num_experts: int) -> tuple[int, int, int, int, int]:
@@ -136,7 +194,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     x = x.contiguous()
     gate_up = gate_up.contiguous()
     down = down.contiguous()
-    w = weights.reshape(-1).to(torch.float32).contiguous()
+    w = weights.reshape(-1)
     bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e)
     order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
     hbuf = torch.empty((s, inter), dtype=x.dtype, device=x.device)
@@ -151,6 +209,9 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         hbuf.stride(0), down.stride(0), down.stride(1), out.stride(0),
         E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, num_warps=4, num_stages=3,
     )
-    valid = (ids.reshape(-1) < e).unsqueeze(-1)
-    out = torch.where(valid, out, 0.0)
-    return out.view(t, k, hid).sum(1).to(x.dtype)
+    y = torch.empty_like(x)
+    bh = min(1024, triton.next_power_of_2(hid))
+    launch(_moe_combine_kernel)[(t, triton.cdiv(hid, bh))](
+        out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, num_warps=4,
+    )
+    return y
