@@ -9,3 +9,9 @@ tests that want the kernel path through the ops).
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+
+import torch._inductor.config as _inductor_config  # noqa: E402
+
+# Inductor's CPU code: scalar C++ (no SIMD variants) compiles about twice as fast, and the tests'
+# models are tiny; what they check (tokens, graph contents) does not depend on vector width.
+_inductor_config.cpp.simdlen = 0

@@ -3,6 +3,7 @@
 Importing the package loads no Triton and initializes no CUDA; the kernels load on first use.
 """
 
+from .aoti import export, load
 from .api import optimize
 from .backend import register as _register_backend
 from .cache import XQuantCache
@@ -10,5 +11,5 @@ from .config import MoESchedule, XQuantConfig
 
 _register_backend()
 
-__all__ = ["MoESchedule", "XQuantCache", "XQuantConfig", "optimize"]
+__all__ = ["MoESchedule", "XQuantCache", "XQuantConfig", "export", "load", "optimize"]
 __version__ = "0.1.0"
