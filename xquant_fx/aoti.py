@@ -280,20 +280,11 @@ def _check_output_path(path) -> Path:
 
 
 def _check_model(model) -> None:
-    from .cache import kv_geometry, layer_types
+    from .api import check_causal_lm
 
-    name = type(model).__name__
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise ValueError(f"{name} is wrapped by torch.compile: export the original model")
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model, "generation_config")):
-        raise ValueError(f"{name} is not a transformers causal LM (no `config` / `generation_config`)")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder model: export supports decoder-only causal LMs")
-    try:
-        kv_geometry(model.config)
-        layer_types(model.config)
-    except ValueError as err:
-        raise ValueError(f"{name} cannot use the quantized KV cache: {err}") from None
+    check_causal_lm(model, "export")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "generation_config"):
+        raise ValueError(f"{type(model).__name__} is not a transformers causal LM (no `generation_config`)")
 
 
 def _resolve_config(config) -> XQuantConfig:

@@ -36,14 +36,13 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _check_supported(model) -> None:
+def check_causal_lm(model, action: str) -> None:
+    """Raise ``ValueError`` naming the problem unless ``model`` is an uncompiled transformers
+    decoder-only causal LM whose layers the quantized cache can hold; ``action`` completes
+    "... the original model" in the torch.compile message."""
     name = type(model).__name__
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise ValueError(
-            f"{name} is already compiled with torch.compile: call xquant.optimize on the original model"
-        )
-    if getattr(model, _MARK, False):
-        raise ValueError(f"{name} was already optimized by xquant_fx; optimize the original model once")
+        raise ValueError(f"{name} is already compiled with torch.compile: {action} the original model")
     if not hasattr(model, "generate") or not hasattr(model, "config"):
         raise ValueError(f"{name} is not a transformers generative model (no `generate`/`config`)")
     if getattr(model.config, "is_encoder_decoder", False):
@@ -53,6 +52,12 @@ def _check_supported(model) -> None:
         layer_types(model.config)
     except ValueError as err:
         raise ValueError(f"{name} cannot use the quantized KV cache: {err}") from None
+
+
+def _check_supported(model) -> None:
+    check_causal_lm(model, "call xquant.optimize on")
+    if getattr(model, _MARK, False):
+        raise ValueError(f"{type(model).__name__} was already optimized by xquant_fx; optimize the original model once")
 
 
 def _requested_length(model, args, kwargs) -> tuple[int, int]:
