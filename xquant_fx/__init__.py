@@ -8,8 +8,9 @@ from .api import optimize
 from .backend import register as _register_backend
 from .cache import XQuantCache
 from .config import MoESchedule, XQuantConfig
+from .config_search import search
 
 _register_backend()
 
-__all__ = ["MoESchedule", "XQuantCache", "XQuantConfig", "export", "load", "optimize"]
+__all__ = ["MoESchedule", "XQuantCache", "XQuantConfig", "export", "load", "optimize", "search"]
 __version__ = "0.1.0"

@@ -16,8 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_arguments(sub.add_parser("demo", help="real SmolLM2: answers, speed and memory, full vs quantized cache"))
     memory.add_arguments(sub.add_parser("memory", help="how many tokens / what batch fits on a GPU, for any HF config"))
-    add_eval_arguments(sub.add_parser("eval", help="perplexity, agreement and retrieval of presets on a real model"))
+    add_eval_arguments(sub.add_parser("eval", help="perplexity, agreement and retrieval of presets (and searched configs) on a real model"))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
     runner = {"demo": demo.run, "memory": memory.run, "eval": run_eval}[args.command]
     try:
@@ -37,6 +38,25 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", nargs="*", type=float, default=[0.1, 0.5, 0.9])
     parser.add_argument("--filler", type=int, default=100, help="filler sentences of the pass-key prompt")
     parser.add_argument("--out", type=Path, default=Path("eval-results"))
+    parser.add_argument("--search", type=_budget_list, default=None, metavar="BUDGET[,BUDGET...]",
+                        help="also search a config for each code-bit budget (e.g. 1.5,1.4,1.25) and evaluate it "
+                             "as search-<budget>")
+    parser.add_argument("--search-text", type=Path, default=None,
+                        help="calibration text of the search (default: docstrings of standard-library modules "
+                             "that the evaluation corpus does not use); must not overlap the evaluation text")
+    parser.add_argument("--search-tokens", type=int, default=384, help="calibration tokens of the search")
+    parser.add_argument("--search-stored", type=float, default=None, metavar="BITS",
+                        help="also bound the searched configs' stored bits (bf16, 8k tokens)")
+
+
+def _budget_list(text: str) -> list[float]:
+    try:
+        budgets = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--search {text!r}: comma-separated code-bit budgets, e.g. 1.5,1.4,1.25")
+    if not budgets or any(not b > 0 for b in budgets):
+        raise argparse.ArgumentTypeError(f"--search {text!r}: budgets must be positive numbers of code bits")
+    return budgets
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -55,11 +75,29 @@ def run_eval(args: argparse.Namespace) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
         name = str(args.model)
     text = args.text.read_text() if args.text else None
-    rows = evaluate.evaluate(model, tokenizer, args.presets, text, args.segments, args.segment_len, args.prefill,
+    configs: list = list(args.presets)
+    found = []
+    if args.search:
+        from . import config_search as search
+
+        calibration = args.search_text.read_text() if args.search_text else search.calibration_text()
+        search.check_disjoint(calibration, text or evaluate.default_corpus())
+        found = search.search(model, args.search, tokenizer, text=calibration if args.search_text else None,
+                              tokens=args.search_tokens, stored_budget_bits=args.search_stored, progress=True)
+        print(search.format_results(found), end="\n\n")
+        configs += [result.config for result in found]
+    rows = evaluate.evaluate(model, tokenizer, configs, text, args.segments, args.segment_len, args.prefill,
                              args.depths, args.filler)
     meta = (f"{name}, {rows[0].scored_tokens} scored tokens, {datetime.date.today()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, fp32 CPU")
     paths = evaluate.save(rows, args.out, meta)
+    if found:
+        source = args.search_text or "docstrings of Python's " + ", ".join(search.CALIBRATION_MODULES)
+        report = (f"# Searched configs, {meta}\n\nCalibration text (disjoint from the evaluation corpus): {source}."
+                  "\nCommand: python -m xquant_fx " + " ".join(getattr(args, "argv", [])) + "\n\n```\n"
+                  + search.format_results(found) + "\n```\n")
+        (args.out / "search.md").write_text(report)
+        paths.append(args.out / "search.md")
     print(evaluate.format_table(rows))
     print("saved: " + ", ".join(str(p) for p in paths))
     return 0

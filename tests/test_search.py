@@ -1,0 +1,233 @@
+"""Config search: the decode simulator equals the cache's decode, and search() keeps its promises
+(budget, clear minimum, determinism, monotone in the budget, usable configs, honest sharing)."""
+
+import math
+
+import pytest
+import torch
+
+from mini_models import mini_model
+from xquant_fx import XQuantCache, XQuantConfig, evaluate
+from xquant_fx.api import cache_argument
+from xquant_fx.cli import main as cli_main
+from xquant_fx.config import LayerPlan
+from xquant_fx.config_search import (
+    DecodeSimulator,
+    Score,
+    Sensitivity,
+    allocate,
+    calibration_text,
+    check_disjoint,
+    minimum_code_bits,
+    search,
+    sharing_rates,
+)
+
+G, R, P = 32, 64, 64  # small window so that 160-token windows quantize most of their past
+LAYERS = 6
+BUDGETS = [0.75, 1.0, 1.25, 1.5, 2.0]
+
+
+class ByteTokenizer:
+    """Text -> UTF-8 bytes folded into a small vocabulary (enough for the mini models)."""
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+
+    def __call__(self, text, return_tensors="pt"):
+        ids = torch.tensor([[b % self.vocab for b in text.encode()]])
+        return type("Encoding", (), {"input_ids": ids})()
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return mini_model("llama", num_hidden_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return ByteTokenizer()(calibration_text()).input_ids[0, : 2 * 160].view(2, 160)
+
+
+@pytest.fixture(scope="module")
+def found(mini, ids):
+    """One search call for several budgets (the measurements are shared)."""
+    return search(mini, BUDGETS, input_ids=ids, residual_length=R, prefill=P)
+
+
+def _decode_nll_mean(model, ids, config, prefill):
+    nll, _ = evaluate.decode_nll(model, ids, config, prefill)
+    return nll.double().mean().item()
+
+
+# ----------------------------------------------------------------------------- simulator
+@pytest.mark.parametrize("config", [
+    XQuantConfig(k_bits=16, v_bits=16, residual_length=R),
+    XQuantConfig(k_bits=2, v_bits=1, residual_length=R, eta={1: 1 / 6, 2: 0.09}),
+    XQuantConfig(k_bits=(1, 1, 2, 2, 4, 1), v_bits=(2, 1, 1, 1, 1, 1), k_share_from=0, v_share_from=2,
+                 residual_length=R, eta={1: 1 / 3, 2: 0.045}),
+], ids=["fp", "k2v1-calibrated", "mixed-shared"])
+def test_simulator_equals_decode(mini, ids, config):
+    """One parallel forward gives the token-by-token decode NLL of the real cache."""
+    sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R)
+    score = sim.score(config)
+    assert score.nll == pytest.approx(_decode_nll_mean(mini, ids, config, P), rel=1e-5, abs=1e-6)
+    if config.k_bits == 16:  # the reference pass; a plan pass over the decoded positions gives the same
+        assert sim.run(sim.plans(config), {}).kl == pytest.approx(0.0, abs=1e-6)
+        assert sim.run(sim.plans(config), {}).nll == pytest.approx(score.nll, rel=1e-6)
+    else:
+        assert score.kl > 0
+
+
+def test_replayed_layers_equal_a_full_pass(mini, ids):
+    sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R)
+    base = [LayerPlan(i, 2, 2) for i in range(LAYERS)]
+    sim.run(base, {2: 0.045}, record=True)
+    for layer in (1, 4):
+        plans = list(base)
+        plans[layer] = LayerPlan(layer, 1, 2)
+        assert sim.run(plans, {2: 0.045}, start=layer) == sim.run(plans, {2: 0.045})
+    with pytest.raises(ValueError, match="differ from the recorded pass"):
+        sim.run([LayerPlan(i, 1, 1) for i in range(LAYERS)], {2: 0.045}, start=3)
+
+
+def test_simulator_equals_decode_on_smollm2():
+    """The same on the real SmolLM2 (30 layers, GQA 9/3), presets' window, a short text."""
+    from xquant_fx import smollm2
+
+    model, tokenizer = smollm2.load(torch.float32)
+    ids = tokenizer(calibration_text(), return_tensors="pt").input_ids[:, :200]
+    sim = DecodeSimulator(model, ids)
+    for name in ("xquant-1.38", "kivi-2"):
+        config = XQuantConfig.preset(name)
+        assert sim.score(config).nll == pytest.approx(_decode_nll_mean(model, ids, config, 128), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- search
+def test_found_configs_respect_the_budget(found):
+    for result, budget in zip(found, BUDGETS):
+        assert result.budget_bits == budget
+        assert result.code_bits <= budget + 1e-9
+        assert result.config.code_bits(LAYERS) == pytest.approx(result.code_bits)
+        assert result.config.residual_length == R
+        assert result.score.kl >= 0 and result.reference.kl == 0
+        assert result.config.name in result.summary() and "search cost" in result.summary()
+
+
+def test_higher_budget_never_scores_worse(found, mini, ids):
+    kls = [r.score.kl for r in found]
+    assert all(hi <= lo for lo, hi in zip(kls, kls[1:])), kls
+    alone = [search(mini, b, input_ids=ids, residual_length=R, prefill=P, compare_presets=False) for b in (1.0, 2.0)]
+    assert alone[1].score.kl <= alone[0].score.kl
+
+
+def test_search_is_deterministic(found, mini, ids):
+    again = search(mini, BUDGETS, input_ids=ids, residual_length=R, prefill=P)
+    for a, b in zip(found, again):
+        assert a.config == b.config
+        assert a.score == b.score
+
+
+def test_budget_below_minimum_raises_naming_it(mini, ids):
+    assert minimum_code_bits(LAYERS) == 0.5
+    with pytest.raises(ValueError, match=r"minimum .*: 0\.5000 code bits"):
+        search(mini, 0.45, input_ids=ids, residual_length=R, prefill=P)
+    with pytest.raises(ValueError, match=r"minimum .*: 1\.0000 code bits"):
+        search(mini, 0.9, input_ids=ids, residual_length=R, prefill=P, sharing=False)
+    with pytest.raises(ValueError, match="stored_budget_bits=1 is below the minimum"):
+        search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, stored_budget_bits=1.0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        search(mini, 1.5)
+
+
+def test_stored_budget_and_no_sharing(mini, ids):
+    free = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
+    bound = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False,
+                   stored_budget_bits=free.stored_bits - 0.1)
+    assert bound.stored_bits <= free.stored_bits - 0.1 and bound.code_bits < free.code_bits
+    plain = search(mini, 1.25, input_ids=ids, residual_length=R, prefill=P, compare_presets=False, sharing=False)
+    assert not any(p.k_shares or p.v_shares for p in plain.config.resolve(LAYERS))
+    assert plain.sharing.startswith("not allowed")
+
+
+def test_found_config_is_usable_by_the_cache_and_evaluate(found, mini, ids):
+    result = found[2]
+    config = result.config
+    cache = XQuantCache(mini.config, config, max_cache_len=ids.shape[1] + 8)
+    out = mini.generate(ids[:1], max_new_tokens=8, do_sample=False, **{cache_argument(mini): cache})
+    assert out.shape == (1, ids.shape[1] + 8)
+    assert cache.memory_report()["code_bits"] == pytest.approx(result.code_bits)
+    # evaluate() on the calibration windows reproduces the search's own calibration perplexity
+    rows = evaluate.evaluate(mini, ByteTokenizer(), ["fp16", config], calibration_text(), segments=2,
+                             segment_len=160, prefill=P, depths=(), progress=False)
+    assert [r.config for r in rows] == ["fp16", config.name]
+    assert rows[1].code_bits == pytest.approx(result.code_bits, abs=1e-4)
+    assert rows[1].ppl == pytest.approx(result.score.ppl, rel=1e-4)
+    assert rows[0].ppl == pytest.approx(result.reference.ppl, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- sharing
+def _synthetic(share_cost: float, layers: int = 4) -> Sensitivity:
+    """Every 2 -> 1 bit change costs 0.01; sharing a pair costs ``share_cost`` at 2 bits."""
+    sens = Sensitivity(base_bits=2, base=Score(kl=0.1, nll=1.0), eta={})
+    for layer in range(layers):
+        for kind in "kv":
+            sens.layer[(layer, kind, 1)] = 0.01
+    for pair in range(layers // 2):
+        for kind in "kv":
+            sens.shared[(pair, kind, 2)] = share_cost
+            sens.shared[(pair, kind, 1)] = 0.02 + share_cost
+    return sens
+
+
+def test_allocation_shares_only_when_it_costs_less_per_bit():
+    # 10 of 16 code bits: six tensors must lose a bit, or three pairs share at 2 bits.
+    costly = allocate(_synthetic(share_cost=0.05), 4, 10, (1, 2), mode="both")
+    assert costly.k_share_from is None and costly.v_share_from is None
+    assert sorted(costly.k_bits + costly.v_bits).count(1) == 6
+    assert costly.predicted_increase == pytest.approx(0.06)
+    cheap = allocate(_synthetic(share_cost=0.001), 4, 10, (1, 2), mode="both")
+    assert cheap.k_share_from is not None or cheap.v_share_from is not None
+    assert cheap.predicted_increase < 0.06
+    config = XQuantConfig(k_bits=cheap.k_bits, v_bits=cheap.v_bits, k_share_from=cheap.k_share_from,
+                          v_share_from=cheap.v_share_from)
+    assert config.code_bits(4) * 8 == cheap.code_total <= 10
+    rates = sharing_rates(_synthetic(share_cost=0.05), 4, (1, 2))
+    assert rates["k"] == pytest.approx((0.025, 0.01))
+    assert allocate(_synthetic(0.05), 4, 3, (1, 2), mode="none") is None  # below 8 bits only sharing fits
+
+
+def test_search_reports_its_sharing_decision(found):
+    for result in found:
+        assert result.sharing.split(":")[0].split(",")[0] in ("used", "not used")
+        uses = any(p.k_shares or p.v_shares for p in result.config.resolve(LAYERS))
+        if result.sharing.startswith("not used"):
+            assert not uses
+    # below one code bit only sharing reaches the budget, and the report says so
+    assert found[0].sharing.startswith("used, and required")
+    assert any(p.k_shares or p.v_shares for p in found[0].config.resolve(LAYERS))
+
+
+# ----------------------------------------------------------------------------- text and CLI
+def test_calibration_text_is_disjoint_from_the_evaluation_corpus():
+    text = calibration_text()
+    check_disjoint(text, evaluate.default_corpus())
+    with pytest.raises(ValueError, match="overlaps the evaluation text"):
+        check_disjoint(text, "preamble\n" + text[1000:3000])
+
+
+def test_eval_command_searches_and_evaluates(tmp_path, monkeypatch, capsys):
+    from xquant_fx import smollm2
+
+    model = mini_model("llama", num_hidden_layers=4)
+    monkeypatch.setattr(smollm2, "load", lambda dtype=None: (model, ByteTokenizer()))
+    args = ["eval", "--presets", "fp16", "kivi-2", "--segments", "1", "--segment-len", "160", "--prefill", "64",
+            "--depths", "--search", "1.25,1.5", "--search-tokens", "160", "--out", str(tmp_path)]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "search-1.25" in out and "search-1.5" in out and "verified candidates" in out
+    lines = (tmp_path / "eval.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["fp16", "kivi-2", "search-1.25", "search-1.5"]
+    assert "Calibration text" in (tmp_path / "search.md").read_text()
+    assert cli_main(["eval", "--search", "0.1", "--out", str(tmp_path)]) == 2
+    assert "below the minimum" in capsys.readouterr().err
