@@ -1,8 +1,6 @@
 """Config search: the decode simulator equals the cache's decode, and search() keeps its promises
 (budget, clear minimum, determinism, monotone in the budget, usable configs, honest sharing)."""
 
-import math
-
 import pytest
 import torch
 
