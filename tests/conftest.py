@@ -9,6 +9,9 @@ tests that want the kernel path through the ops).
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+# The tests' models are tiny: one intra-op thread is faster than two on the 2-core CI machine, where
+# a second thread competes with Inductor's compile workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch._inductor.config as _inductor_config  # noqa: E402
 
