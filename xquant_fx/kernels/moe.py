@@ -30,7 +30,8 @@ from .common import launch
 
 
 @triton.jit
-def _block(BlockExpert, BlockRow, BlockEnd, Order, b, E: tl.constexpr, K_TOP: tl.constexpr, BM: tl.constexpr):
+def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr):
+    """Block ``b``'s expert, its ``BM`` row indices into the slot order, their mask and their slots."""
     e = tl.load(BlockExpert + b)
     r0 = tl.load(BlockRow + b)
     r1 = tl.load(BlockEnd + b)
@@ -49,7 +50,7 @@ def _moe_up_kernel(
 ):
     b = tl.program_id(0)
     nt = tl.program_id(1)
-    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, E, K_TOP, BM)
+    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM)
     if e >= E:
         return
     tok = (slots // K_TOP).to(tl.int64)
@@ -81,7 +82,7 @@ def _moe_down_kernel(
 ):
     b = tl.program_id(0)
     nt = tl.program_id(1)
-    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, E, K_TOP, BM)
+    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM)
     if e >= E:
         return
     cols = nt * BN + tl.arange(0, BN)
