@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
-    p.add_argument("--model-batches", nargs="+", type=int, default=[1, 64])
+    p.add_argument("--model-batches", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--inductor-batches", nargs="*", type=int, default=[1, 8],
                    help="layer batches also timed Inductor-compiled (at k = K and about K/2)")
     p.add_argument("--model-layers", type=int, default=8, help="decoder layers in the model-decode part (0: skip)")
