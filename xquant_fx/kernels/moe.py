@@ -18,13 +18,6 @@ order. Four launches in all, no host synchronisation, a grid that depends on sha
 step can be captured in a CUDA graph. Blocks past the last one, and sentinel slots
 (``id >= E``), do no work. (The order of slots *within* one expert's run depends on atomics; each
 slot's result does not, so the output is deterministic.)
-
-Decode (``T * K <= SLOT_PATH_MAX_SLOTS``) takes a shorter path of two launches and no block
-table: at that size an expert rarely gets two slots, so sorting buys nothing and its kernel is a
-fixed cost that does not shrink with ``K``. ``_moe_slot_up_kernel`` gives each slot its own
-programs (reading its expert's gate/up rows once; a sentinel slot's programs return at once) and
-``_moe_slot_down_kernel`` sums a token's ``K`` slots in its registers (the combine folded in), so
-the step's cost is the selected experts' weights plus two launches.
 """
 
 from __future__ import annotations
@@ -163,100 +156,6 @@ def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TO
     tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _moe_slot_up_kernel(
-    X, GateUp, Ids, Hbuf, stride_xt, stride_ge, stride_gn, stride_hs,
-    E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
-):
-    """``h[s] = silu(x[t] @ gate[e]^T) * (x[t] @ up[e]^T)`` for one slot ``s`` and ``BN`` columns."""
-    s = tl.program_id(0)
-    e = tl.load(Ids + s)
-    if e >= E:
-        return
-    tok = (s // K_TOP).to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    cmask = cols < INTER
-    w_base = GateUp + e.to(tl.int64) * stride_ge
-    acc_g = tl.zeros((BN,), dtype=tl.float32)
-    acc_u = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(0, HID, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < HID
-        xt = tl.load(X + tok * stride_xt + ks, mask=kmask, other=0.0).to(tl.float32)
-        wmask = cmask[:, None] & kmask[None, :]
-        wg = tl.load(w_base + cols[:, None] * stride_gn + ks[None, :], mask=wmask, other=0.0)
-        wu = tl.load(w_base + (cols[:, None] + INTER) * stride_gn + ks[None, :], mask=wmask, other=0.0)
-        acc_g += tl.sum(wg.to(tl.float32) * xt[None, :], axis=1)
-        acc_u += tl.sum(wu.to(tl.float32) * xt[None, :], axis=1)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(Hbuf + s.to(tl.int64) * stride_hs + cols, h.to(Hbuf.dtype.element_ty), mask=cmask)
-
-
-@triton.jit
-def _moe_slot_down_kernel(
-    Hbuf, Down, Ids, W, Y, stride_hs, stride_de, stride_dn, stride_yt,
-    E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
-):
-    """``y[t] = sum_k w[s] * (h[s] @ down[e]^T)`` over token ``t``'s non-sentinel slots ``s = t*K + k``,
-    in slot order, for ``BN`` output columns."""
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    cmask = cols < HID
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for k in range(K_TOP):
-        s = t * K_TOP + k
-        e = tl.load(Ids + s)
-        valid = e < E
-        inner = tl.where(valid, INTER, 0)  # a sentinel slot loads nothing (its h row was never written)
-        w_base = Down + tl.minimum(e, E - 1).to(tl.int64) * stride_de
-        part = tl.zeros((BN,), dtype=tl.float32)
-        for k0 in range(0, INTER, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < inner
-            a = tl.load(Hbuf + s.to(tl.int64) * stride_hs + ks, mask=kmask, other=0.0).to(tl.float32)
-            wd = tl.load(w_base + cols[:, None] * stride_dn + ks[None, :], mask=cmask[:, None] & kmask[None, :],
-                         other=0.0)
-            part += tl.sum(wd.to(tl.float32) * a[None, :], axis=1)
-        acc += tl.where(valid, part * tl.load(W + s).to(tl.float32), 0.0)
-    tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
-
-
-# Slots (T * K) up to which the two-launch slot path runs: a decode step of a few sequences.
-SLOT_PATH_MAX_SLOTS = 32
-
-
-def _slot_tile(rows: int, cols: int) -> int:
-    """Column tile of a slot kernel: 32 wide, or 16 / 8 while fewer than ~2 programs per SM of an
-    H100/H200 (132 SMs) would run."""
-    for bn in (32, 16):
-        if rows * triton.cdiv(cols, bn) >= 256:
-            return bn
-    return 8
-
-
-def _slot_experts(x, ids, w, gate_up, down, inter: int) -> torch.Tensor:
-    t, hid = x.shape
-    e = gate_up.shape[0]
-    k = ids.shape[-1]
-    s = t * k
-    flat = ids.reshape(-1)
-    hbuf = torch.empty((s, inter), dtype=x.dtype, device=x.device)
-    bn = _slot_tile(s, inter)
-    launch(_moe_slot_up_kernel)[(s, triton.cdiv(inter, bn))](
-        x, gate_up, flat, hbuf, x.stride(0), gate_up.stride(0), gate_up.stride(1), hbuf.stride(0),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BN=bn, BK=128, num_warps=4,
-    )
-    y = torch.empty_like(x)
-    bn = _slot_tile(t, hid)
-    launch(_moe_slot_down_kernel)[(t, triton.cdiv(hid, bn))](
-        hbuf, down, flat, w, y, hbuf.stride(0), down.stride(0), down.stride(1), y.stride(0),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BN=bn, BK=128, num_warps=4,
-    )
-    return y
-
-
 def block_table(ids: torch.Tensor, num_experts: int, bm: int):
     """Slot order and per-block ``(expert, first row, row end)`` for slots ``ids [T, K]`` (one
     launch); blocks past the last real one get expert ``num_experts``."""
@@ -287,8 +186,7 @@ def _tiles(slots: int, num_experts: int) -> tuple[int, int, int, int, int]:
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                 down: torch.Tensor) -> torch.Tensor:
-    """:func:`xquant_fx.moe.experts_reference` with the kernels above: the slot path for a decode
-    step of at most ``SLOT_PATH_MAX_SLOTS`` slots, the grouped path (block table) beyond."""
+    """:func:`xquant_fx.moe.experts_reference` with the two kernels above."""
     t, hid = x.shape
     e, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -298,8 +196,6 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     gate_up = gate_up.contiguous()
     down = down.contiguous()
     w = weights.reshape(-1)
-    if s <= SLOT_PATH_MAX_SLOTS:
-        return _slot_experts(x, ids, w, gate_up, down, inter)
     bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e)
     order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
     hbuf = torch.empty((s, inter), dtype=x.dtype, device=x.device)
