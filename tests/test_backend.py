@@ -74,3 +74,23 @@ def test_optimize_same_tokens_as_eager_cache_per_family(family):
     optimize(model, "xquant-1.38", compile=True)
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), eager)
     torch._dynamo.reset()
+
+
+def test_optimize_fp8_metadata_same_tokens_and_logits_as_eager_cache():
+    """A float8-metadata config (scales and zero points stored as float8_e4m3fn) through optimize():
+    the compiled decode step gives the eager XQuantCache's greedy tokens and logits."""
+    from xquant_fx import XQuantConfig
+
+    xq = XQuantConfig.from_spec("kivi-2:metadata_dtype=float8_e4m3fn,residual_length=32")
+    model = mini_model("llama", num_hidden_layers=2)
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    steps = dict(max_new_tokens=40, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    cache = XQuantCache(model.config, xq, max_cache_len=80)
+    eager = model.generate(ids, **steps, **{cache_argument(model): cache})
+    assert cache.layers[0].k_scale.dtype == torch.float8_e4m3fn
+    torch._dynamo.reset()
+    optimize(model, xq.name, compile=True)  # the spec string, as a user would write it
+    compiled = model.generate(ids, **steps)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

@@ -68,6 +68,12 @@ def assert_state_matches(lm, cache, stored):
             tensor, ref = tensor[:, :, :stored], ref[:, :, :stored]
         if tensor.dtype == torch.int32:
             assert torch.equal(tensor, ref), key
+        elif tensor.dtype == torch.float8_e4m3fn:
+            # float8 scales / zero points: a float32 rounding difference before the cast may move a
+            # value to the neighbouring float8 step (1/8 relative) and no further
+            a, b = tensor.float(), ref.float()
+            assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all(), key
+            assert (a != b).float().mean() < 0.01, key
         else:
             torch.testing.assert_close(tensor, ref, rtol=1e-5, atol=1e-5, msg=key)
 
@@ -115,6 +121,21 @@ def test_mini_greedy_tokens_equal_eager(mini, mini_lm, length):
     assert mini_lm.position == out.shape[1] - 1  # the last token is returned, not stored
     assert_state_matches(mini_lm, cache, mini_lm.position)
     assert mini_lm.last_timing["decode_steps"] == out.shape[1] - length - 1
+
+
+def test_fp8_metadata_package_equals_eager(mini, tmp_path):
+    """A config given as a spec string with float8 scales and zero points: the decode package keeps
+    them in float8 and gives the eager cache's tokens and stored state."""
+    spec = "kivi-2:metadata_dtype=float8_e4m3fn,residual_length=32"
+    path = export(mini, prompt(8), tmp_path / "fp8.pt2", spec, max_cache_len=MINI_LEN, prefill=False,
+                  inductor_configs=FAST)
+    lm = load(path, config=spec)
+    assert lm.state["0.k_scale"].dtype == torch.float8_e4m3fn and lm.config.metadata_dtype == "float8_e4m3fn"
+    ids = prompt(20, seed=5)
+    ref, cache = eager_generate(mini, ids, 30, spec, MINI_LEN)
+    out = lm.generate(ids, 30)  # the model's eos, as transformers uses it
+    assert torch.equal(out, ref)
+    assert_state_matches(lm, cache, lm.position)
 
 
 def test_mini_long_prompt_goes_through_decode(mini, mini_lm):
@@ -186,6 +207,10 @@ def test_export_refuses_bad_arguments(mini, tmp_path):
         export(mini, ids.float(), tmp_path / "m.pt2", max_cache_len=32)
     with pytest.raises(ValueError, match="unknown preset"):
         export(mini, ids, tmp_path / "m.pt2", "xquant-9", max_cache_len=32)
+    with pytest.raises(ValueError, match="unknown field 'bits'"):
+        export(mini, ids, tmp_path / "m.pt2", "kivi-2:bits=3", max_cache_len=32)
+    with pytest.raises(ValueError, match="MoE options"):
+        export(mini, ids, tmp_path / "m.pt2", "kivi-2:moe_top_k=2", max_cache_len=32)
     with pytest.raises(ValueError, match="torch.compile"):
         export(torch.compile(mini), ids, tmp_path / "m.pt2", max_cache_len=32)
     with pytest.raises(ValueError, match="aot_inductor.package_constants_in_so"):

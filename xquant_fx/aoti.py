@@ -110,7 +110,7 @@ from pathlib import Path
 
 import torch
 
-from .config import XQuantConfig
+from .config import MoESchedule, XQuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ XQUANT_KERNELS = ("_append_token_kernel", "_attend_kernel", "_attend_tail_kernel
 #: Default of ``ExportedLM.generate(eos_token_id=...)``: the model's eos ids recorded at export.
 _FROM_PACKAGE = object()
 
-_DTYPES = {str(dt): dt for dt in (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64)}
+_DTYPES = {str(dt): dt for dt in (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64,
+                                   torch.float8_e4m3fn)}
 
 
 class PackageError(ValueError):
@@ -252,18 +253,22 @@ def config_to_dict(config: XQuantConfig) -> dict:
     """JSON form of an :class:`XQuantConfig` (eta keys as strings)."""
     d = dataclasses.asdict(config)
     d["eta"] = {str(k): v for k, v in config.eta.items()}
-    for name in ("k_bits", "v_bits"):
+    for name in ("k_bits", "v_bits", "moe_top_k"):
         if isinstance(d[name], tuple):
             d[name] = list(d[name])
+    if isinstance(config.moe_top_k, MoESchedule):  # a NamedTuple: asdict would make it a plain tuple
+        d["moe_top_k"] = {"schedule": config.moe_top_k._asdict()}
     return d
 
 
 def config_from_dict(d: dict) -> XQuantConfig:
     d = dict(d)
     d["eta"] = {int(k): v for k, v in d.get("eta", {}).items()}
-    for name in ("k_bits", "v_bits"):
+    for name in ("k_bits", "v_bits", "moe_top_k"):
         if isinstance(d.get(name), list):
             d[name] = tuple(d[name])
+    if isinstance(d.get("moe_top_k"), dict):
+        d["moe_top_k"] = MoESchedule(**d["moe_top_k"]["schedule"])
     return XQuantConfig(**d)
 
 
@@ -291,9 +296,14 @@ def _resolve_config(config) -> XQuantConfig:
     if config is None:
         return XQuantConfig.preset("xquant-1.38")
     if isinstance(config, str):
-        return XQuantConfig.preset(config)
+        config = XQuantConfig.from_spec(config)
     if not isinstance(config, XQuantConfig):
         raise ValueError(f"config must be an XQuantConfig or a preset name, got {type(config).__name__}")
+    if config.prunes_experts:
+        raise ValueError(
+            f"config {config.name!r} sets MoE options (moe_*), which export does not apply (the package runs "
+            "the model's own routing); use optimize() for expert pruning, or drop the moe_* fields"
+        )
     return config
 
 

@@ -4,13 +4,17 @@ Storage of one quantized layer (``B`` = max batch, ``H`` = KV heads, ``T`` = max
 ``Tq`` = code capacity, ``G`` = group size, ``R`` = residual window)::
 
     k_codes  int32  [B, H, Tq*kb/32, Dk]   keys, per-channel groups of G tokens, packed over tokens
-    k_scale  dtype  [B, H, Tq/G, Dk]       calibrated scale / zero point of each key group
-    k_zero   dtype  [B, H, Tq/G, Dk]
+    k_scale  mdtype [B, H, Tq/G, Dk]       calibrated scale / zero point of each key group
+    k_zero   mdtype [B, H, Tq/G, Dk]
     v_codes  int32  [B, H, Tq, Dv*vb/32]   values, per-token groups of G channels, packed over channels
-    v_scale  dtype  [B, H, Tq, Dv/G]
-    v_zero   dtype  [B, H, Tq, Dv/G]
+    v_scale  mdtype [B, H, Tq, Dv/G]
+    v_zero   mdtype [B, H, Tq, Dv/G]
     k_window dtype  [B, H, R, Dk]          ring buffer: token t lives in slot t % R
     v_window dtype  [B, H, R, Dv]
+
+``dtype`` is the model's; ``mdtype`` the metadata dtype, the model's too unless
+``XQuantConfig.metadata_dtype`` asks for ``float8_e4m3fn`` (written through
+:func:`quant.to_metadata`: clamped to +-448, then cast; read back as float32).
 
 A layer that shares codes (the odd layer of a pair, XQuant §3.3) has no ``k_codes``/``v_codes``
 and reads its partner's. A tensor with 16 bits is kept whole (``keys``/``values [B, H, T, D]``).
@@ -120,6 +124,7 @@ class XQuantLayer(StaticLayer):
         self.max_batch_size = max_batch_size
         self.G = config.group_size
         self.R = config.residual_length
+        self.metadata_dtype_name = config.metadata_dtype
         self.k_eta = config.eta_for(plan.k_bits) if plan.k_bits != FULL_PRECISION else 0.0
         self.v_eta = config.eta_for(plan.v_bits) if plan.v_bits != FULL_PRECISION else 0.0
         # Positions [0, Tq) can ever be quantized: the newest R tokens never are.
@@ -127,17 +132,18 @@ class XQuantLayer(StaticLayer):
 
     # ------------------------------------------------------------------ allocation
     def storage_spec(self, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype) -> dict[str, tuple]:
-        """Name -> (shape, dtype) of every tensor this layer allocates."""
+        """Name -> (shape, dtype) of every tensor this layer allocates (``dtype``: the model's)."""
         B, H, T, Tq, G, R = self.max_batch_size, heads, self.max_cache_len, self.Tq, self.G, self.R
         kb, vb = self.plan.k_bits, self.plan.v_bits
+        mdtype = quant.metadata_dtype(self.metadata_dtype_name, dtype)
         spec: dict[str, tuple] = {}
         if kb == FULL_PRECISION:
             spec["keys"] = ((B, H, T, k_dim), dtype)
         else:
             if not self.plan.k_shares:
                 spec["k_codes"] = ((B, H, Tq * kb // 32, k_dim), torch.int32)
-            spec["k_scale"] = ((B, H, Tq // G, k_dim), dtype)
-            spec["k_zero"] = ((B, H, Tq // G, k_dim), dtype)
+            spec["k_scale"] = ((B, H, Tq // G, k_dim), mdtype)
+            spec["k_zero"] = ((B, H, Tq // G, k_dim), mdtype)
             spec["k_window"] = ((B, H, R, k_dim), dtype)
         if vb == FULL_PRECISION:
             spec["values"] = ((B, H, T, v_dim), dtype)
@@ -151,8 +157,8 @@ class XQuantLayer(StaticLayer):
                 raise ValueError(f"value head_dim {v_dim} at {vb} bits does not fill whole 32-bit words")
             if not self.plan.v_shares:
                 spec["v_codes"] = ((B, H, Tq, v_dim * vb // 32), torch.int32)
-            spec["v_scale"] = ((B, H, Tq, v_dim // G), dtype)
-            spec["v_zero"] = ((B, H, Tq, v_dim // G), dtype)
+            spec["v_scale"] = ((B, H, Tq, v_dim // G), mdtype)
+            spec["v_zero"] = ((B, H, Tq, v_dim // G), mdtype)
             spec["v_window"] = ((B, H, R, v_dim), dtype)
         return spec
 
@@ -278,16 +284,16 @@ class XQuantLayer(StaticLayer):
                 codes, scale, zero = quant.quantize_keys(seq[:, :, lo - base : hi - base], bits, G, self.k_eta)
                 if not shares:
                     self.k_codes[:b, :, lo * bits // 32 : hi * bits // 32] = quant.pack(codes, bits, -2)
-                self.k_scale[:b, :, lo // G : hi // G] = scale.to(self.dtype)
-                self.k_zero[:b, :, lo // G : hi // G] = zero.to(self.dtype)
+                self.k_scale[:b, :, lo // G : hi // G] = quant.to_metadata(scale, self.k_scale.dtype)
+                self.k_zero[:b, :, lo // G : hi // G] = quant.to_metadata(zero, self.k_zero.dtype)
         else:
             lo, hi = quant.value_boundary(p0, R), quant.value_boundary(n, R)
             if hi > lo:
                 codes, scale, zero = quant.quantize_values(seq[:, :, lo - base : hi - base], bits, G, self.v_eta)
                 if not shares:
                     self.v_codes[:b, :, lo:hi] = quant.pack(codes, bits, -1)
-                self.v_scale[:b, :, lo:hi] = scale.to(self.dtype)
-                self.v_zero[:b, :, lo:hi] = zero.to(self.dtype)
+                self.v_scale[:b, :, lo:hi] = quant.to_metadata(scale, self.v_scale.dtype)
+                self.v_zero[:b, :, lo:hi] = quant.to_metadata(zero, self.v_zero.dtype)
         keep = max(base, n - R)
         window.index_copy_(2, torch.arange(keep, n, device=self.device) % R, seq[:, :, keep - base :])
 
@@ -339,7 +345,8 @@ class XQuantCache(Cache):
 
     Args:
         model_config: the model's ``PretrainedConfig`` (``model.config``).
-        xquant_config: an :class:`XQuantConfig` or a preset name (default ``"xquant-1.38"``).
+        xquant_config: an :class:`XQuantConfig`, a preset name (default ``"xquant-1.38"``) or a
+            spec (:meth:`XQuantConfig.from_spec`).
         max_batch_size: sequences the cache is allocated for; a smaller batch uses a slice.
         max_cache_len: tokens per sequence (prompt + generated); required.
         device, dtype: allocate now; when either is missing, storage is allocated at the first
@@ -365,7 +372,7 @@ class XQuantCache(Cache):
         tp_size: int = 1,
     ):
         if isinstance(xquant_config, str) or xquant_config is None:
-            xquant_config = XQuantConfig.preset(xquant_config or "xquant-1.38")
+            xquant_config = XQuantConfig.from_spec(xquant_config or "xquant-1.38")
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"XQuantCache needs max_cache_len, a positive int (prompt + new tokens); got {max_cache_len!r}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -451,15 +458,16 @@ class XQuantCache(Cache):
         ``elements`` counts the K and V values the cache can hold (sliding layers: their window);
         ``code_bits`` is the paper's measure (integer code bits per element, window and scale/zero
         ignored, full-precision tensors at their dtype bits); ``stored_bits`` is every byte held
-        (codes, scales, zeros, windows, full-precision layers) per element; ``bf16_bytes`` what a
-        bf16 cache of the same capacity holds. Exact before allocation too (``dtype`` defaults to
-        the cache's, else bfloat16). With ``tp_size`` > 1 every count is this rank's (its share of
-        the KV heads).
+        (codes, scales, zeros, windows, full-precision layers) per element; ``metadata_bits`` the
+        part of it that is scales and zero points (at the metadata dtype's width: 8 bits each
+        with ``metadata_dtype="float8_e4m3fn"``); ``bf16_bytes`` what a bf16 cache of the same
+        capacity holds. Exact before allocation too (``dtype`` defaults to the cache's, else
+        bfloat16). With ``tp_size`` > 1 every count is this rank's (its share of the KV heads).
         """
         dtype = dtype or self.dtype or torch.bfloat16
         heads, k_dim, v_dim = self.geometry
         B, T = self.max_batch_size, self.max_cache_len
-        elements = code = stored = 0
+        elements = code = stored = metadata = 0
         for plan, layer in zip(self.plans, self.layers):
             if plan.sliding:
                 cap = layer.max_cache_len
@@ -470,6 +478,8 @@ class XQuantCache(Cache):
                 continue
             spec = layer.storage_spec(heads, k_dim, v_dim, dtype)
             stored += sum(math.prod(shape) * dt.itemsize for shape, dt in spec.values())
+            metadata += sum(math.prod(shape) * dt.itemsize for name, (shape, dt) in spec.items()
+                            if name.endswith(("_scale", "_zero")))
             nk, nv = B * heads * T * k_dim, B * heads * T * v_dim
             elements += nk + nv
             kb = dtype.itemsize * 8 if plan.k_bits == FULL_PRECISION else (0 if plan.k_shares else plan.k_bits)
@@ -483,6 +493,7 @@ class XQuantCache(Cache):
             "bf16_bytes": elements * 2,
             "code_bits": code / elements,
             "stored_bits": stored * 8 / elements,
+            "metadata_bits": metadata * 8 / elements,
             "compression": elements * 2 / stored,
         }
 

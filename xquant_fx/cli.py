@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a local HF model directory (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--presets", nargs="+", default=list(XQuantConfig.PRESETS))
+    parser.add_argument("--presets", nargs="+", default=list(XQuantConfig.PRESETS), type=_spec, metavar="SPEC",
+                        help="presets to evaluate, each optionally modified: PRESET:field=value[,field=value...] "
+                             "(e.g. kivi-2:metadata_dtype=float8_e4m3fn, xquant-1.38:group_size=64); a row is "
+                             "named by its spec")
     parser.add_argument("--text", type=Path, default=None, help="corpus file (default: CPython LICENSE + docstrings)")
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--segment-len", type=int, default=640)
@@ -38,6 +41,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", nargs="*", type=float, default=[0.1, 0.5, 0.9])
     parser.add_argument("--filler", type=int, default=100, help="filler sentences of the pass-key prompt")
     parser.add_argument("--out", type=Path, default=Path("eval-results"))
+    parser.add_argument("--append", action="store_true",
+                        help="merge the new rows into --out's eval.csv (a row of the same name is replaced in place, "
+                             "others kept) and rewrite eval.md / eval.csv / eval.png from all of them; refused when "
+                             "the table comes from a run with other settings, model or versions")
     parser.add_argument("--search", type=_budget_list, default=None, metavar="BUDGET[,BUDGET...]",
                         help="also search a config for each code-bit budget (e.g. 1.5,1.4,1.25) and evaluate it "
                              "as search-<budget>")
@@ -47,6 +54,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-tokens", type=int, default=384, help="calibration tokens of the search")
     parser.add_argument("--search-stored", type=float, default=None, metavar="BITS",
                         help="also bound the searched configs' stored bits (bf16, 8k tokens)")
+
+
+def _spec(text: str) -> str:
+    try:
+        XQuantConfig.from_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text.strip()
 
 
 def _budget_list(text: str) -> list[float]:
@@ -67,14 +82,29 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from . import evaluate, smollm2
 
+    name = "SmolLM2-135M-Instruct" if args.model is None else str(args.model)
+    text = args.text.read_text() if args.text else None
+    run = evaluate.RunInfo(
+        model=name,
+        scored_tokens=args.segments * (args.segment_len - args.prefill),
+        settings=evaluate.run_settings(args.segments, args.segment_len, args.prefill, args.depths, args.filler, text),
+        environment=f"torch {torch.__version__}, transformers {transformers.__version__}, fp32 CPU",
+        date=str(datetime.date.today()),
+    )
+    old_rows = []
+    if args.append and (args.out / "eval.csv").exists():
+        old_rows = evaluate.load_rows(args.out)
+        # Refuse before spending the run: this run's rows must be able to join the table.
+        planned = evaluate.EvalRow("(this run)", 0.0, 0.0, 0.0, 0.0, 0.0, "", run.scored_tokens)
+        try:
+            evaluate.check_same_run(old_rows + evaluate.stamp([planned], run))
+        except ValueError as err:
+            raise ValueError(f"--append to {args.out / 'eval.csv'}: {err}") from None
     if args.model is None:
         model, tokenizer = smollm2.load(torch.float32)
-        name = "SmolLM2-135M-Instruct"
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-        name = str(args.model)
-    text = args.text.read_text() if args.text else None
     configs: list = list(args.presets)
     found = []
     if args.search:
@@ -86,11 +116,17 @@ def run_eval(args: argparse.Namespace) -> int:
                               tokens=args.search_tokens, stored_budget_bits=args.search_stored, progress=True)
         print(search.format_results(found), end="\n\n")
         configs += [result.config for result in found]
-    rows = evaluate.evaluate(model, tokenizer, configs, text, args.segments, args.segment_len, args.prefill,
-                             args.depths, args.filler)
-    meta = (f"{name}, {rows[0].scored_tokens} scored tokens, {datetime.date.today()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, fp32 CPU")
-    paths = evaluate.save(rows, args.out, meta)
+    rows = evaluate.stamp(evaluate.evaluate(model, tokenizer, configs, text, args.segments, args.segment_len,
+                                            args.prefill, args.depths, args.filler), run)
+    meta = evaluate.meta_line(rows)
+    try:
+        table = evaluate.merge_rows(old_rows, rows)
+    except ValueError as err:  # keep what the run measured
+        kept = evaluate.save(rows, args.out / "unmerged", meta)
+        raise ValueError(
+            f"--append to {args.out / 'eval.csv'}: {err}; this run's rows are in {kept[0].parent}"
+        ) from None
+    paths = evaluate.save(table, args.out, evaluate.meta_line(table))
     if found:
         source = args.search_text or "docstrings of Python's " + ", ".join(search.CALIBRATION_MODULES)
         report = (f"# Searched configs, {meta}\n\nCalibration text (disjoint from the evaluation corpus): {source}."
@@ -99,5 +135,7 @@ def run_eval(args: argparse.Namespace) -> int:
         (args.out / "search.md").write_text(report)
         paths.append(args.out / "search.md")
     print(evaluate.format_table(rows))
+    if old_rows:
+        print(f"merged into {args.out / 'eval.csv'}: {len(table)} rows")
     print("saved: " + ", ".join(str(p) for p in paths))
     return 0

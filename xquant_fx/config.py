@@ -16,6 +16,10 @@ QUANT_BITS = (1, 2, 4)
 FULL_PRECISION = 16
 ALLOWED_BITS = QUANT_BITS + (FULL_PRECISION,)
 ALLOWED_GROUPS = (32, 64, 128)
+#: Storage of the per-group scales and zero points besides the model dtype (``None``).
+METADATA_DTYPES = ("float8_e4m3fn",)
+#: Largest finite float8_e4m3fn value: metadata is clamped to +-FP8_E4M3_MAX before the cast.
+FP8_E4M3_MAX = 448.0
 
 # Calibration strength per bit width (XQuant §3.2: z^ = z + eta*s*(2^B-1), s^ = (1-2 eta) s).
 # Chosen on SmolLM2-135M-Instruct over the paper's grid by decode-condition perplexity; the sweep
@@ -106,6 +110,16 @@ class XQuantConfig:
             below this fraction of the token's top weight. In [0, 1); 0 or ``None`` is off.
         moe_top_p: per-token dynamic pruning: keep the fewest top experts whose weights reach this
             fraction of the token's top-k weight. In (0, 1]; 1 or ``None`` is off.
+        metadata_dtype: storage of the per-group scales and zero points. ``None`` (default): the
+            model dtype (16 bits each in a bf16/fp16 model: 1 bit per value at G=32, keys and
+            values alike). ``"float8_e4m3fn"`` (``torch.float8_e4m3fn`` is accepted too): 8 bits
+            each, halving that cost; values are clamped to the format's finite range (+-448)
+            before the cast, so none becomes NaN, and are read back into float32 as before. The
+            codes and the full-precision window are unchanged. Needs a GPU with fp8 support
+            (sm_89 or newer) on CUDA.
+
+    A config can also be written as a spec string, :meth:`from_spec`:
+    ``"kivi-2:metadata_dtype=float8_e4m3fn"``, ``"xquant-1.38:group_size=64"``.
     """
 
     k_bits: BitsSpec = 2
@@ -120,6 +134,7 @@ class XQuantConfig:
     moe_renormalize: bool = False
     moe_min_weight: float | None = None
     moe_top_p: float | None = None
+    metadata_dtype: str | None = None
 
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
@@ -157,6 +172,15 @@ class XQuantConfig:
             if not isinstance(eta, (int, float)) or not 0.0 <= eta < 0.5:
                 raise ValueError(f"XQuantConfig.eta[{bits}]={eta!r}: must be a number in [0, 0.5)")
         self._check_moe()
+        md = self.metadata_dtype
+        if md is not None and not isinstance(md, str) and str(md) == "torch.float8_e4m3fn":
+            md = "float8_e4m3fn"  # the torch dtype itself: stored by name (configs serialize to JSON)
+            object.__setattr__(self, "metadata_dtype", md)
+        if md is not None and md not in METADATA_DTYPES:
+            raise ValueError(
+                f"XQuantConfig.metadata_dtype={md!r}: must be None (scales and zero points in the model dtype) "
+                f"or one of {', '.join(repr(d) for d in METADATA_DTYPES)}"
+            )
 
     def _check_moe(self) -> None:
         def positive_int(x) -> bool:
@@ -244,6 +268,52 @@ class XQuantConfig:
     def replace(self, **changes) -> "XQuantConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_spec(cls, spec: str) -> "XQuantConfig":
+        """A preset, optionally with some fields changed: ``PRESET`` or
+        ``PRESET:field=value[,field=value...]``, e.g. ``"kivi-2:metadata_dtype=float8_e4m3fn"``,
+        ``"xquant-1.38:group_size=64,metadata_dtype=float8_e4m3fn"``. The config is named by the
+        spec itself (reports, eval rows).
+
+        Values: ints (``group_size=64``); per-layer bits as ``k_bits=2/2/4/4``; ``none`` for an
+        optional field (``v_share_from=none``, ``metadata_dtype=none``); share starts as a layer
+        index (``16``) or a fraction (``0.5``); ``eta=1:0.1667/2:0.09`` (``eta=none``: no
+        calibration); ``moe_top_k`` an int or one per MoE layer (``4/4/2``); ``moe_renormalize``
+        ``true``/``false``. ``name`` cannot be set (it is the spec). Raises ``ValueError`` naming
+        the spec and what is wrong: an unknown preset or field, a malformed or repeated
+        ``field=value``, or a value the field does not accept.
+        """
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"config spec {spec!r}: expected PRESET or PRESET:field=value[,field=value...]")
+        text = spec.strip()
+        preset, sep, rest = text.partition(":")
+        preset = preset.strip()
+        if preset not in cls.PRESETS:
+            raise ValueError(f"config spec {text!r}: unknown preset {preset!r}; choose one of {', '.join(cls.PRESETS)}")
+        base = cls.preset(preset)
+        if not sep:
+            return base
+        changes: dict = {}
+        for item in rest.split(","):
+            field_name, eq, value = (part.strip() for part in item.partition("="))
+            if not eq or not field_name or not value:
+                raise ValueError(f"config spec {text!r}: {item.strip()!r} is not field=value")
+            if field_name not in _SPEC_PARSERS:
+                known = ", ".join(_SPEC_PARSERS)
+                hint = " (a spec's name is the spec itself)" if field_name == "name" else ""
+                raise ValueError(f"config spec {text!r}: unknown field {field_name!r}{hint}; fields: {known}")
+            if field_name in changes:
+                raise ValueError(f"config spec {text!r}: field {field_name!r} is given twice")
+            kind, parse = _SPEC_PARSERS[field_name]
+            try:
+                changes[field_name] = parse(value)
+            except ValueError:
+                raise ValueError(f"config spec {text!r}: {field_name}={value!r} is not {kind}") from None
+        try:
+            return base.replace(name=text, **changes)
+        except ValueError as err:
+            raise ValueError(f"config spec {text!r}: {err}") from None
+
     # ------------------------------------------------------------------ resolution
     def _bits_for(self, spec: BitsSpec, name: str, num_layers: int) -> list[int]:
         if isinstance(spec, int):
@@ -305,3 +375,62 @@ class XQuantConfig:
         plans = self.resolve(num_layers)
         total = sum((0 if p.k_shares else p.k_bits) + (0 if p.v_shares else p.v_bits) for p in plans)
         return total / (2 * num_layers)
+
+
+# ---------------------------------------------------------------------- spec values (from_spec)
+def _spec_none(parse):
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+def _spec_int(text: str) -> int:
+    return int(text, 10)
+
+
+def _spec_bits(text: str) -> BitsSpec:
+    parts = text.split("/")
+    return _spec_int(text) if len(parts) == 1 else tuple(_spec_int(p) for p in parts)
+
+
+def _spec_share(text: str) -> ShareSpec:
+    return float(text) if any(c in text for c in ".eE") else _spec_int(text)
+
+
+def _spec_eta(text: str) -> dict[int, float]:
+    if text.lower() == "none":
+        return {}
+    eta = {}
+    for part in text.split("/"):
+        bits, colon, value = part.partition(":")
+        if not colon:
+            raise ValueError(part)
+        eta[_spec_int(bits.strip())] = float(value)
+    return eta
+
+
+def _spec_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(text)
+
+
+def _spec_str(text: str) -> str:
+    return text
+
+
+# field -> (what it accepts, parser); a parser raises ValueError on text it cannot read.
+_SPEC_PARSERS = {
+    "k_bits": ("an int or per-layer ints joined by '/' (2/2/4)", _spec_bits),
+    "v_bits": ("an int or per-layer ints joined by '/' (2/2/4)", _spec_bits),
+    "group_size": ("an int", _spec_int),
+    "residual_length": ("an int", _spec_int),
+    "k_share_from": ("none, a layer index or a fraction", _spec_none(_spec_share)),
+    "v_share_from": ("none, a layer index or a fraction", _spec_none(_spec_share)),
+    "eta": ("none or bits:eta pairs joined by '/' (1:0.1667/2:0.09)", _spec_eta),
+    "metadata_dtype": (f"none or one of {', '.join(METADATA_DTYPES)}", _spec_none(_spec_str)),
+    "moe_top_k": ("none, an int or one int per MoE layer joined by '/'", _spec_none(_spec_bits)),
+    "moe_renormalize": ("true or false", _spec_bool),
+    "moe_min_weight": ("none or a number", _spec_none(float)),
+    "moe_top_p": ("none or a number", _spec_none(float)),
+}

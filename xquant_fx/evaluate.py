@@ -13,17 +13,26 @@
 The corpus by default is CPython's own ``LICENSE.txt`` followed by the docstrings of a fixed list
 of standard-library modules: it ships with every CPython, so numbers reproduce on any machine with
 the same Python minor version.
+
+Configs are presets or specs (:meth:`XQuantConfig.from_spec`, ``"kivi-2:group_size=128"``); a row
+is named by its spec. Each row also records the run it comes from (model, scored tokens, run
+settings, torch / transformers versions, date), so that rows of several runs can share one table
+(``eval --append``, :func:`merge_rows`) only when those runs are comparable: the table's header
+line states these once for all rows.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import importlib
 import inspect
 import logging
 import math
 import os
+import re
 import sysconfig
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +65,9 @@ def default_corpus() -> str:
 
 @dataclass
 class EvalRow:
+    """One config's results; ``model`` .. ``date`` say which run it comes from (:class:`RunInfo`;
+    empty: not recorded, for rows read from a table written before they were)."""
+
     config: str
     code_bits: float
     stored_bits: float
@@ -64,10 +76,42 @@ class EvalRow:
     agreement: float
     retrieval: str
     scored_tokens: int
+    model: str = ""
+    settings: str = ""
+    environment: str = ""
+    date: str = ""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What an eval run's rows share and the table's header states: the model, the number of
+    scored tokens, the settings (``segments=8 segment_len=640 prefill=128 depths=0.1/0.5/0.9
+    filler=100 corpus=default``), the environment (``torch ..., transformers ..., fp32 CPU``) and
+    the date. Rows of runs that differ in anything but the date do not go into one table."""
+
+    model: str
+    scored_tokens: int
+    settings: str
+    environment: str
+    date: str
+
+
+def run_settings(segments: int, segment_len: int, prefill: int, depths, n_filler: int, text: str | None) -> str:
+    """The settings string of :class:`RunInfo` (a custom corpus by its SHA-256 prefix)."""
+    corpus = "default" if text is None else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    depth_text = "/".join(f"{d:g}" for d in depths) if depths else "none"
+    return (f"segments={segments} segment_len={segment_len} prefill={prefill} depths={depth_text} "
+            f"filler={n_filler} corpus={corpus}")
+
+
+def stamp(rows: list[EvalRow], run: RunInfo) -> list[EvalRow]:
+    """``rows`` marked as coming from ``run``."""
+    return [replace(r, model=run.model, settings=run.settings, environment=run.environment, date=run.date)
+            for r in rows]
 
 
 def _as_config(preset) -> XQuantConfig:
-    return XQuantConfig.preset(preset) if isinstance(preset, str) else preset
+    return XQuantConfig.from_spec(preset) if isinstance(preset, str) else preset
 
 
 def decode_nll(model, segments: torch.Tensor, xq: XQuantConfig, prefill: int, progress: bool = False):
@@ -132,6 +176,12 @@ def evaluate(
 ) -> list[EvalRow]:
     """One row per preset (``fp16`` first: the reference for Δppl and agreement)."""
     configs = [_as_config(p) for p in presets]
+    for xq in configs:
+        if xq.prunes_experts:
+            raise ValueError(
+                f"config {xq.name!r} sets MoE options (moe_*): this harness measures the KV cache with the "
+                "model's own routing; measure expert pruning through optimize() (see README, MoE quality)"
+            )
     if configs[0].name != "fp16":
         configs.insert(0, XQuantConfig.preset("fp16"))
     ids = tokenizer(text or default_corpus(), return_tensors="pt").input_ids[0]
@@ -139,15 +189,22 @@ def evaluate(
     if ids.numel() < need:
         raise ValueError(f"the corpus has {ids.numel()} tokens; {segments} x {segment_len} = {need} are needed")
     batch = ids[:need].view(segments, segment_len).to(model.device)
-    rows, ref_top1, ref_ppl = [], None, None
+    # Sizes first: a config the model cannot hold (a group wider than the head dim...) fails here,
+    # not after the runs of the configs before it.
+    sizes = []
     for xq in configs:
+        try:
+            sizes.append((XQuantCache(model.config, xq, max_cache_len=segment_len).memory_report(model.dtype),
+                          XQuantCache(model.config, xq, max_cache_len=8192).memory_report(torch.bfloat16)))
+        except ValueError as err:
+            raise ValueError(f"config {xq.name!r} does not fit this model: {err}") from None
+    rows, ref_top1, ref_ppl = [], None, None
+    for xq, (report, long_report) in zip(configs, sizes):
         nll, top1 = decode_nll(model, batch, xq, prefill, progress)
         ppl = math.exp(nll.double().mean().item())
         ref_top1 = top1 if ref_top1 is None else ref_top1
         ref_ppl = ppl if ref_ppl is None else ref_ppl
         hits = retrieval(model, tokenizer, xq, depths, n_filler) if depths else []
-        report = XQuantCache(model.config, xq, max_cache_len=segment_len).memory_report(model.dtype)
-        long_report = XQuantCache(model.config, xq, max_cache_len=8192).memory_report(torch.bfloat16)
         rows.append(EvalRow(
             config=xq.name,
             code_bits=round(report["code_bits"], 4),
@@ -172,10 +229,109 @@ def format_table(rows: list[EvalRow], fmt: str = "github") -> str:
     return tabulate(table, headers=HEADERS, tablefmt=fmt)
 
 
+# ---------------------------------------------------------------------------------- one table, several runs
+_DATE_SEP = " + "
+# The header line save() writes: "# Quality, <model>, <N> scored tokens, <date[ + date...]>, <environment>".
+_HEADER_RE = re.compile(r"^# Quality, (?P<model>.+), (?P<tokens>\d+) scored tokens, "
+                        r"(?P<date>\d{4}-\d{2}-\d{2}(?: \+ \d{4}-\d{2}-\d{2})*), (?P<environment>.+)$")
+
+
+def meta_line(rows: list[EvalRow]) -> str:
+    """The table's header line for ``rows``: ``<model>, <N> scored tokens, <date(s)>,
+    <environment>``. Raises ``ValueError`` when the rows do not come from comparable runs (see
+    :func:`check_same_run`)."""
+    check_same_run(rows)
+    first = rows[0]
+    model = next((r.model for r in rows if r.model), "")
+    environment = next((r.environment for r in rows if r.environment), "")
+    dates = sorted({d for r in rows for d in r.date.split(_DATE_SEP) if d})
+    return ", ".join(part for part in (model, f"{first.scored_tokens} scored tokens", _DATE_SEP.join(dates),
+                                       environment) if part)
+
+
+def check_same_run(rows: list[EvalRow]) -> None:
+    """``ValueError`` unless every row has the same scored-token count and, where recorded, the
+    same model, settings and environment (the date may differ)."""
+    if not rows:
+        raise ValueError("no rows")
+    for name in ("scored_tokens", "model", "settings", "environment"):
+        values = {}
+        for r in rows:
+            value = getattr(r, name)
+            if value != "":
+                values.setdefault(value, r.config)
+        if len(values) > 1:
+            (a, row_a), (b, row_b) = list(values.items())[:2]
+            raise ValueError(
+                f"rows {row_a!r} and {row_b!r} come from runs with a different {name} ({a!r} vs {b!r}): they cannot "
+                "share one table (run the eval again with the same settings, or write to another --out)"
+            )
+
+
+def load_rows(out_dir: Path) -> list[EvalRow]:
+    """The rows of ``out_dir/eval.csv``. A table written before rows recorded their run takes
+    model, date and environment from its ``eval.md`` header line (settings stay unknown)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "eval.csv"
+    types = {f.name: f.type for f in fields(EvalRow)}
+    convert = {"float": float, "int": int, "str": str}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [name for name in ("config", "code_bits", "stored_bits", "ppl", "delta_ppl_pct", "agreement",
+                                     "retrieval", "scored_tokens") if name not in header]
+        if missing:
+            raise ValueError(f"{path} is not an eval table: no column(s) {', '.join(missing)}")
+        unknown = [name for name in header if name not in types]
+        if unknown:
+            raise ValueError(f"{path} has column(s) {', '.join(unknown)} that this version does not write")
+        try:
+            rows = [EvalRow(**{k: convert[types[k]](v) for k, v in record.items()}) for record in reader]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: unreadable row ({exc})") from None
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    if "model" not in header:
+        md = out_dir / "eval.md"
+        first = md.read_text().splitlines()[0] if md.exists() else ""
+        match = _HEADER_RE.match(first)
+        if not match:
+            raise ValueError(f"{path} records no run per row, and the header line of {md} cannot be read: cannot "
+                             "tell whether new rows are comparable")
+        if int(match["tokens"]) != rows[0].scored_tokens:
+            raise ValueError(f"{md} says {match['tokens']} scored tokens but {path} {rows[0].scored_tokens}")
+        rows = [replace(r, model=match["model"], environment=match["environment"], date=match["date"]) for r in rows]
+    return rows
+
+
+def merge_rows(old: list[EvalRow], new: list[EvalRow], rel_tol: float = 5e-4) -> list[EvalRow]:
+    """``old`` with ``new`` merged in: a new row replaces the old row of the same name in its
+    place, others are appended in order. Refuses (``ValueError``) rows of runs that are not
+    comparable (:func:`check_same_run`) or, since every row's Δppl and agreement are relative to
+    its run's first (full-precision) row, whose reference rows differ: same name and perplexity
+    within ``rel_tol`` required."""
+    if not old:
+        return list(new)
+    check_same_run(old + new)
+    ref_old, ref_new = old[0], new[0]
+    if ref_old.config != ref_new.config or not math.isclose(ref_old.ppl, ref_new.ppl, rel_tol=rel_tol):
+        raise ValueError(
+            f"the runs' reference rows differ ({ref_old.config} ppl {ref_old.ppl} in the table, {ref_new.config} ppl "
+            f"{ref_new.ppl} now): their Δppl and agreement are not comparable, so they cannot share one table"
+        )
+    merged = list(old)
+    index = {r.config: i for i, r in enumerate(merged)}
+    for r in new:
+        if r.config in index:
+            merged[index[r.config]] = r
+        else:
+            index[r.config] = len(merged)
+            merged.append(r)
+    return merged
+
+
 def save(rows: list[EvalRow], out_dir: Path, meta: str) -> list[Path]:
     """``eval.csv``, ``eval.md`` and (with matplotlib) ``eval.png``: quality vs stored bits."""
-    import csv
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "eval.csv", out_dir / "eval.md"]
@@ -190,13 +346,17 @@ def save(rows: list[EvalRow], out_dir: Path, meta: str) -> list[Path]:
     except ImportError:
         logger.warning("matplotlib is not installed: no plot (pip install 'xquant_fx[eval]')")
         return paths
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r.stored_bits, r.ppl)
-        ax.annotate(r.config, (r.stored_bits, r.ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    import textwrap
+
+    # Points named in a legend, not next to them: rows sit close together (and spec names are long).
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    cmap, markers = plt.get_cmap("tab10"), "os^Dv<>p"
+    for i, r in enumerate(rows):
+        ax.scatter(r.stored_bits, r.ppl, color=cmap(i % 10), marker=markers[i // 10 % len(markers)], label=r.config)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel("stored bits per cached value (bf16, 8k tokens)")
     ax.set_ylabel("decode-condition perplexity")
-    ax.set_title(meta, fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(meta, 100)), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(out_dir / "eval.png")

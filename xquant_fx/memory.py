@@ -170,8 +170,8 @@ def _xquant_config(preset) -> XQuantConfig:
     if isinstance(preset, XQuantConfig):
         return preset
     if isinstance(preset, str):
-        return XQuantConfig.preset(preset)
-    raise ValueError(f"expected an XQuantConfig or a preset name, not {type(preset).__name__}")
+        return XQuantConfig.from_spec(preset)
+    raise ValueError(f"expected an XQuantConfig, a preset name or a spec, not {type(preset).__name__}")
 
 
 def cache_bytes(config, preset, batch_size: int, max_cache_len: int, dtype=torch.bfloat16) -> int:
@@ -296,7 +296,8 @@ def plan(
 
     Args:
         config: a transformers config, a bundled name or a path (see :func:`load_config`).
-        preset_or_xquant_config: an :class:`XQuantConfig` or preset name.
+        preset_or_xquant_config: an :class:`XQuantConfig`, a preset name or a spec
+            (:meth:`XQuantConfig.from_spec`, e.g. ``"kivi-2:metadata_dtype=float8_e4m3fn"``).
         gpu_memory_bytes: GPU memory, an int of bytes or a string for :func:`parse_memory` ("80GB").
         max_cache_len: tokens per sequence for the "max batch" question. Default: the model's
             ``max_position_embeddings`` capped at ``DEFAULT_MAX_CACHE_LEN_CAP`` (32768), or the cap
@@ -437,7 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``memory`` command's options to ``parser`` (for wiring into a subcommand CLI)."""
     parser.add_argument("--config", required=True,
                         help=f"bundled name ({', '.join(bundled_configs())}), a config.json path or a model directory")
-    parser.add_argument("--preset", default="xquant-1.38", choices=XQuantConfig.PRESETS, help="cache preset")
+    parser.add_argument("--preset", default="xquant-1.38", type=_spec_arg,
+                        help=f"cache preset ({', '.join(XQuantConfig.PRESETS)}), optionally modified: "
+                             "PRESET:field=value[,field=value...], e.g. kivi-2:metadata_dtype=float8_e4m3fn")
     parser.add_argument("--gpu-memory", required=True, type=_memory_arg,
                         help="GPU memory, e.g. 80GB (1e9 bytes), 141GiB (2^30 bytes), 80e9")
     parser.add_argument("--max-cache-len", type=int, default=None,
@@ -449,6 +452,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="fraction of GPU memory kept for activations and CUDA context (default 0.1)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     return parser
+
+
+def _spec_arg(text: str) -> str:
+    try:
+        XQuantConfig.from_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 def _memory_arg(text: str) -> int:

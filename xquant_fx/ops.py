@@ -13,7 +13,9 @@ Importing this module does not initialise CUDA, and imports the kernels (hence `
 on the first kernel launch.
 
 Signatures (storage layout as in :mod:`xquant_fx.cache`; a sharing layer passes ``None`` codes to
-``append_token`` and its partner's codes to ``attend``)::
+``append_token`` and its partner's codes to ``attend``; scales and zero points are in the cache
+dtype or, with ``XQuantConfig.metadata_dtype="float8_e4m3fn"``, ``torch.float8_e4m3fn``: written
+clamped to +-448 and rounded, read as float32, on both paths alike)::
 
     xquant::append_token(Tensor k, Tensor v, Tensor pos,
         Tensor(a!)? k_codes, Tensor(b!) k_scale, Tensor(c!) k_zero, Tensor(d!) k_window,

@@ -19,13 +19,53 @@ consecutive channels. Codes are packed little-end-first into int32 words, ``32 /
 keys along the token axis (``[B, H, T*bits/32, D]``), values along the channel axis
 (``[B, H, T, D*bits/32]``), so a kernel reads one word per (token-block, channel) or
 (token, channel-block).
+
+Scales and zero points are stored in the model dtype, or with ``XQuantConfig.metadata_dtype=
+"float8_e4m3fn"`` in float8: :func:`to_metadata` clamps them to +-448 (the format's finite range)
+and rounds to nearest even; every read converts the stored value to float32, whatever its dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .config import QUANT_BITS
+from .config import FP8_E4M3_MAX, QUANT_BITS
+
+#: Storage dtypes of scales / zero points other than the model's (``XQuantConfig.metadata_dtype``).
+METADATA_TORCH_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def metadata_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype scales and zero points are stored in: ``model_dtype`` for ``None``."""
+    return model_dtype if name is None else METADATA_TORCH_DTYPES[name]
+
+
+def to_metadata(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 scales / zero points as stored in ``dtype``: a plain cast, except that float8 is
+    first clamped to its finite range (+-448), so that an out-of-range value saturates instead of
+    becoming NaN."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.float().clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return x.to(dtype)
+
+
+def _put(t: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+    """``t[:, :, index] = value``: ``index_copy_`` along dim 2, or for float8 an indexed assignment
+    (torch's CPU ``index_copy_`` has no float8 kernel; Inductor compiles the assignment
+    correctly, but not a copy through a ``uint8`` view, which it writes back as a value
+    conversion)."""
+    if t.dtype == torch.float8_e4m3fn:
+        t[:, :, index] = value
+    else:
+        t.index_copy_(2, index, value)
+
+
+def _where_metadata(cond: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` (float32) as stored in ``old.dtype`` where ``cond``, else ``old``. float8 selects in
+    float32 (exact: every float8 value is a float32 one; Inductor has no float8 ``where``)."""
+    if old.dtype == torch.float8_e4m3fn:
+        return to_metadata(torch.where(cond, new, old.float()), old.dtype)
+    return torch.where(cond, to_metadata(new, old.dtype), old)
 
 
 def levels(bits: int) -> int:
@@ -199,8 +239,8 @@ def append_value(v, pos, codes, scale, zero, window, bits: int, group: int, eta:
     c, s, z = quantize_values(window.index_select(2, q % R), bits, group, eta)
     if codes is not None:
         codes.index_copy_(2, q, pack(c, bits, -1))
-    scale.index_copy_(2, q, s.to(scale.dtype))
-    zero.index_copy_(2, q, z.to(zero.dtype))
+    _put(scale, q, to_metadata(s, scale.dtype))
+    _put(zero, q, to_metadata(z, zero.dtype))
     window.index_copy_(2, pos.reshape(1) % R, v)
 
 
@@ -217,8 +257,8 @@ def append_key(k, pos, codes, scale, zero, window, bits: int, group: int, eta: f
         per_group = group * bits // 32
         words = g * per_group + torch.arange(per_group, device=k.device)
         codes.index_copy_(2, words, torch.where(flush, pack(c, bits, -2), codes.index_select(2, words)))
-    scale.index_copy_(2, g, torch.where(flush, s.to(scale.dtype), scale.index_select(2, g)))
-    zero.index_copy_(2, g, torch.where(flush, z.to(zero.dtype), zero.index_select(2, g)))
+    _put(scale, g, _where_metadata(flush, s, scale.index_select(2, g)))
+    _put(zero, g, _where_metadata(flush, z, zero.index_select(2, g)))
     window.index_copy_(2, pos.reshape(1) % R, k)
 
 

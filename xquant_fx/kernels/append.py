@@ -14,7 +14,9 @@ in a CUDA graph). With ``q = max(pos - R, 0)`` each program, one per (sequence, 
 
 The codes, scales and zero points are bit-identical to the reference: statistics in float32, the
 reciprocal ``levels / rng`` formed as torch forms it (``reciprocal(rng) * levels``), rounding as
-``floor(x + 0.5)``, and no fused multiply-add (launched with ``enable_fp_fusion=False``).
+``floor(x + 0.5)``, and no fused multiply-add (launched with ``enable_fp_fusion=False``). Scales
+and zero points are stored in their tensors' dtype, the model's or float8 e4m3 (clamped to +-448
+first, as :func:`xquant_fx.quant.to_metadata` does).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bitwise_or, check_bits, check_pow2, launch, round_to
+from .common import bitwise_or, check_bits, check_metadata, check_pow2, launch, to_metadata
 
 
 @triton.jit
@@ -119,8 +121,8 @@ def _append_token_kernel(
         tl.store(vc_ptr + bi * s_vcb + hi * s_vch + q * s_vct + tl.arange(0, VW) * s_vcd, words)
     gv = tl.arange(0, NGV)
     vs_off = bi * s_vsb + hi * s_vsh + q * s_vst + gv * s_vsd
-    tl.store(vs_ptr + vs_off, round_to(scale, vs_ptr.dtype.element_ty))
-    tl.store(vz_ptr + vs_off, round_to(zero, vz_ptr.dtype.element_ty))
+    tl.store(vs_ptr + vs_off, to_metadata(scale, vs_ptr.dtype.element_ty))
+    tl.store(vz_ptr + vs_off, to_metadata(zero, vz_ptr.dtype.element_ty))
 
     # ---------------------------------------------------------------- key group starting at q
     dk = tl.arange(0, DK)
@@ -144,8 +146,8 @@ def _append_token_kernel(
         kc_off = bi * s_kcb + hi * s_kch + rows[:, None] * s_kct + dk[None, :] * s_kcd
         tl.store(kc_ptr + kc_off, words, mask=flush & (rows[:, None] >= 0))
     ks_off = bi * s_ksb + hi * s_ksh + g * s_kst + dk * s_ksd
-    tl.store(ks_ptr + ks_off, round_to(scale, ks_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
-    tl.store(kz_ptr + ks_off, round_to(zero, kz_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
+    tl.store(ks_ptr + ks_off, to_metadata(scale, ks_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
+    tl.store(kz_ptr + ks_off, to_metadata(zero, kz_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
 
     # ---------------------------------------------------------------- the new token into slot pos % R
     k_new = tl.load(k_ptr + bi * s_kb + hi * s_kh + dk * s_kd)
@@ -181,6 +183,8 @@ def append_token(
         check_pow2(name, value)
     if k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
         raise ValueError("append_token: scale and zero-point tensors must share strides")
+    check_metadata("key", k_scale, k_zero, k_window)
+    check_metadata("value", v_scale, v_zero, v_window)
     if group * k_bits % 32 or dv % group or dv * v_bits % 32:
         raise ValueError(
             f"group_size={group} with {k_bits}-bit keys / {v_bits}-bit values and value head_dim {dv} "

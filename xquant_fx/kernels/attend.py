@@ -86,8 +86,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (check_bits, check_pow2, codes_to_float, decode_pairs, interpreting, launch, pair_order,
-                     pair_slot_constants, round_to)
+from .common import (check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, interpreting, launch,
+                     pair_order, pair_slot_constants, round_to)
 
 _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -237,12 +237,12 @@ def _load_keys_packed(
     if MIXED:
         coded = (wrow * PER < nk)[:, :, None] & (dk[None, None, :] >= 0)  # Nk is a multiple of G
         words = tl.load(kc_ptrs, mask=coded, other=0)
-        scale = tl.load(ks_base + ks_off, mask=coded, other=0.0)
-        zero = tl.load(kz_base + ks_off, mask=coded, other=0.0)
+        scale = tl.load(ks_base + ks_off, mask=coded, other=0.0).to(KV_DTYPE)
+        zero = tl.load(kz_base + ks_off, mask=coded, other=0.0).to(KV_DTYPE)
     else:
         words = tl.load(kc_ptrs)
-        scale = tl.load(ks_base + ks_off)
-        zero = tl.load(kz_base + ks_off)
+        scale = tl.load(ks_base + ks_off).to(KV_DTYPE)
+        zero = tl.load(kz_base + ks_off).to(KV_DTYPE)
     shift, mask, magic, neg_magic = pair_slot_constants(NS, KB, KV_DTYPE)
     x = words[:, :, None, :] >> shift[None, None, :, None]  # [W, KW, NS, DK]
     sc = scale[:, :, None, :]
@@ -302,12 +302,12 @@ def _load_values_packed(
         if MIXED:
             coded = (pos < nv)[:, :, None] & (gcol[None, None, :] >= 0)
             words = tl.load(vc_ptrs, mask=coded[:, :, :, None] & (wcol[None, None, :, :] >= 0), other=0)
-            scale = tl.load(vs_base + vs_off, mask=coded, other=0.0)
-            zero = tl.load(vz_base + vs_off, mask=coded, other=0.0)
+            scale = tl.load(vs_base + vs_off, mask=coded, other=0.0).to(KV_DTYPE)
+            zero = tl.load(vz_base + vs_off, mask=coded, other=0.0).to(KV_DTYPE)
         else:
             words = tl.load(vc_ptrs)
-            scale = tl.load(vs_base + vs_off)
-            zero = tl.load(vz_base + vs_off)
+            scale = tl.load(vs_base + vs_off).to(KV_DTYPE)
+            zero = tl.load(vz_base + vs_off).to(KV_DTYPE)
         shift, mask, magic, neg_magic = pair_slot_constants(NS, VB, KV_DTYPE)
         x = words[None, :, :, :, :] >> shift[:, None, None, None, None]  # [NS, W, BN, NG, WPG]
         sc = scale[None, :, :, :, None]
@@ -328,16 +328,16 @@ def _load_values_packed(
             coded = (pos < nv)[:, :, None] & (wcol[None, None, :] >= 0)
             words = tl.load(vc_ptrs, mask=coded, other=0)
             coded4 = coded[None, :, :, :] & (ch >= 0)
-            s_lo = tl.load(vs_base + off_lo, mask=coded4, other=0.0)
-            s_hi = tl.load(vs_base + off_hi, mask=coded4, other=0.0)
-            z_lo = tl.load(vz_base + off_lo, mask=coded4, other=0.0)
-            z_hi = tl.load(vz_base + off_hi, mask=coded4, other=0.0)
+            s_lo = tl.load(vs_base + off_lo, mask=coded4, other=0.0).to(KV_DTYPE)
+            s_hi = tl.load(vs_base + off_hi, mask=coded4, other=0.0).to(KV_DTYPE)
+            z_lo = tl.load(vz_base + off_lo, mask=coded4, other=0.0).to(KV_DTYPE)
+            z_hi = tl.load(vz_base + off_hi, mask=coded4, other=0.0).to(KV_DTYPE)
         else:
             words = tl.load(vc_ptrs)
-            s_lo = tl.load(vs_base + off_lo)
-            s_hi = tl.load(vs_base + off_hi)
-            z_lo = tl.load(vz_base + off_lo)
-            z_hi = tl.load(vz_base + off_hi)
+            s_lo = tl.load(vs_base + off_lo).to(KV_DTYPE)
+            s_hi = tl.load(vs_base + off_hi).to(KV_DTYPE)
+            z_lo = tl.load(vz_base + off_lo).to(KV_DTYPE)
+            z_hi = tl.load(vz_base + off_hi).to(KV_DTYPE)
         shift, mask, magic, neg_magic = pair_slot_constants(NS, VB, KV_DTYPE)
         x = words[None, :, :, :] >> shift[:, None, None, None]  # [NS, W, BN, VW]
         lo, hi = decode_pairs(x, mask[:, None, None, None], magic[:, None, None, None],
@@ -966,8 +966,10 @@ def attend(
     """Decode attention of ``q [b, Hq, Lq, Dk]`` (positions ``n - Lq .. n - 1``, causal among
     them) over a quantized layer; returns ``out [b, Hq, Lq, Dv]`` in ``q.dtype``.
 
-    Storage as in :mod:`xquant_fx.cache` (batch ``>= b``, ``Hkv`` KV heads with ``Hq % Hkv == 0``);
-    a sharing layer passes its partner's ``k_codes`` / ``v_codes``. ``n`` is a 0-d int64 device
+    Storage as in :mod:`xquant_fx.cache` (batch ``>= b``, ``Hkv`` KV heads with ``Hq % Hkv == 0``;
+    scales and zero points in the cache dtype or float8 e4m3, converted on load: to float32 in the
+    generic variants, to the cache dtype for the packed decoders); a sharing layer passes its
+    partner's ``k_codes`` / ``v_codes``. ``n`` is a 0-d int64 device
     tensor. ``mask`` as :func:`xquant_fx.quant.attend` takes it: broadcastable to
     ``[b, Hq, Lq, M]``, bool (True attends) or additive float, positions at or past ``M`` masked.
     ``splits`` overrides :func:`num_splits`; ``out`` receives the result; ``config`` overrides
@@ -993,6 +995,8 @@ def attend(
                          f"or {v_bits}-bit value codes do not fill whole words")
     if k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
         raise ValueError("attend: scale and zero-point tensors must share strides")
+    check_metadata("key", k_scale, k_zero, k_window)
+    check_metadata("value", v_scale, v_zero, v_window)
     if lq > R:
         raise ValueError(f"{lq} query tokens exceed the residual window R={R}")
     group_rows = hq // hkv * lq

@@ -1,4 +1,5 @@
-"""Helpers shared by the cache kernels: code-word packing and unpacking, launch plumbing."""
+"""Helpers shared by the cache kernels: code-word packing and unpacking, metadata storage, launch
+plumbing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import triton
 import triton.language as tl
 
 QUANT_BITS = (1, 2, 4)
+#: Largest finite float8 e4m3 value (``XQuantConfig.metadata_dtype="float8_e4m3fn"``).
+FP8_MAX = tl.constexpr(448.0)
 
 
 def interpreting() -> bool:
@@ -31,6 +34,23 @@ def check_bits(name: str, bits: int) -> None:
 def check_pow2(name: str, value: int) -> None:
     if value < 1 or value & (value - 1):
         raise ValueError(f"{name}={value!r} must be a power of two for the Triton kernels")
+
+
+def check_metadata(kind: str, scale: torch.Tensor, zero: torch.Tensor, window: torch.Tensor) -> None:
+    """Scales and zero points of ``kind`` (keys / values) share one dtype: the window's (the model
+    dtype) or float8 e4m3 (``XQuantConfig.metadata_dtype``), which on CUDA needs sm_89 or newer."""
+    if scale.dtype != zero.dtype or scale.dtype not in (window.dtype, torch.float8_e4m3fn):
+        raise ValueError(
+            f"{kind} scale / zero point are {scale.dtype} / {zero.dtype}: both must be the cache dtype "
+            f"{window.dtype} or torch.float8_e4m3fn"
+        )
+    if scale.dtype == torch.float8_e4m3fn and scale.device.type == "cuda" and not interpreting():
+        major, minor = torch.cuda.get_device_capability(scale.device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"float8 scales / zero points (metadata_dtype='float8_e4m3fn') need a GPU of compute capability "
+                f"8.9 or newer; this one is {major}.{minor}"
+            )
 
 
 @triton.jit
@@ -63,6 +83,45 @@ def round_to(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def to_metadata(x, dtype: tl.constexpr):
+    """float32 scales / zero points as stored in ``dtype`` (:func:`xquant_fx.quant.to_metadata`):
+    16-bit floats as :func:`round_to`; float8 e4m3 clamped to +-448 and rounded to nearest even
+    (:func:`_to_fp8e4m3`)."""
+    if dtype == tl.float8e4nv:
+        return _to_fp8e4m3(x)
+    else:
+        return round_to(x, dtype)
+
+
+@triton.jit
+def _to_fp8e4m3(x):
+    """float32 -> float8 e4m3 (``torch.float8_e4m3fn``: bias 7, 3 mantissa bits, no infinities,
+    largest finite 448), as ``x.clamp(-448, 448).to(torch.float8_e4m3fn)``: NaN stays NaN, the
+    rest is clamped, then rounded to nearest even, subnormals included.
+
+    Rounded with integer arithmetic on the bit pattern, like :func:`round_to`'s bfloat16: Triton's
+    CPU interpreter rounds this conversion wrongly (no carry into the exponent, halves up,
+    subnormals flushed), and the stored metadata must be bit-exact on both.
+    """
+    x = tl.where(x > FP8_MAX, FP8_MAX, tl.where(x < -FP8_MAX, -FP8_MAX, x))  # NaN compares false: kept
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    # Normal results (|x| >= 2^-6): drop 20 of float32's 23 mantissa bits, rounding to nearest
+    # even; a carry moves into the exponent by itself. Then rebias the exponent (127 -> 7).
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+    # Subnormal results (|x| < 2^-6): m = |x| / 2^-9 rounded to nearest even, 0..8 (8 encodes
+    # 2^-6, the smallest normal). |x| = mant * 2^(e - 150), so m = mant >> (141 - e), rounded.
+    e = a >> 23
+    mant = (a & 0x7FFFFF) | 0x800000
+    shift = tl.minimum(tl.maximum(141 - e, 21), 25)  # 21..25 here (25 or more leaves 0: mant < 2^24)
+    sub = (mant + (1 << (shift - 1)) - 1 + ((mant >> shift) & 1)) >> shift
+    code = tl.where(a >= 0x3C800000, normal, sub)  # 0x3C800000: 2^-6
+    code = tl.where(a > 0x7F800000, 0x7F, code)  # NaN
+    return (sign | code).to(tl.int8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -120,7 +179,7 @@ def decode_pairs(x, mask, magic, neg_magic, s_lo, s_hi, z_lo, z_hi,
     :func:`pair_slot_constants`): ``(lo, hi)``, the values ``code * s + z`` of the codes in the low
     and high 16-bit halves, rounded to ``KV_DTYPE`` (as ``quant.read_keys`` / ``read_values``
     return them), in ``DOT_DTYPE``. ``s_*`` / ``z_*``: scale and zero point of each half
-    (``KV_DTYPE``).
+    (``KV_DTYPE``: a float8 scale or zero point must be converted to it first).
 
     On the GPU, three instructions per pair: ``lop3`` (mask and magic in one), a packed
     ``add`` (subtract the magic) and a packed ``fma`` with the scale and zero point broadcast from
