@@ -20,7 +20,12 @@ top-6, 2 shared experts), in bf16 on one GPU.
    decoder layers of the shape, bf16 ``StaticCache`` of ``--context`` tokens for every variant, so
    only the experts differ), captured in a CUDA graph; tokens/s = batch / step time.
 
-    python benchmarks/bench_moe.py --out benchmarks/results [--quick]
+4. **Kernel breakdown** (``--profile``): at batch 1, k = K and about K/2, the device time of every
+   kernel of one Inductor-compiled layer step (ours and transformers' ``grouped_mm``), from
+   ``torch.profiler`` over un-graphed calls, beside the CUDA-graph step time: what the step spends
+   in kernels, and how much is gaps between them. Written to ``moe_profile.md``.
+
+    python benchmarks/bench_moe.py --out benchmarks/results [--quick] [--profile]
 """
 
 from __future__ import annotations
@@ -200,6 +205,54 @@ def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_ba
         flush()
 
 
+def kernel_times(fn, iters: int = 50) -> list[tuple[str, float, float]]:
+    """``(kernel, µs per step, launches per step)`` of ``fn``'s device work, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+    found = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        if us > 0:
+            found.append((e.key, us / iters, e.count / iters))
+    return sorted(found, key=lambda r: -r[1])
+
+
+def profile_layer(name, model, ks, iters, out: Path, lines: list[str]) -> None:
+    """Kernel breakdown of one layer step at batch 1 (module docstring, part 4)."""
+    block = model.get_submodule(find_moe_layers(model)[0].name)
+    model_k = find_moe_layers(model)[0].top_k
+    x = torch.randn(1, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    for k in (ks[0], ks[len(ks) // 2]):
+        variants = []
+        set_top_k(model, k)
+        model.set_experts_implementation("grouped_mm")
+        variants.append(("transformers grouped_mm", traced(block, inductor=True)))
+        set_top_k(model, model_k)
+        install_experts(model)
+        variants.append(("xquant pass + kernel", traced(block, MoEPlan(spec=k), inductor=True)))
+        for variant, fn in variants:
+            step, _ = timed(lambda: fn(x), iters)
+            kernels = kernel_times(lambda: fn(x))
+            busy = sum(us for _, us, _ in kernels)
+            lines += ["", f"### {name}, batch 1, k={k}: {variant} (Inductor)", "",
+                      f"CUDA-graph step {step * 1e6:.1f} µs; kernels {busy:.1f} µs in "
+                      f"{sum(n for _, _, n in kernels):.0f} launches; the rest ({step * 1e6 - busy:.1f} µs) is gaps.",
+                      "", "| kernel | µs / step | launches / step |", "|---|---|---|"]
+            lines += [f"| `{kname[:90]}` | {us:.2f} | {n:g} |" for kname, us, n in kernels]
+            (out / "moe_profile.md").write_text("\n".join(lines) + "\n")
+            print(f"profile {name} k={k} {variant}: step {step * 1e6:.1f} us, kernels {busy:.1f} us", flush=True)
+    set_top_k(model, model_k)
+
+
 def bench_model(name, model, batches, ks, context, iters, rows, flush):
     model_k = find_moe_layers(model)[0].top_k
     arg = cache_argument(model)
@@ -277,12 +330,16 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="fewer k and batches")
+    p.add_argument("--profile", action="store_true", help="also a kernel breakdown at batch 1 (moe_profile.md)")
+    p.add_argument("--profile-only", action="store_true", help="only the kernel breakdown")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     assert torch.cuda.is_available(), "bench_moe.py times CUDA graphs: run it on a GPU"
     torch._dynamo.config.cache_size_limit = 256
     rows, check, failures = [], [], []
     started = time.time()
+    profile_lines = [header(args, started).replace("# MoE decode: activated experts vs time",
+                                                   "# MoE layer step: kernel breakdown")]
     for name in args.shapes:
         ks = SHAPES[name][::2] if args.quick else SHAPES[name]
         batches = args.batches[:2] if args.quick else args.batches
@@ -290,6 +347,11 @@ def main(argv=None) -> int:
         def flush():  # after each batch: a cut-short run keeps what it measured
             write(rows, check, args.out, header(args, started))
 
+        if args.profile or args.profile_only:
+            args.out.mkdir(parents=True, exist_ok=True)
+            profile_layer(name, model, ks, args.iters, args.out, profile_lines)
+        if args.profile_only:
+            continue
         bench_layer(name, model, batches, ks, args.iters, rows, check, flush, args.inductor_batches)
         del model
         torch.cuda.empty_cache()
@@ -303,6 +365,8 @@ def main(argv=None) -> int:
                 failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
             del model
             torch.cuda.empty_cache()
+    if not check:
+        return 0
     worst = max(c["rel_err"] for c in check)
     print(f"worst relative error {worst:.2e}; model-part failures: {failures or 'none'}")
     return 0 if worst < 2e-2 and not failures else 1
