@@ -1,5 +1,11 @@
 """The ``xquant`` backend end to end: optimize(), torch.compile(backend="xquant"), same tokens."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,3 +100,66 @@ def test_optimize_fp8_metadata_same_tokens_and_logits_as_eager_cache():
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_source_hash_follows_every_source_file(tmp_path):
+    from xquant_fx.backend import source_hash
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = source_hash(tmp_path)
+    assert source_hash(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert source_hash(tmp_path) != first
+    (tmp_path / "notes.txt").write_text("not source")
+    assert len({first, source_hash(tmp_path)}) == 2
+
+
+def test_backend_keys_inductor_caches_to_the_sources(monkeypatch):
+    """The backend hands Inductor the source stamp, and a stamp is what keeps Inductor's on-disk
+    cache from serving a graph compiled against an older body of a custom op (checked below in two
+    processes sharing one cache directory: the second, with a changed op body, must see it)."""
+    import torch._inductor.compile_fx as inductor
+
+    from xquant_fx import backend
+
+    seen = {}
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches: seen.update(config_patches) or gm)
+    backend.xquant(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)), [torch.randn(1, 2)])
+    assert seen["post_grad_custom_pre_pass"].uuid() == backend.source_hash(Path(backend.__file__).parent)
+
+
+def test_source_stamp_defeats_a_stale_inductor_cache(tmp_path):
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import stale_op
+        from pathlib import Path
+        from torch._inductor.compile_fx import compile_fx
+        from xquant_fx.backend import _SourceStamp, source_hash
+
+        stamp = _SourceStamp(source_hash(Path(sys.argv[1])))
+        f = torch.compile(lambda x: torch.ops.stale_test.f(x) * 3,
+                          backend=lambda gm, inputs: compile_fx(gm, inputs, config_patches={"post_grad_custom_pre_pass": stamp}))
+        print(f(torch.ones(2)).tolist())
+    """)
+    op = textwrap.dedent("""
+        import torch
+        from torch.library import triton_op
+
+        @triton_op("stale_test::f", mutates_args=())
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return x + {add}
+    """)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    src = tmp_path / "src"  # apart from the cache directory, whose generated files are sources too
+    src.mkdir()
+    results = []
+    for add in (1, 2):
+        (src / "stale_op.py").write_text(op.format(add=add))
+        out = subprocess.run([sys.executable, "-c", script, str(src)], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results.append(out.stdout.strip().splitlines()[-1])
+    assert results == ["[6.0, 6.0]", "[9.0, 9.0]"]

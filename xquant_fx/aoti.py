@@ -583,9 +583,11 @@ def _inductor_options(user: dict | None) -> tuple[dict, str]:
 
 
 def _compile(ep, options: dict) -> list:
+    from .backend import with_source_stamp
+
     gm = ep.module()
     args, kwargs = ep.example_inputs
-    files = torch._inductor.aot_compile(gm, args, kwargs, options=dict(options))
+    files = torch._inductor.aot_compile(gm, args, kwargs, options=with_source_stamp(dict(options)))
     if not isinstance(files, list):
         raise RuntimeError(f"AOTInductor returned {type(files).__name__}, expected the list of package files")
     return files

@@ -10,13 +10,24 @@ Inductor (``mode="reduce-overhead"`` gives CUDA graphs), except the backend's ow
   expert pruning of :mod:`xquant_fx.passes.prune_moe_router`;
 * ``xquant_verbose``: print the passes' hits for every graph compiled;
 * ``mode``: as torch.compile's ``mode`` (which torch.compile does not take together with options).
+
+Inductor caches compiled graphs on disk, keyed by the graph it is given, and that graph names the
+``xquant::`` ops without their bodies: after an upgrade or edit of this package, a cached graph
+would still run the old ops (checked: a changed ``triton_op`` body is not seen). So the backend,
+and :func:`xquant_fx.export`, hand Inductor a no-op post-grad pass whose ``uuid`` is a hash of this
+package's sources (:func:`source_stamp`); Inductor puts that uuid into its cache keys. A user's own
+``post_grad_custom_pre_pass`` is left in place (and the stamp is then not added).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+from pathlib import Path
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .moe import plan_from_options
 from .passes import PassContext, PassReport, run_passes
@@ -25,6 +36,40 @@ logger = logging.getLogger(__name__)
 
 #: Hits of every pass over every graph this process compiled with the backend.
 REPORT = PassReport()
+
+
+def source_hash(root: Path) -> str:
+    """SHA-256 over the relative paths and contents of every ``.py`` file under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+class _SourceStamp(CustomGraphPass):
+    """A post-grad pass that changes nothing; its ``uuid`` keys Inductor's caches to these sources."""
+
+    def __init__(self, stamp: str):
+        self.stamp = stamp
+
+    def __call__(self, graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return self.stamp
+
+
+@functools.cache
+def source_stamp() -> _SourceStamp:
+    """The no-op pass whose uuid is the hash of the ``xquant_fx`` sources (module docstring)."""
+    return _SourceStamp(source_hash(Path(__file__).resolve().parent))
+
+
+def with_source_stamp(patches: dict) -> dict:
+    """Inductor config patches plus the source stamp, unless a pre-pass is already configured."""
+    if patches.get("post_grad_custom_pre_pass") is None and torch._inductor.config.post_grad_custom_pre_pass is None:
+        patches = {**patches, "post_grad_custom_pre_pass": source_stamp()}
+    return patches
 
 
 def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None, **_):
@@ -47,7 +92,7 @@ def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, op
 
     if mode and mode != "default":
         patches = {**torch._inductor.list_mode_options(mode), **patches}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return compile_fx(gm, example_inputs, config_patches=with_source_stamp(patches))
 
 
 def register() -> None:
