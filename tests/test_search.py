@@ -64,10 +64,12 @@ def _decode_nll_mean(model, ids, config, prefill):
     XQuantConfig(k_bits=2, v_bits=1, residual_length=R, eta={1: 1 / 6, 2: 0.09}),
     XQuantConfig(k_bits=(1, 1, 2, 2, 4, 1), v_bits=(2, 1, 1, 1, 1, 1), k_share_from=0, v_share_from=2,
                  residual_length=R, eta={1: 1 / 3, 2: 0.045}),
-], ids=["fp", "k2v1-calibrated", "mixed-shared"])
+    XQuantConfig(k_bits=(1, 2, 2, 1, 2, 1), v_bits=1, v_share_from=2, residual_length=R, eta={1: 1 / 6, 2: 0.09},
+                 metadata_dtype="float8_e4m3fn"),
+], ids=["fp", "k2v1-calibrated", "mixed-shared", "float8-metadata"])
 def test_simulator_equals_decode(mini, ids, config):
     """One parallel forward gives the token-by-token decode NLL of the real cache."""
-    sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R)
+    sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R, metadata_dtype=config.metadata_dtype)
     score = sim.score(config)
     assert score.nll == pytest.approx(_decode_nll_mean(mini, ids, config, P), rel=1e-5, abs=1e-6)
     if config.k_bits == 16:  # the reference pass; a plan pass over the decoded positions gives the same
@@ -146,6 +148,20 @@ def test_stored_budget_and_no_sharing(mini, ids):
     plain = search(mini, 1.25, input_ids=ids, residual_length=R, prefill=P, compare_presets=False, sharing=False)
     assert not any(p.k_shares or p.v_shares for p in plain.config.resolve(LAYERS))
     assert plain.sharing.startswith("not allowed")
+
+
+def test_search_with_float8_metadata(mini, ids):
+    """Configs found for float8 metadata store it, count it in stored bits, and score as the cache
+    with that metadata decodes (the simulator refuses a config with other metadata)."""
+    fp8 = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False,
+                 metadata_dtype="float8_e4m3fn")
+    plain = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
+    assert fp8.config.metadata_dtype == "float8_e4m3fn" and plain.config.metadata_dtype is None
+    assert fp8.stored_bits < plain.stored_bits
+    assert fp8.score.nll == pytest.approx(_decode_nll_mean(mini, ids, fp8.config, P), rel=1e-5, abs=1e-6)
+    sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R, metadata_dtype="float8_e4m3fn")
+    with pytest.raises(ValueError, match="metadata_dtype=None"):
+        sim.score(plain.config)
 
 
 def test_found_config_is_usable_by_the_cache_and_evaluate(found, mini, ids):

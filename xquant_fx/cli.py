@@ -54,6 +54,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-tokens", type=int, default=384, help="calibration tokens of the search")
     parser.add_argument("--search-stored", type=float, default=None, metavar="BITS",
                         help="also bound the searched configs' stored bits (bf16, 8k tokens)")
+    parser.add_argument("--search-metadata-dtype", default=None, choices=["float8_e4m3fn"],
+                        help="searched configs store scales and zero points so (default: the model dtype)")
 
 
 def _spec(text: str) -> str:
@@ -113,7 +115,8 @@ def run_eval(args: argparse.Namespace) -> int:
         calibration = args.search_text.read_text() if args.search_text else search.calibration_text()
         search.check_disjoint(calibration, text or evaluate.default_corpus())
         found = search.search(model, args.search, tokenizer, text=calibration if args.search_text else None,
-                              tokens=args.search_tokens, stored_budget_bits=args.search_stored, progress=True)
+                              tokens=args.search_tokens, stored_budget_bits=args.search_stored,
+                              metadata_dtype=args.search_metadata_dtype, progress=True)
         print(search.format_results(found), end="\n\n")
         configs += [result.config for result in found]
     rows = evaluate.stamp(evaluate.evaluate(model, tokenizer, configs, text, args.segments, args.segment_len,
@@ -132,7 +135,10 @@ def run_eval(args: argparse.Namespace) -> int:
         report = (f"# Searched configs, {meta}\n\nCalibration text (disjoint from the evaluation corpus): {source}."
                   "\nCommand: python -m xquant_fx " + " ".join(getattr(args, "argv", [])) + "\n\n```\n"
                   + search.format_results(found) + "\n```\n")
-        (args.out / "search.md").write_text(report)
+        previous = args.out / "search.md"
+        if old_rows and previous.exists():  # --append: the earlier searches' reports stay
+            report = previous.read_text().rstrip("\n") + "\n\n" + report.replace("# Searched configs", "## Searched configs", 1)
+        previous.write_text(report)
         paths.append(args.out / "search.md")
     print(evaluate.format_table(rows))
     if old_rows:

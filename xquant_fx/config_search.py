@@ -52,7 +52,8 @@ The search
 5. Budgets requested in one call are solved from the smallest up, and a larger budget never
    returns a config that scores worse than a smaller budget's (it falls back to that one).
 
-What it does not search: the group size and the full-precision window (they change stored bits,
+What it does not search: the metadata dtype (``metadata_dtype=`` is given, and the search
+simulates and counts it), the group size and the full-precision window (they change stored bits,
 not code bits: a longer window would buy quality with bytes the code-bit budget does not count;
 give a ``stored_budget_bits`` to bound those bytes too), 16-bit tensors (14 extra bits each) and,
 by default, 4-bit tensors (``bits=(1, 2, 4)`` adds them; on SmolLM2 no layer gained measurably from
@@ -186,7 +187,7 @@ class DecodeSimulator:
     """
 
     def __init__(self, model, ids: torch.Tensor, prefill: int | None = None, group_size: int = 32,
-                 residual_length: int = 128):
+                 residual_length: int = 128, metadata_dtype: str | None = None):
         if ids.dim() != 2:
             raise ValueError(f"ids must be [segments, tokens], got shape {tuple(ids.shape)}")
         from transformers import AttentionInterface
@@ -196,6 +197,7 @@ class DecodeSimulator:
         self.layers = _decoder_layers(model)
         self.num_layers = len(self.layers)
         self.G, self.R = group_size, residual_length
+        self.metadata_dtype = XQuantConfig(metadata_dtype=metadata_dtype).metadata_dtype  # validated
         segments, length = ids.shape
         prefill = residual_length if prefill is None else prefill
         if not 1 <= prefill <= min(residual_length, length - 1):
@@ -235,9 +237,10 @@ class DecodeSimulator:
 
     def plans(self, config: XQuantConfig) -> list[LayerPlan]:
         """The per-layer plan of ``config`` on this model, as the cache resolves it."""
-        if (config.group_size, config.residual_length) != (self.G, self.R):
+        if (config.group_size, config.residual_length, config.metadata_dtype) != (self.G, self.R, self.metadata_dtype):
             raise ValueError(f"config {config.name!r} has group_size={config.group_size}, residual_length="
-                             f"{config.residual_length}; this simulator was built for {self.G} and {self.R}")
+                             f"{config.residual_length}, metadata_dtype={config.metadata_dtype}; this simulator was "
+                             f"built for {self.G}, {self.R} and {self.metadata_dtype}")
         return config.resolve(self.num_layers)
 
     def score(self, config: XQuantConfig) -> Score:
@@ -369,8 +372,9 @@ class DecodeSimulator:
         if shares:  # the odd layer's own scale and zero point, its partner's codes
             partner = self._kv[layer - 1][0 if kind == "k" else 1][:, :, : x.shape[2]]
             codes = quantize(partner, bits, G)[0]
-        # scale and zero point are stored in the activation dtype, as the cache stores them
-        return dequantize(codes, scale.to(x.dtype), zero.to(x.dtype), G).to(x.dtype).float()
+        # scale and zero point stored as the cache stores them: the activation dtype or metadata_dtype
+        md = getattr(torch, self.metadata_dtype) if self.metadata_dtype else x.dtype
+        return dequantize(codes, quant.to_metadata(scale, md), quant.to_metadata(zero, md), G).to(x.dtype).float()
 
 
 # ============================================================================ sensitivities
@@ -445,10 +449,11 @@ class Allocation:
     code_total: int  # code bits summed over layers and K/V (code_bits = code_total / (2 L))
     predicted_increase: float  # sum of the chosen changes' sensitivities
 
-    def config(self, eta: dict[int, float], group_size: int, residual_length: int, name: str) -> XQuantConfig:
+    def config(self, eta: dict[int, float], group_size: int, residual_length: int, name: str,
+               metadata_dtype: str | None = None) -> XQuantConfig:
         return XQuantConfig(k_bits=self.k_bits, v_bits=self.v_bits, k_share_from=self.k_share_from,
                             v_share_from=self.v_share_from, eta=dict(eta), group_size=group_size,
-                            residual_length=residual_length, name=name)
+                            residual_length=residual_length, name=name, metadata_dtype=metadata_dtype)
 
     @property
     def shares(self) -> bool:
@@ -718,6 +723,7 @@ def search(
     stored_dtype: torch.dtype = torch.bfloat16,
     group_size: int = 32,
     residual_length: int = 128,
+    metadata_dtype: str | None = None,
     prefill: int | None = None,
     compare_presets: bool = True,
     progress: bool = False,
@@ -739,6 +745,9 @@ def search(
         stored_budget_bits: optional bound on stored bits per value as the cache holds them at
             ``stored_len`` tokens in ``stored_dtype`` (codes, scales, zero points, window).
         group_size, residual_length: G and R of the configs (not searched).
+        metadata_dtype: how the configs store scales and zero points (``XQuantConfig.metadata_dtype``;
+            not searched): the simulator quantizes them so, stored bits count them so, and the
+            presets of the report are scored with it too.
         prefill: tokens prefilled per window before decoding (default ``residual_length``).
         compare_presets: also score the presets on the calibration text, for the report.
 
@@ -749,7 +758,7 @@ def search(
     budgets, single = _budgets(budget_bits)
     bits = _check_bits(bits)
     eta_grid = DEFAULT_ETA_GRID if eta_grid is None else {int(b): tuple(g) for b, g in eta_grid.items()}
-    XQuantConfig(group_size=group_size, residual_length=residual_length)  # validates G and R
+    XQuantConfig(group_size=group_size, residual_length=residual_length, metadata_dtype=metadata_dtype)  # validates
     num_layers = kv_geometry(model.config)[0]
     low = minimum_code_bits(num_layers, bits, sharing)
     for b in budgets:
@@ -763,7 +772,7 @@ def search(
     if stored_budget_bits is not None:
         floor_cfg = XQuantConfig(k_bits=min(bits), v_bits=min(bits), k_share_from=0 if sharing else None,
                                  v_share_from=0 if sharing else None, group_size=group_size,
-                                 residual_length=residual_length)
+                                 residual_length=residual_length, metadata_dtype=metadata_dtype)
         floor_stored = _stored_bits(model, floor_cfg, stored_len, stored_dtype)
         if stored_budget_bits < floor_stored - 1e-9:
             raise ValueError(f"stored_budget_bits={stored_budget_bits:g} is below the minimum the search can reach: "
@@ -776,7 +785,7 @@ def search(
     if any(_num_layers_and_sliding(model, ids.shape[1])[1]):
         raise ValueError(f"{type(model).__name__} has sliding-window layers: the search allocates bits to "
                          "full-attention layers only and does not support such models yet")
-    sim = DecodeSimulator(model, ids.to(model.device), prefill, group_size, residual_length)
+    sim = DecodeSimulator(model, ids.to(model.device), prefill, group_size, residual_length, metadata_dtype)
     calibration += f", {sim.P} prefilled per window, {sim.scored_tokens} tokens scored"
 
     def stored(config: XQuantConfig) -> float:
@@ -813,17 +822,17 @@ def search(
     previous: SearchResult | None = None
     for i in order:
         budget = budgets[i]
-        name = f"search-{budget:g}"
+        name = f"search-{budget:g}" + (f":metadata_dtype={metadata_dtype}" if metadata_dtype else "")
         code_total = int(math.floor(budget * 2 * num_layers + 1e-9))
         candidates: list[Candidate] = []
         modes = _MODES if sharing else ("none",)
         seen: set[tuple] = set()
         for mode in modes:
             alloc = _fit_allocation(sens, num_layers, code_total, bits, mode, eta, group_size, residual_length,
-                                    stored, stored_budget_bits)
+                                    stored, stored_budget_bits, metadata_dtype)
             if alloc is None:
                 continue
-            config = alloc.config(eta, group_size, residual_length, name)
+            config = alloc.config(eta, group_size, residual_length, name, metadata_dtype)
             _check_expressed(config, alloc, num_layers)
             if _plan_key(config, num_layers) in seen:  # the same config as a mode already verified
                 continue
@@ -863,7 +872,8 @@ def search(
     presets: list[Candidate] = []
     if compare_presets:
         for preset in XQuantConfig.PRESETS:
-            config = XQuantConfig.preset(preset).replace(group_size=group_size, residual_length=residual_length)
+            config = XQuantConfig.preset(preset).replace(group_size=group_size, residual_length=residual_length,
+                                                         metadata_dtype=metadata_dtype)
             presets.append(Candidate(label="preset", config=config, code_bits=config.code_bits(num_layers),
                                      stored_bits=stored(config), score=verify(config)))
     seconds = time.perf_counter() - t0
@@ -901,7 +911,7 @@ def _calibration_ids(tokenizer, text, input_ids, tokens: int, segments: int) -> 
 
 
 def _fit_allocation(sens, num_layers, code_total, bits, mode, eta, group_size, residual_length, stored,
-                    stored_budget) -> Allocation | None:
+                    stored_budget, metadata_dtype=None) -> Allocation | None:
     """The best allocation under ``code_total``, lowered until it also fits the stored budget."""
     total = code_total
     while total >= 0:
@@ -910,7 +920,7 @@ def _fit_allocation(sens, num_layers, code_total, bits, mode, eta, group_size, r
             return None
         if stored_budget is None:
             return alloc
-        config = alloc.config(eta, group_size, residual_length, "probe")
+        config = alloc.config(eta, group_size, residual_length, "probe", metadata_dtype)
         if stored(config) <= stored_budget + 1e-9:
             return alloc
         total = alloc.code_total - 1
@@ -932,7 +942,7 @@ def _plan_key(config: XQuantConfig, num_layers: int) -> tuple:
     plans = tuple(config.resolve(num_layers))
     used = {p.k_bits for p in plans} | {p.v_bits for p in plans}
     eta = tuple(sorted((b, e) for b, e in config.eta.items() if b in used and e))
-    return plans, eta, config.group_size, config.residual_length
+    return plans, eta, config.group_size, config.residual_length, config.metadata_dtype
 
 
 def _refine_eta(winner: Candidate, eta_grid, verify, num_layers: int) -> Candidate:
