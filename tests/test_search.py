@@ -150,12 +150,12 @@ def test_stored_budget_and_no_sharing(mini, ids):
     assert plain.sharing.startswith("not allowed")
 
 
-def test_search_with_float8_metadata(mini, ids):
+def test_search_with_float8_metadata(found, mini, ids):
     """Configs found for float8 metadata store it, count it in stored bits, and score as the cache
     with that metadata decodes (the simulator refuses a config with other metadata)."""
     fp8 = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False,
                  metadata_dtype="float8_e4m3fn")
-    plain = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
+    plain = found[BUDGETS.index(1.5)]
     assert fp8.config.metadata_dtype == "float8_e4m3fn" and plain.config.metadata_dtype is None
     assert fp8.stored_bits < plain.stored_bits
     assert fp8.score.nll == pytest.approx(_decode_nll_mean(mini, ids, fp8.config, P), rel=1e-5, abs=1e-6)

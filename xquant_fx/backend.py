@@ -27,7 +27,6 @@ import logging
 from pathlib import Path
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .moe import plan_from_options
 from .passes import PassContext, PassReport, run_passes
@@ -46,21 +45,24 @@ def source_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
-class _SourceStamp(CustomGraphPass):
-    """A post-grad pass that changes nothing; its ``uuid`` keys Inductor's caches to these sources."""
+def _SourceStamp(stamp: str):
+    """A post-grad pass that changes nothing; its ``uuid`` keys Inductor's caches to ``stamp``.
+    (Built on first use: importing Inductor's pass base class imports triton, which ``import
+    xquant_fx`` must not.)"""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    def __init__(self, stamp: str):
-        self.stamp = stamp
+    class SourceStamp(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
 
-    def __call__(self, graph) -> None:
-        return None
+        def uuid(self) -> str:
+            return stamp
 
-    def uuid(self) -> str:
-        return self.stamp
+    return SourceStamp()
 
 
 @functools.cache
-def source_stamp() -> _SourceStamp:
+def source_stamp():
     """The no-op pass whose uuid is the hash of the ``xquant_fx`` sources (module docstring)."""
     return _SourceStamp(source_hash(Path(__file__).resolve().parent))
 
