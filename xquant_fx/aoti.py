@@ -293,12 +293,7 @@ def _check_model(model) -> None:
 
 
 def _resolve_config(config) -> XQuantConfig:
-    if config is None:
-        return XQuantConfig.preset("xquant-1.38")
-    if isinstance(config, str):
-        config = XQuantConfig.from_spec(config)
-    if not isinstance(config, XQuantConfig):
-        raise ValueError(f"config must be an XQuantConfig or a preset name, got {type(config).__name__}")
+    config = XQuantConfig.coerce(config)
     if config.prunes_experts:
         raise ValueError(
             f"config {config.name!r} sets MoE options (moe_*), which export does not apply (the package runs "

@@ -116,9 +116,7 @@ def optimize(
     a ``moe_top_k`` the model cannot take.
     """
     _check_supported(model)
-    xq = XQuantConfig.from_spec(config) if isinstance(config, str) else (config or XQuantConfig.preset("xquant-1.38"))
-    if not isinstance(xq, XQuantConfig):
-        raise ValueError(f"config must be an XQuantConfig or a preset name, got {type(config).__name__}")
+    xq = XQuantConfig.coerce(config)
     if (max_cache_len is None) != (max_batch_size is None):
         raise ValueError("give both max_cache_len and max_batch_size to preallocate, or neither")
     # Resolve the plan now so that a config that does not fit the model fails here, not mid-generate.

@@ -371,8 +371,7 @@ class XQuantCache(Cache):
         dtype: torch.dtype | None = None,
         tp_size: int = 1,
     ):
-        if isinstance(xquant_config, str) or xquant_config is None:
-            xquant_config = XQuantConfig.from_spec(xquant_config or "xquant-1.38")
+        xquant_config = XQuantConfig.coerce(xquant_config, what="xquant_config")
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"XQuantCache needs max_cache_len, a positive int (prompt + new tokens); got {max_cache_len!r}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:

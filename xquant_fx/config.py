@@ -269,6 +269,19 @@ class XQuantConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def coerce(cls, value, default: str | None = "xquant-1.38", what: str = "config") -> "XQuantConfig":
+        """The config an API argument names: an :class:`XQuantConfig` as is, a preset name or spec
+        through :meth:`from_spec`, ``None`` as ``default`` (a spec; ``None``: not allowed).
+        Anything else raises ``ValueError`` naming ``what``."""
+        if value is None and default is not None:
+            value = default
+        if isinstance(value, str):
+            return cls.from_spec(value)
+        if isinstance(value, cls):
+            return value
+        raise ValueError(f"{what} must be an XQuantConfig, a preset name or a spec, got {type(value).__name__}")
+
+    @classmethod
     def from_spec(cls, spec: str) -> "XQuantConfig":
         """A preset, optionally with some fields changed: ``PRESET`` or
         ``PRESET:field=value[,field=value...]``, e.g. ``"kivi-2:metadata_dtype=float8_e4m3fn"``,

@@ -373,7 +373,7 @@ class DecodeSimulator:
             partner = self._kv[layer - 1][0 if kind == "k" else 1][:, :, : x.shape[2]]
             codes = quantize(partner, bits, G)[0]
         # scale and zero point stored as the cache stores them: the activation dtype or metadata_dtype
-        md = getattr(torch, self.metadata_dtype) if self.metadata_dtype else x.dtype
+        md = quant.metadata_dtype(self.metadata_dtype, x.dtype)
         return dequantize(codes, quant.to_metadata(scale, md), quant.to_metadata(zero, md), G).to(x.dtype).float()
 
 

@@ -111,7 +111,7 @@ def stamp(rows: list[EvalRow], run: RunInfo) -> list[EvalRow]:
 
 
 def _as_config(preset) -> XQuantConfig:
-    return XQuantConfig.from_spec(preset) if isinstance(preset, str) else preset
+    return XQuantConfig.coerce(preset, default=None, what="preset")
 
 
 def decode_nll(model, segments: torch.Tensor, xq: XQuantConfig, prefill: int, progress: bool = False):

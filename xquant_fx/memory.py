@@ -167,11 +167,7 @@ def weight_bytes(config, dtype=torch.bfloat16) -> int:
 
 
 def _xquant_config(preset) -> XQuantConfig:
-    if isinstance(preset, XQuantConfig):
-        return preset
-    if isinstance(preset, str):
-        return XQuantConfig.from_spec(preset)
-    raise ValueError(f"expected an XQuantConfig, a preset name or a spec, not {type(preset).__name__}")
+    return XQuantConfig.coerce(preset, default=None, what="preset")
 
 
 def cache_bytes(config, preset, batch_size: int, max_cache_len: int, dtype=torch.bfloat16) -> int:

@@ -3,15 +3,16 @@ plumbing."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-QUANT_BITS = (1, 2, 4)
+from ..config import FP8_E4M3_MAX, QUANT_BITS
 #: Largest finite float8 e4m3 value (``XQuantConfig.metadata_dtype="float8_e4m3fn"``).
-FP8_MAX = tl.constexpr(448.0)
+FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
 
 
 def interpreting() -> bool:
@@ -36,6 +37,12 @@ def check_pow2(name: str, value: int) -> None:
         raise ValueError(f"{name}={value!r} must be a power of two for the Triton kernels")
 
 
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    """Compute capability of a CUDA device, asked once (:func:`check_metadata` runs every step)."""
+    return torch.cuda.get_device_capability(device_index)
+
+
 def check_metadata(kind: str, scale: torch.Tensor, zero: torch.Tensor, window: torch.Tensor) -> None:
     """Scales and zero points of ``kind`` (keys / values) share one dtype: the window's (the model
     dtype) or float8 e4m3 (``XQuantConfig.metadata_dtype``), which on CUDA needs sm_89 or newer."""
@@ -45,7 +52,7 @@ def check_metadata(kind: str, scale: torch.Tensor, zero: torch.Tensor, window: t
             f"{window.dtype} or torch.float8_e4m3fn"
         )
     if scale.dtype == torch.float8_e4m3fn and scale.device.type == "cuda" and not interpreting():
-        major, minor = torch.cuda.get_device_capability(scale.device)
+        major, minor = _capability(scale.device.index if scale.device.index is not None else torch.cuda.current_device())
         if (major, minor) < (8, 9):
             raise ValueError(
                 f"float8 scales / zero points (metadata_dtype='float8_e4m3fn') need a GPU of compute capability "
