@@ -137,9 +137,9 @@ def test_source_stamp_defeats_a_stale_inductor_cache(tmp_path):
         import stale_op
         from pathlib import Path
         from torch._inductor.compile_fx import compile_fx
-        from xquant_fx.backend import _SourceStamp, source_hash
+        from xquant_fx.backend import source_hash, stamp_pass
 
-        stamp = _SourceStamp(source_hash(Path(sys.argv[1])))
+        stamp = stamp_pass(source_hash(Path(sys.argv[1])))
         f = torch.compile(lambda x: torch.ops.stale_test.f(x) * 3,
                           backend=lambda gm, inputs: compile_fx(gm, inputs, config_patches={"post_grad_custom_pre_pass": stamp}))
         print(f(torch.ones(2)).tolist())

@@ -45,7 +45,7 @@ def source_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _SourceStamp(stamp: str):
+def stamp_pass(stamp: str):
     """A post-grad pass that changes nothing; its ``uuid`` keys Inductor's caches to ``stamp``.
     (Built on first use: importing Inductor's pass base class imports triton, which ``import
     xquant_fx`` must not.)"""
@@ -64,7 +64,7 @@ def _SourceStamp(stamp: str):
 @functools.cache
 def source_stamp():
     """The no-op pass whose uuid is the hash of the ``xquant_fx`` sources (module docstring)."""
-    return _SourceStamp(source_hash(Path(__file__).resolve().parent))
+    return stamp_pass(source_hash(Path(__file__).resolve().parent))
 
 
 def with_source_stamp(patches: dict) -> dict:

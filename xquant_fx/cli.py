@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import demo, memory
-from .config import XQuantConfig
+from .config import METADATA_DTYPES, XQuantConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="a local HF model directory (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--presets", nargs="+", default=list(XQuantConfig.PRESETS), type=_spec, metavar="SPEC",
+    parser.add_argument("--presets", nargs="+", default=list(XQuantConfig.PRESETS), type=memory.spec_arg, metavar="SPEC",
                         help="presets to evaluate, each optionally modified: PRESET:field=value[,field=value...] "
                              "(e.g. kivi-2:metadata_dtype=float8_e4m3fn, xquant-1.38:group_size=64); a row is "
                              "named by its spec")
@@ -54,16 +54,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-tokens", type=int, default=384, help="calibration tokens of the search")
     parser.add_argument("--search-stored", type=float, default=None, metavar="BITS",
                         help="also bound the searched configs' stored bits (bf16, 8k tokens)")
-    parser.add_argument("--search-metadata-dtype", default=None, choices=["float8_e4m3fn"],
+    parser.add_argument("--search-metadata-dtype", default=None, choices=METADATA_DTYPES,
                         help="searched configs store scales and zero points so (default: the model dtype)")
-
-
-def _spec(text: str) -> str:
-    try:
-        XQuantConfig.from_spec(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text.strip()
 
 
 def _budget_list(text: str) -> list[float]:

@@ -434,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``memory`` command's options to ``parser`` (for wiring into a subcommand CLI)."""
     parser.add_argument("--config", required=True,
                         help=f"bundled name ({', '.join(bundled_configs())}), a config.json path or a model directory")
-    parser.add_argument("--preset", default="xquant-1.38", type=_spec_arg,
+    parser.add_argument("--preset", default="xquant-1.38", type=spec_arg,
                         help=f"cache preset ({', '.join(XQuantConfig.PRESETS)}), optionally modified: "
                              "PRESET:field=value[,field=value...], e.g. kivi-2:metadata_dtype=float8_e4m3fn")
     parser.add_argument("--gpu-memory", required=True, type=_memory_arg,
@@ -450,12 +450,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _spec_arg(text: str) -> str:
+def spec_arg(text: str) -> str:
+    """argparse type of a config spec (:meth:`XQuantConfig.from_spec`): checked, returned stripped."""
     try:
         XQuantConfig.from_spec(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text
+    return text.strip()
 
 
 def _memory_arg(text: str) -> int:
