@@ -155,7 +155,26 @@ def expert_bytes(model) -> tuple[int, int]:
     return one, shared
 
 
-def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_batches=()):
+def experts_only(block, x, k: int, iters: int) -> dict[str, float]:
+    """Seconds per call of the routed experts alone (no router, no shared experts), on the routing
+    the block's router gives at ``k``: ours (``xquant::moe_experts``) and transformers' kernels."""
+    hidden = x.shape[-1]
+    flat = x.view(-1, hidden)
+    with torch.no_grad():
+        _, w, ids = block.gate(flat)
+    ex = block.experts
+    times = {}
+    for impl in ("grouped_mm", "batched_mm"):
+        ex.config._experts_implementation = impl
+        with torch.no_grad():
+            times[f"transformers {impl}"] = timed(lambda: ex(flat, ids, w), iters)[0]
+    with torch.no_grad():
+        times["xquant kernel"] = timed(
+            lambda: torch.ops.xquant.moe_experts(flat, ids, w, ex.gate_up_proj, ex.down_proj), iters)[0]
+    return times
+
+
+def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_batches=(), ours_only=False):
     block_name = find_moe_layers(model)[0].name
     block = model.get_submodule(block_name)
     model_k = find_moe_layers(model)[0].top_k
@@ -170,8 +189,8 @@ def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_ba
                 _, _, idx = block.gate(x.view(-1, hidden))
             distinct = idx.unique().numel()
             floor = (distinct * one + shared) / COPY_BW
-            use_inductor = (False, True) if batch in inductor_batches and k in (ks[0], ks[len(ks) // 2]) else (False,)
-            for impl in ("grouped_mm", "batched_mm"):
+            use_inductor = (False, True) if batch in inductor_batches else (False,)
+            for impl in () if ours_only else ("grouped_mm", "batched_mm"):
                 model.set_experts_implementation(impl)
                 for ind in use_inductor:
                     fn = traced(block, inductor=ind)
@@ -199,8 +218,19 @@ def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_ba
                 rows.append(dict(part="layer", shape=name, batch=batch, k=k,
                                  variant=f"xquant pass + kernel ({'inductor, ' if ind else ''}{how})",
                                  us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
-            print(f"layer {name} b={batch} k={k}: ours {t*1e6:.1f} us, grouped {base[('grouped_mm', k)]*1e6:.1f}, "
-                  f"batched {base[('batched_mm', k)]*1e6:.1f}, floor {floor*1e6:.1f}, err {err:.1e}", flush=True)
+            model.set_experts_implementation("grouped_mm")
+            set_top_k(model, k)
+            for variant, te in experts_only(block, x, k, iters).items():
+                if variant.startswith("transformers") and ours_only:
+                    continue
+                rows.append(dict(part="experts", shape=name, batch=batch, k=k, variant=f"{variant} (graph)",
+                                 us=te * 1e6, floor_us=(distinct * one) / COPY_BW * 1e6, tok_s=""))
+            set_top_k(model, model_k)
+            install_experts(model)
+            theirs = ", ".join(f"{impl} {base[(impl, k)] * 1e6:.1f}" for impl in ("grouped_mm", "batched_mm")
+                               if (impl, k) in base)
+            print(f"layer {name} b={batch} k={k}: ours {t*1e6:.1f} us, {theirs}, floor {floor*1e6:.1f}, "
+                  f"experts alone {te * 1e6:.1f}, err {err:.1e}", flush=True)
         set_top_k(model, model_k)
         flush()
 
@@ -253,7 +283,7 @@ def profile_layer(name, model, ks, iters, out: Path, lines: list[str]) -> None:
     set_top_k(model, model_k)
 
 
-def bench_model(name, model, batches, ks, context, iters, rows, flush):
+def bench_model(name, model, batches, ks, context, iters, rows, flush, inductor=False):
     model_k = find_moe_layers(model)[0].top_k
     arg = cache_argument(model)
     for batch in batches:
@@ -276,7 +306,8 @@ def bench_model(name, model, batches, ks, context, iters, rows, flush):
             set_top_k(model, k)
             model.set_experts_implementation(impl)
             with torch.no_grad():
-                t, how = timed(step(traced(model)), iters)
+                t, how = timed(step(traced(model, inductor=inductor)), iters)
+            how = f"inductor, {how}" if inductor else how
             rows.append(dict(part="model", shape=name, batch=batch, k=k, variant=f"{label} ({how})", us=t * 1e6,
                              floor_us="", tok_s=batch / t))
             print(f"model {name} b={batch} k={k} {label}: {t*1e3:.3f} ms/step, {batch/t:.0f} tok/s", flush=True)
@@ -284,7 +315,8 @@ def bench_model(name, model, batches, ks, context, iters, rows, flush):
         install_experts(model)
         for k in ks:
             with torch.no_grad():
-                t, how = timed(step(traced(model, MoEPlan(spec=k))), iters)
+                t, how = timed(step(traced(model, MoEPlan(spec=k), inductor=inductor)), iters)
+            how = f"inductor, {how}" if inductor else how
             rows.append(dict(part="model", shape=name, batch=batch, k=k, variant=f"xquant pass + kernel ({how})",
                              us=t * 1e6, floor_us="", tok_s=batch / t))
             print(f"model {name} b={batch} k={k} ours: {t*1e3:.3f} ms/step, {batch/t:.0f} tok/s", flush=True)
@@ -322,20 +354,29 @@ def header(args, started: float) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    p.add_argument("--batches", nargs="*", type=int, default=[1, 8, 64, 256], help="layer part (none: skip it)")
     p.add_argument("--model-batches", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--inductor-batches", nargs="*", type=int, default=[1, 8],
-                   help="layer batches also timed Inductor-compiled (at k = K and about K/2)")
+                   help="layer batches also timed Inductor-compiled (every k)")
     p.add_argument("--model-layers", type=int, default=8, help="decoder layers in the model-decode part (0: skip)")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="fewer k and batches")
+    p.add_argument("--model-inductor", action="store_true", help="compile the model part with Inductor, as optimize does")
+    p.add_argument("--model-ks", nargs="+", type=int, help="k of the model part (default: K, about K/2, 2)")
+    p.add_argument("--ours-only", action="store_true", help="layer part: leave out transformers' experts")
+    p.add_argument("--slot-blocks-max", type=int,
+                   help="override xquant_fx.kernels.moe.SLOT_BLOCKS_MAX (0: always the block table)")
     p.add_argument("--profile", action="store_true", help="also a kernel breakdown at batch 1 (moe_profile.md)")
     p.add_argument("--profile-only", action="store_true", help="only the kernel breakdown")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     assert torch.cuda.is_available(), "bench_moe.py times CUDA graphs: run it on a GPU"
     torch._dynamo.config.cache_size_limit = 256
+    if args.slot_blocks_max is not None:
+        from xquant_fx.kernels import moe as moe_kernels
+
+        moe_kernels.SLOT_BLOCKS_MAX = args.slot_blocks_max
     rows, check, failures = [], [], []
     started = time.time()
     profile_lines = [header(args, started).replace("# MoE decode: activated experts vs time",
@@ -352,14 +393,16 @@ def main(argv=None) -> int:
             profile_layer(name, model, ks, args.iters, args.out, profile_lines)
         if args.profile_only:
             continue
-        bench_layer(name, model, batches, ks, args.iters, rows, check, flush, args.inductor_batches)
+        if args.batches:
+            bench_layer(name, model, batches, ks, args.iters, rows, check, flush, args.inductor_batches, args.ours_only)
         del model
         torch.cuda.empty_cache()
         if args.model_layers:
             model = build(name, args.model_layers, "cuda", torch.bfloat16)
             try:
-                bench_model(name, model, args.model_batches, [ks[0], ks[len(ks) // 2], ks[-2]], args.context,
-                            args.iters // 4, rows, flush)
+                model_ks = args.model_ks or [ks[0], ks[len(ks) // 2], ks[-2]]
+                bench_model(name, model, args.model_batches, model_ks, args.context, args.iters // 4, rows, flush,
+                            args.model_inductor)
             except Exception as err:  # noqa: BLE001  (the layer rows above stay valid)
                 print(f"model part of {name} failed: {type(err).__name__}: {err}", flush=True)
                 failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")

@@ -74,6 +74,18 @@ def test_prune_routes_dynamic_rules_drop_exactly_their_slots():
     assert i.tolist() == [[0, 8, 8, 8], [4, 8, 8, 8]]
 
 
+@pytest.mark.parametrize("rules", [dict(keep=3), dict(keep=6, min_weight=0.3), dict(keep=5, top_p=0.6),
+                                   dict(keep=2, renormalize=True), dict(keep=4, logits=True, top_p=0.8)])
+def test_prune_routes_of_sorted_slots_needs_no_sort(rules):
+    torch.manual_seed(0)
+    scores = torch.randn(32, 16).softmax(-1)
+    values, indices = scores.topk(6, dim=-1, sorted=True)
+    want = prune_routes(values, indices, 16, **rules)
+    got = prune_routes(values, indices, 16, ranked=True, **rules)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert (want[1] == 16).any()  # the rules drop something
+
+
 def test_prune_routes_renormalize_and_logits():
     values = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     v, _ = prune_routes(values, torch.arange(4)[None], 4, keep=2, renormalize=True)
@@ -103,9 +115,13 @@ def force_kernels(monkeypatch):
     monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
 
 
+@pytest.mark.parametrize("slot_blocks", [True, False], ids=["slot-blocks", "block-table"])
 @pytest.mark.parametrize("tokens, k, experts", [(1, 8, 16), (3, 4, 8), (37, 2, 8), (64, 8, 16)])
-def test_moe_kernel_matches_reference(tokens, k, experts, force_kernels):
+def test_moe_kernel_matches_reference(tokens, k, experts, slot_blocks, force_kernels, monkeypatch):
+    from xquant_fx.kernels import moe as moe_kernels
     from xquant_fx.kernels.moe import moe_experts as kernel
+
+    monkeypatch.setattr(moe_kernels, "SLOT_BLOCKS_MAX", 10**9 if slot_blocks else 0)
 
     torch.manual_seed(tokens)
     hid, inter = 64, 48

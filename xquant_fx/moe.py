@@ -46,6 +46,7 @@ def prune_routes(
     top_p: float = 1.0,
     renormalize: bool = False,
     logits: bool = False,
+    ranked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop routed slots of a router's top-k ``(values, indices)`` (``[..., K]`` each).
 
@@ -56,21 +57,29 @@ def prune_routes(
     after its top-k). Dropped slots get index ``num_experts`` and value 0 (``-inf`` when
     ``logits``, so that the softmax downstream gives them weight 0). With ``renormalize`` (and
     ``not logits``) the kept values are rescaled to the sum of all ``K`` values.
+
+    ``ranked`` says the slots are already in descending order of value (``topk(..., sorted=True)``,
+    which the graph pass asks for): a slot's rank is then its position, and no sort runs, so that
+    under Inductor the whole rewrite is one fused elementwise kernel.
     """
     k = values.shape[-1]
-    order = torch.argsort(values, dim=-1, descending=True, stable=True)
-    rank = torch.argsort(order, dim=-1, stable=True)  # rank[s]: position of slot s by value
-    keep_mask = rank < keep
     weights = values.float().softmax(-1) if logits else values.float()
+    if ranked:
+        rank = torch.arange(k, device=values.device).expand(values.shape)
+        by_rank = weights
+    else:
+        order = torch.argsort(values, dim=-1, descending=True, stable=True)
+        rank = torch.argsort(order, dim=-1, stable=True)  # rank[s]: position of slot s by value
+        by_rank = weights.gather(-1, order)
+    keep_mask = rank < keep
     if min_weight and min_weight > 0:
         top = weights.amax(-1, keepdim=True)
         keep_mask = keep_mask & (weights >= min_weight * top)
     if top_p is not None and top_p < 1.0:
-        ranked = weights.gather(-1, order)
-        before = ranked.cumsum(-1) - ranked  # weight of the slots ranked above each
-        total = ranked.sum(-1, keepdim=True)
+        before = by_rank.cumsum(-1) - by_rank  # weight of the slots ranked above each
+        total = by_rank.sum(-1, keepdim=True)
         keep_ranked = before < top_p * total
-        keep_mask = keep_mask & keep_ranked.gather(-1, rank)
+        keep_mask = keep_mask & (keep_ranked if ranked else keep_ranked.gather(-1, rank))
     keep_mask = keep_mask | (rank == 0)
     fill = float("-inf") if logits else 0.0
     new_values = values.masked_fill(~keep_mask, fill)

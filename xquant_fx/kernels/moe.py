@@ -30,8 +30,14 @@ from .common import launch
 
 
 @triton.jit
-def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr):
-    """Block ``b``'s expert, its ``BM`` row indices into the slot order, their mask and their slots."""
+def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: tl.constexpr):
+    """Block ``b``'s expert, its ``BM`` row indices into the slot order, their mask and their slots.
+    With ``SLOTS`` every slot is its own block (``BlockExpert`` is then the slot ids, row = slot)."""
+    if SLOTS:
+        e = tl.load(BlockExpert + b)
+        rows = b + tl.arange(0, BM)
+        rmask = tl.arange(0, BM) == 0
+        return e, rows, rmask, rows
     e = tl.load(BlockExpert + b)
     r0 = tl.load(BlockRow + b)
     r1 = tl.load(BlockEnd + b)
@@ -46,11 +52,11 @@ def _moe_up_kernel(
     X, GateUp, Hbuf, Order, BlockExpert, BlockRow, BlockEnd,
     stride_xt, stride_ge, stride_gn, stride_hr,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr,
 ):
     b = tl.program_id(0)
     nt = tl.program_id(1)
-    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM)
+    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
     if e >= E:
         return
     tok = (slots // K_TOP).to(tl.int64)
@@ -78,11 +84,11 @@ def _moe_down_kernel(
     Hbuf, Down, W, Out, Order, BlockExpert, BlockRow, BlockEnd,
     stride_hr, stride_de, stride_dn, stride_os,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr,
 ):
     b = tl.program_id(0)
     nt = tl.program_id(1)
-    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM)
+    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
     if e >= E:
         return
     cols = nt * BN + tl.arange(0, BN)
@@ -184,6 +190,12 @@ def _tiles(slots: int, num_experts: int) -> tuple[int, int, int, int, int]:
     return 64, 64, 64, 64, 64
 
 
+#: Steps of at most this many routing slots (tokens x k) skip the block table: each slot is its own
+#: block (``SLOTS`` in the kernels), one launch fewer and no single-program sort on the critical
+#: path. An expert chosen by several of these slots is read once per slot, mostly from L2.
+SLOT_BLOCKS_MAX = 16
+
+
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                 down: torch.Tensor) -> torch.Tensor:
     """:func:`xquant_fx.moe.experts_reference` with the two kernels above."""
@@ -197,18 +209,24 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     down = down.contiguous()
     w = weights.reshape(-1)
     bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e)
-    order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
+    slot_blocks = s <= SLOT_BLOCKS_MAX
+    if slot_blocks:
+        flat = ids.reshape(-1)
+        order, expert, row0, row1, num_blocks = flat, flat, flat, flat, s
+    else:
+        order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
     hbuf = torch.empty((s, inter), dtype=x.dtype, device=x.device)
     out = torch.empty((s, hid), dtype=torch.float32, device=x.device)
     launch(_moe_up_kernel)[(num_blocks, triton.cdiv(inter, bn_up))](
         x, gate_up, hbuf, order, expert, row0, row1,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), hbuf.stride(0),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, num_warps=4, num_stages=3,
+        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, SLOTS=slot_blocks, num_warps=4, num_stages=3,
     )
     launch(_moe_down_kernel)[(num_blocks, triton.cdiv(hid, bn_down))](
         hbuf, down, w, out, order, expert, row0, row1,
         hbuf.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, num_warps=4, num_stages=3,
+        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, SLOTS=slot_blocks, num_warps=4,
+        num_stages=3,
     )
     y = torch.empty_like(x)
     bh = min(1024, triton.next_power_of_2(hid))

@@ -6,7 +6,8 @@ expert scores, last dim = number of experts): Mixtral / Qwen2-MoE / Qwen3-MoE / 
 DeepSeek-V2 group-limited two (groups, then experts), DeepSeek-V3 three (two over groups). The
 earlier ones choose groups and are left alone, as are shared experts.
 
-Rewrite: after the top-k's ``(values, indices)`` a :func:`xquant_fx.moe.prune_routes` node drops
+Rewrite: the top-k is asked for sorted slots (``sorted=True``; DeepSeek routers pass ``False``),
+and after its ``(values, indices)`` a :func:`xquant_fx.moe.prune_routes` node drops
 slots per the plan (static ``k`` per layer, dynamic ``min_weight`` / ``top_p``, optional
 renormalization); every user of the indices and values reads the pruned ones. Shapes do not
 change: dropped slots hold the sentinel expert ``num_experts`` with value 0 (``-inf`` if the
@@ -105,6 +106,15 @@ def find_routers(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int
     return dict(sorted(routers.items()))
 
 
+def _sort_topk(node: torch.fx.Node) -> None:
+    """Make a top-k node return its slots in descending order (``sorted=True``): the same experts
+    and values, ranked by position, so :func:`prune_routes` needs no sort of its own."""
+    if len(node.args) > 4:
+        node.args = (*node.args[:4], True, *node.args[5:])
+    elif node.kwargs.get("sorted", True) is not True:
+        node.kwargs = {**node.kwargs, "sorted": True}
+
+
 def _getitem(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int) -> torch.fx.Node:
     for user in node.users:
         if user.op == "call_function" and user.target is operator.getitem and user.args[1] == index:
@@ -165,6 +175,7 @@ def prune_moe_router(gm: torch.fx.GraphModule, ctx=None) -> int:
                 f"sentinel slots pruning leaves (expert id {num_experts}); call xquant_fx.optimize(model, ...) or "
                 "xquant_fx.moe.install_experts(model) before torch.compile"
             )
+        _sort_topk(topk)
         values = _getitem(gm, topk, 0)
         indices = _getitem(gm, topk, 1)
         logits = any(_is_softmax(u) for u in values.users)
@@ -172,7 +183,7 @@ def prune_moe_router(gm: torch.fx.GraphModule, ctx=None) -> int:
         with gm.graph.inserting_after(anchor):
             routed = gm.graph.call_function(
                 prune_routes,
-                (values, indices, num_experts, keep[layer], plan.min_weight, plan.top_p, plan.renormalize, logits),
+                (values, indices, num_experts, keep[layer], plan.min_weight, plan.top_p, plan.renormalize, logits, True),
             )
         with gm.graph.inserting_after(routed):
             new_values = gm.graph.call_function(operator.getitem, (routed, 0))
