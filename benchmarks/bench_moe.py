@@ -261,16 +261,21 @@ def profile_layer(name, model, ks, iters, out: Path, lines: list[str]) -> None:
     block = model.get_submodule(find_moe_layers(model)[0].name)
     model_k = find_moe_layers(model)[0].top_k
     x = torch.randn(1, 1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    for k in (ks[0], ks[len(ks) // 2]):
-        variants = []
+    def transformers_block(k):
         set_top_k(model, k)
         model.set_experts_implementation("grouped_mm")
-        variants.append(("transformers grouped_mm", traced(block, inductor=True)))
+        return traced(block, inductor=True)
+
+    def ours(k):
         set_top_k(model, model_k)
         install_experts(model)
-        variants.append(("xquant pass + kernel", traced(block, MoEPlan(spec=k), inductor=True)))
-        for variant, fn in variants:
-            step, _ = timed(lambda: fn(x), iters)
+        return traced(block, MoEPlan(spec=k), inductor=True)
+
+    for k in (ks[0], ks[len(ks) // 2]):
+        for variant, build_fn in (("transformers grouped_mm", transformers_block), ("xquant pass + kernel", ours)):
+            fn = build_fn(k)  # compiled on its first call, below: before the next variant changes the model
+            with torch.no_grad():
+                step, _ = timed(lambda: fn(x), iters)
             kernels = kernel_times(lambda: fn(x))
             busy = sum(us for _, us, _ in kernels)
             lines += ["", f"### {name}, batch 1, k={k}: {variant} (Inductor)", "",
@@ -367,6 +372,7 @@ def main(argv=None) -> int:
     p.add_argument("--ours-only", action="store_true", help="layer part: leave out transformers' experts")
     p.add_argument("--slot-blocks-max", type=int,
                    help="override xquant_fx.kernels.moe.SLOT_BLOCKS_MAX (0: always the block table)")
+    p.add_argument("--min-programs", type=int, help="override xquant_fx.kernels.moe.MIN_PROGRAMS (0: widest tiles)")
     p.add_argument("--profile", action="store_true", help="also a kernel breakdown at batch 1 (moe_profile.md)")
     p.add_argument("--profile-only", action="store_true", help="only the kernel breakdown")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -377,6 +383,10 @@ def main(argv=None) -> int:
         from xquant_fx.kernels import moe as moe_kernels
 
         moe_kernels.SLOT_BLOCKS_MAX = args.slot_blocks_max
+    if args.min_programs is not None:
+        from xquant_fx.kernels import moe as moe_kernels
+
+        moe_kernels.MIN_PROGRAMS = args.min_programs
     rows, check, failures = [], [], []
     started = time.time()
     profile_lines = [header(args, started).replace("# MoE decode: activated experts vs time",

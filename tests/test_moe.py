@@ -11,7 +11,7 @@ import xquant_fx
 from xquant_fx import XQuantConfig, ops  # noqa: F401  (registers xquant::moe_experts)
 from xquant_fx.config import MoESchedule
 from xquant_fx.moe import experts_reference, find_moe_layers, install_experts, prune_routes
-from xquant_fx.passes import PassContext, PassFailed, run_passes
+from xquant_fx.passes import PassContext, PassFailed, PassReport, run_passes
 from xquant_fx.moe import MoEPlan
 from xquant_fx.passes.prune_moe_router import find_routers, prune_moe_router
 
@@ -146,6 +146,41 @@ def test_moe_experts_op_checks_shapes_and_has_a_fake():
     torch.library.opcheck(torch.ops.xquant.moe_experts.default, (x, ids, w, gate_up, down))
 
 
+# --------------------------------------------------------------------------- router top-k
+def _sorted_reference(scores: torch.Tensor, k: int):
+    """Largest first, ties to the lower index, NaN first (``torch.sort`` is stable)."""
+    values, indices = torch.sort(scores.float(), dim=-1, descending=True, stable=True)
+    return scores.gather(-1, indices[..., :k]), indices[..., :k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, k", [((5, 128), 8), ((2, 3, 64), 6), ((4, 60), 60), ((3, 8), 1)])
+def test_router_topk_kernel_matches_torch(shape, k, dtype, force_kernels):
+    torch.manual_seed(k)
+    scores = torch.randn(shape).to(dtype)
+    scores.view(-1, shape[-1])[0, : shape[-1] // 2] = 0.25  # ties: the lower index first
+    if shape[0] > 2:
+        scores.view(-1, shape[-1])[1, 3] = float("nan")  # NaN ranks first, as in torch.topk
+        scores.view(-1, shape[-1])[2, :] = float("-inf")  # every index still taken once
+        scores.view(-1, shape[-1])[2, 5] = 1.0
+    values, indices = torch.ops.xquant.router_topk(scores, k)
+    want_values, want_indices = _sorted_reference(scores, k)
+    assert values.dtype == dtype and indices.dtype == torch.int64 and values.shape == (*shape[:-1], k)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, equal_nan=True, atol=0, rtol=0)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # no index twice
+
+
+def test_router_topk_op_checks_arguments_and_has_a_fake():
+    for k, scores in ((0, torch.randn(2, 8)), (9, torch.randn(2, 8)), (2, torch.zeros(2, 8, dtype=torch.long))):
+        with pytest.raises(ValueError, match="router_topk"):
+            torch.ops.xquant.router_topk(scores, k)
+    scores = torch.randn(3, 16)
+    values, indices = torch.ops.xquant.router_topk(scores, 4)
+    assert torch.equal(values, scores.topk(4).values) and torch.equal(indices, scores.topk(4).indices)
+    torch.library.opcheck(torch.ops.xquant.router_topk.default, (scores, 4))
+
+
 # --------------------------------------------------------------------------- hand-written routers
 def _reference_router(router, family: str, keep: int, min_weight: float = 0.0):
     """The routing of ``router`` (same weights) written out by hand, activating ``keep`` experts."""
@@ -245,6 +280,37 @@ def test_pass_prunes_each_router_like_a_hand_written_router(family):
 
     if family in ("mixtral", "deepseek_v3"):  # the whole xquant backend (Inductor), fed the config field
         torch.testing.assert_close(_compiled_logits(model, ids, moe_top_k=list(keeps)), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, monkeypatch):
+    model = mini_moe_model(family)
+    install_experts(model)
+    layers = find_moe_layers(model)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    plan = MoEPlan(spec=max(1, layers[0].top_k - 1))
+    pruned_only, _, _ = _run_with_pass(model, ids, plan)
+    if family in ("qwen3_moe", "deepseek_v3"):  # and the kernel, under the interpreter
+        monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
+    seen = []
+
+    def backend(gm, inputs):
+        report = PassReport()
+        run_passes(gm, report, ctx=PassContext(moe=plan))
+        seen.append((gm, report))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    (gm, report), = seen
+    fast = [n for n in gm.graph.nodes if n.target is torch.ops.xquant.router_topk.default]
+    assert report.hits["router_topk"] == len(fast) == len(layers)
+    assert [r[0] for r in find_routers(gm).values()] == fast  # group top-k calls (DeepSeek) untouched
+    assert run_passes(gm, (again := PassReport()), ctx=PassContext(moe=plan)) and again.hits["router_topk"] == 0
+    assert [n.args[1] for n in fast] == [m.top_k for m in layers]  # the model's k; pruning follows it
+    torch.testing.assert_close(logits, pruned_only, atol=1e-4, rtol=1e-4)
 
 
 def test_find_routers_picks_the_final_top_k_of_each_router():

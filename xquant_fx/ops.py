@@ -1,5 +1,5 @@
 """Custom ops: the quantized KV cache (``xquant::append_token``, ``xquant::attend``) and the routed
-experts of MoE layers (``xquant::moe_experts``).
+experts and router top-k of MoE layers (``xquant::moe_experts``, ``xquant::router_topk``).
 
 Both are ``torch.library.triton_op`` s: ``torch.compile`` and AOTInductor trace into them and see
 the Triton kernel launches (through ``torch.library.wrap_triton``) instead of an opaque call.
@@ -29,6 +29,7 @@ clamped to +-448 and rounded, read as float32, on both paths alike)::
     xquant::read_values(...same...) -> Tensor                 # quant.read_values, plain torch
     xquant::moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down)
         -> Tensor                                            # moe.experts_reference
+    xquant::router_topk(Tensor scores, int k) -> (Tensor, Tensor)   # torch.topk, sorted
 
 ``read_keys`` / ``read_values`` are the eager cache read (dequantize everything, attention runs
 on the result). They are ops, not inline torch code, so that the graph pass
@@ -46,7 +47,7 @@ from torch.library import triton_op
 
 from . import quant
 
-__all__ = ["append_token", "attend", "moe_experts", "read_keys", "read_values", "uses_kernels"]
+__all__ = ["append_token", "attend", "moe_experts", "read_keys", "read_values", "router_topk", "uses_kernels"]
 
 
 def uses_kernels(t: torch.Tensor) -> bool:
@@ -171,3 +172,33 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
 @moe_experts.register_fake
 def _moe_experts_fake(x, ids, weights, gate_up, down) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+# --------------------------------------------------------------------------- router_topk
+#: Widest router the top-k kernel takes (one program holds a row).
+ROUTER_TOPK_MAX_WIDTH = 4096
+
+
+@triton_op("xquant::router_topk", mutates_args=())
+def router_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's top-k: ``torch.topk(scores, k, dim=-1, largest=True, sorted=True)`` (values,
+    int64 indices), one launch on the kernel path where ``torch.topk`` takes two; ties go to the
+    lower index there."""
+    n = scores.shape[-1] if scores.dim() else 0
+    if scores.dim() == 0 or not 1 <= k <= n or n > ROUTER_TOPK_MAX_WIDTH or not scores.is_floating_point():
+        raise ValueError(
+            f"router_topk: needs floating-point scores [..., N] with 1 <= k <= N <= {ROUTER_TOPK_MAX_WIDTH}; "
+            f"got {scores.dtype} {tuple(scores.shape)}, k={k}"
+        )
+    if uses_kernels(scores):
+        from .kernels.moe import topk
+
+        return topk(scores, k)
+    values, indices = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
+    return values, indices
+
+
+@router_topk.register_fake
+def _router_topk_fake(scores, k):
+    shape = (*scores.shape[:-1], k)
+    return scores.new_empty(shape), scores.new_empty(shape, dtype=torch.int64)

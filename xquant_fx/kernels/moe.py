@@ -33,17 +33,15 @@ from .common import launch
 def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: tl.constexpr):
     """Block ``b``'s expert, its ``BM`` row indices into the slot order, their mask and their slots.
     With ``SLOTS`` every slot is its own block (``BlockExpert`` is then the slot ids, row = slot)."""
+    e = tl.load(BlockExpert + b).to(tl.int32)
     if SLOTS:
-        e = tl.load(BlockExpert + b)
         rows = b + tl.arange(0, BM)
         rmask = tl.arange(0, BM) == 0
-        return e, rows, rmask, rows
-    e = tl.load(BlockExpert + b)
-    r0 = tl.load(BlockRow + b)
-    r1 = tl.load(BlockEnd + b)
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < r1
-    slots = tl.load(Order + rows, mask=rmask, other=0)
+        slots = rows
+    else:
+        rows = tl.load(BlockRow + b).to(tl.int32) + tl.arange(0, BM)
+        rmask = rows < tl.load(BlockEnd + b)
+        slots = tl.load(Order + rows, mask=rmask, other=0).to(tl.int32)
     return e, rows, rmask, slots
 
 
@@ -162,6 +160,37 @@ def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TO
     tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _topk_kernel(X, V, I, N, stride_x, K: tl.constexpr, BN: tl.constexpr):
+    """Row ``r``'s ``K`` largest entries, largest first; ties go to the lower index, NaN ranks
+    above everything (as in ``torch.topk``), and every index is taken at most once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BN)
+    inb = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=inb, other=0.0).to(tl.float32)
+    key = tl.where(x != x, float("inf"), x)
+    taken = ~inb
+    for i in tl.static_range(K):
+        best = tl.max(tl.where(taken, float("-inf"), key), axis=0)
+        idx = tl.min(tl.where((key == best) & ~taken, cols, BN), axis=0)
+        taken = taken | (cols == idx)
+        tl.store(V + row * K + i, tl.load(X + row * stride_x + idx))
+        tl.store(I + row * K + i, idx.to(tl.int64))
+
+
+def topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=-1, sorted=True)`` for router-sized rows, in one launch."""
+    n = scores.shape[-1]
+    x = scores.contiguous().view(-1, n)
+    values = torch.empty((x.shape[0], k), dtype=scores.dtype, device=scores.device)
+    indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=scores.device)
+    if x.shape[0]:
+        launch(_topk_kernel)[(x.shape[0],)](x, values, indices, n, x.stride(0), K=k, BN=triton.next_power_of_2(n),
+                                            num_warps=1 if n <= 256 else 4)
+    shape = (*scores.shape[:-1], k)
+    return values.view(shape), indices.view(shape)
+
+
 def block_table(ids: torch.Tensor, num_experts: int, bm: int):
     """Slot order and per-block ``(expert, first row, row end)`` for slots ``ids [T, K]`` (one
     launch); blocks past the last real one get expert ``num_experts``."""
@@ -182,11 +211,24 @@ def block_table(ids: torch.Tensor, num_experts: int, bm: int):
     return order, expert, row0, row1, num_blocks
 
 
-def _tiles(slots: int, num_experts: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN_up, BK_up, BN_down, BK_down): 16-row blocks while experts get few slots each (decode);
-    narrow column tiles there so that a batch-1 step still spreads over the GPU."""
+#: Decode steps narrow their column tiles (down to 16) until each kernel has at least this many
+#: programs: a batch-1 step reads k experts, and k * I / 32 programs leave an H200's 132 SMs
+#: half idle at small k.
+MIN_PROGRAMS = 256
+
+
+def _narrow(slots: int, cols: int, widest: int) -> int:
+    bn = widest
+    while bn > 16 and slots * triton.cdiv(cols, bn) < MIN_PROGRAMS:
+        bn //= 2
+    return bn
+
+
+def _tiles(slots: int, num_experts: int, hid: int, inter: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN_up, BK_up, BN_down, BK_down): 16-row blocks while experts get few slots each (decode),
+    with column tiles narrowed so that a batch-1 step still spreads over the GPU."""
     if slots <= 2 * num_experts:
-        return 16, 32, 128, 64, 128
+        return 16, _narrow(slots, inter, 32), 128, _narrow(slots, hid, 64), 128
     return 64, 64, 64, 64, 64
 
 
@@ -208,7 +250,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     gate_up = gate_up.contiguous()
     down = down.contiguous()
     w = weights.reshape(-1)
-    bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e)
+    bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e, hid, inter)
     slot_blocks = s <= SLOT_BLOCKS_MAX
     if slot_blocks:
         flat = ids.reshape(-1)

@@ -18,11 +18,12 @@ import torch
 from ..moe import MoEPlan
 from .fuse_kv_attention import fuse_kv_attention
 from .prune_moe_router import prune_moe_router
+from .router_topk import router_topk
 
 logger = logging.getLogger(__name__)
 
 #: The pipeline, in order.
-PASSES = (fuse_kv_attention, prune_moe_router)
+PASSES = (fuse_kv_attention, prune_moe_router, router_topk)
 
 
 @dataclass

@@ -36,8 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 def _is_topk(node: torch.fx.Node) -> bool:
+    """A top-k node: torch's, or ``xquant::router_topk`` (what the ``router_topk`` pass makes of a
+    router's)."""
     if node.op == "call_function":
-        return node.target in (torch.topk, torch.ops.aten.topk.default, torch.ops.aten.topk)
+        return node.target in (torch.topk, torch.ops.aten.topk.default, torch.ops.aten.topk) or (
+            "xquant.router_topk" in str(node.target)
+        )
     return node.op == "call_method" and node.target == "topk"
 
 

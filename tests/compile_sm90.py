@@ -1,0 +1,99 @@
+"""Compile every MoE Triton kernel for an sm_90 GPU, with the argument types its host code
+launches it with, on a machine without a GPU (run by ``test_kernels_compile.py`` in a process
+without ``TRITON_INTERPRET``).
+
+Triton's CPU interpreter, which runs the kernel tests, executes a kernel's Python body and checks
+no types: a kernel can pass every interpreted test and still fail to compile (for instance the
+branches of a ``constexpr`` ``if`` returning different integer widths). Here the host functions
+run with CPU tensors and a recording ``launch`` (nothing executes), and each recorded launch is
+compiled through Triton's front end, LLVM and ``ptxas`` to a cubin.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from xquant_fx.kernels import moe
+
+TARGET = GPUTarget("cuda", 90, 32)
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+class _Recorder:
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def record(launches: list):
+    return lambda kernel: _Recorder(kernel, launches)
+
+
+def compile_launch(kernel, args, kwargs) -> None:
+    params = kernel.params
+    values = dict(zip([p.name for p in params], args))
+    values.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
+    signature, constexprs = {}, {}
+    for p in params:
+        value = values[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[p.name] = "i1"
+        elif isinstance(value, int):
+            signature[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: cannot type argument {p.name}={value!r}")
+    options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET, options=options)
+
+
+def scenarios():
+    """Host calls covering every kernel and constexpr branch: MoE decode (slot blocks) and
+    block-table steps, router top-k in bf16 and float32."""
+    bf16 = torch.bfloat16
+    e, hid, inter = 16, 256, 128
+    gate_up, down = torch.zeros(e, 2 * inter, hid, dtype=bf16), torch.zeros(e, hid, inter, dtype=bf16)
+    for tokens, k in ((1, 8), (16, 4)):
+        x = torch.zeros(tokens, hid, dtype=bf16)
+        ids = torch.zeros(tokens, k, dtype=torch.int64)
+        yield f"moe_experts {tokens}x{k}", lambda x=x, ids=ids: moe.moe_experts(
+            x, ids, torch.zeros(ids.shape, dtype=bf16), gate_up, down)
+    yield "router_topk bf16", lambda: moe.topk(torch.zeros(3, 128, dtype=bf16), 8)
+    yield "router_topk fp32", lambda: moe.topk(torch.zeros(5, 64), 6)
+
+
+def main() -> int:
+    launches: list = []
+    moe.launch = record(launches)
+    for name, call in scenarios():
+        before = len(launches)
+        call()
+        assert len(launches) > before, f"{name}: no kernel launched"
+    seen = set()
+    for kernel, args, kwargs in launches:
+        key = (kernel.__name__, tuple(sorted((k, v) for k, v in kwargs.items())),
+               tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
+        if key in seen:
+            continue
+        seen.add(key)
+        compile_launch(kernel, args, kwargs)
+        print("compiled", kernel.__name__, {k: v for k, v in kwargs.items() if k.isupper()}, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
