@@ -372,7 +372,6 @@ def main(argv=None) -> int:
     p.add_argument("--ours-only", action="store_true", help="layer part: leave out transformers' experts")
     p.add_argument("--slot-blocks-max", type=int,
                    help="override xquant_fx.kernels.moe.SLOT_BLOCKS_MAX (0: always the block table)")
-    p.add_argument("--min-programs", type=int, help="override xquant_fx.kernels.moe.MIN_PROGRAMS (0: widest tiles)")
     p.add_argument("--profile", action="store_true", help="also a kernel breakdown at batch 1 (moe_profile.md)")
     p.add_argument("--profile-only", action="store_true", help="only the kernel breakdown")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -383,10 +382,6 @@ def main(argv=None) -> int:
         from xquant_fx.kernels import moe as moe_kernels
 
         moe_kernels.SLOT_BLOCKS_MAX = args.slot_blocks_max
-    if args.min_programs is not None:
-        from xquant_fx.kernels import moe as moe_kernels
-
-        moe_kernels.MIN_PROGRAMS = args.min_programs
     rows, check, failures = [], [], []
     started = time.time()
     profile_lines = [header(args, started).replace("# MoE decode: activated experts vs time",

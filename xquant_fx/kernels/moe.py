@@ -211,24 +211,13 @@ def block_table(ids: torch.Tensor, num_experts: int, bm: int):
     return order, expert, row0, row1, num_blocks
 
 
-#: Decode steps narrow their column tiles (down to 16) until each kernel has at least this many
-#: programs: a batch-1 step reads k experts, and k * I / 32 programs leave an H200's 132 SMs
-#: half idle at small k.
-MIN_PROGRAMS = 256
-
-
-def _narrow(slots: int, cols: int, widest: int) -> int:
-    bn = widest
-    while bn > 16 and slots * triton.cdiv(cols, bn) < MIN_PROGRAMS:
-        bn //= 2
-    return bn
-
-
-def _tiles(slots: int, num_experts: int, hid: int, inter: int) -> tuple[int, int, int, int, int]:
+def _tiles(slots: int, num_experts: int) -> tuple[int, int, int, int, int]:
     """(BM, BN_up, BK_up, BN_down, BK_down): 16-row blocks while experts get few slots each (decode),
-    with column tiles narrowed so that a batch-1 step still spreads over the GPU."""
+    with narrow column tiles so that a batch-1 step still spreads over the GPU. Narrower still (16
+    columns, to give 4 experts 2 programs per SM) was slower on the H200: the up kernel took 15.7
+    instead of 10.3 µs at batch 1, k=4 (benchmarks/NOTES.md, run 15)."""
     if slots <= 2 * num_experts:
-        return 16, _narrow(slots, inter, 32), 128, _narrow(slots, hid, 64), 128
+        return 16, 32, 128, 64, 128
     return 64, 64, 64, 64, 64
 
 
@@ -250,7 +239,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     gate_up = gate_up.contiguous()
     down = down.contiguous()
     w = weights.reshape(-1)
-    bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e, hid, inter)
+    bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e)
     slot_blocks = s <= SLOT_BLOCKS_MAX
     if slot_blocks:
         flat = ids.reshape(-1)
