@@ -63,7 +63,7 @@ def compile_launch(kernel, args, kwargs) -> None:
 
 def scenarios():
     """Host calls covering every kernel and constexpr branch: MoE decode (slot blocks) and
-    block-table steps, router top-k in bf16 and float32."""
+    block-table steps, router top-k in bf16 and float32, with and without pruned slots."""
     bf16 = torch.bfloat16
     e, hid, inter = 16, 256, 128
     gate_up, down = torch.zeros(e, 2 * inter, hid, dtype=bf16), torch.zeros(e, hid, inter, dtype=bf16)
@@ -74,6 +74,7 @@ def scenarios():
             x, ids, torch.zeros(ids.shape, dtype=bf16), gate_up, down)
     yield "router_topk bf16", lambda: moe.topk(torch.zeros(3, 128, dtype=bf16), 8)
     yield "router_topk fp32", lambda: moe.topk(torch.zeros(5, 64), 6)
+    yield "router_topk, pruned", lambda: moe.topk(torch.zeros(2, 128, dtype=bf16), 8, 3, float("-inf"), 128)
 
 
 def main() -> int:

@@ -21,3 +21,4 @@ def test_moe_kernels_compile_for_sm90():
     assert names == {"_moe_align_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_combine_kernel",
                      "_topk_kernel"}, done.stdout
     assert any("'SLOTS': True" in line for line in compiled) and any("'SLOTS': False" in line for line in compiled)
+    assert any("'KEEP': 3" in line for line in compiled)

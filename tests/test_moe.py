@@ -169,16 +169,27 @@ def test_router_topk_kernel_matches_torch(shape, k, dtype, force_kernels):
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values, equal_nan=True, atol=0, rtol=0)
     assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # no index twice
+    keep = max(1, k // 2)  # static pruning in the same launch
+    values, indices = torch.ops.xquant.router_topk(scores, k, keep, float("-inf"), shape[-1])
+    assert torch.equal(indices[..., :keep], want_indices[..., :keep]) and (indices[..., keep:] == shape[-1]).all()
+    torch.testing.assert_close(values[..., :keep], want_values[..., :keep], equal_nan=True, atol=0, rtol=0)
+    assert (values[..., keep:] == float("-inf")).all()
 
 
 def test_router_topk_op_checks_arguments_and_has_a_fake():
     for k, scores in ((0, torch.randn(2, 8)), (9, torch.randn(2, 8)), (2, torch.zeros(2, 8, dtype=torch.long))):
         with pytest.raises(ValueError, match="router_topk"):
             torch.ops.xquant.router_topk(scores, k)
+    for keep in (0, 5, -2):
+        with pytest.raises(ValueError, match="keep"):
+            torch.ops.xquant.router_topk(torch.randn(2, 8), 4, keep)
     scores = torch.randn(3, 16)
     values, indices = torch.ops.xquant.router_topk(scores, 4)
     assert torch.equal(values, scores.topk(4).values) and torch.equal(indices, scores.topk(4).indices)
+    values, indices = torch.ops.xquant.router_topk(scores, 4, 1, 0.0, 16)
+    assert torch.equal(values[:, 0], scores.max(-1).values) and (values[:, 1:] == 0).all() and (indices[:, 1:] == 16).all()
     torch.library.opcheck(torch.ops.xquant.router_topk.default, (scores, 4))
+    torch.library.opcheck(torch.ops.xquant.router_topk.default, (scores, 4, 2, float("-inf"), 16))
 
 
 # --------------------------------------------------------------------------- hand-written routers
@@ -289,7 +300,8 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     layers = find_moe_layers(model)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
     plan = MoEPlan(spec=max(1, layers[0].top_k - 1))
-    pruned_only, _, _ = _run_with_pass(model, ids, plan)
+    pruned_only, pruned_graph, _ = _run_with_pass(model, ids, plan)
+    fills = [float("-inf") if n.args[7] else 0.0 for n in pruned_graph.graph.nodes if n.target is prune_routes]
     if family in ("qwen3_moe", "deepseek_v3"):  # and the kernel, under the interpreter
         monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
     seen = []
@@ -309,7 +321,10 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     assert report.hits["router_topk"] == len(fast) == len(layers)
     assert [r[0] for r in find_routers(gm).values()] == fast  # group top-k calls (DeepSeek) untouched
     assert run_passes(gm, (again := PassReport()), ctx=PassContext(moe=plan)) and again.hits["router_topk"] == 0
-    assert [n.args[1] for n in fast] == [m.top_k for m in layers]  # the model's k; pruning follows it
+    assert [n.args[1] for n in fast] == [m.top_k for m in layers]  # the model's k
+    folded = family != "deepseek_v3"  # V3 gathers weights by the unpruned indices: its prune node stays
+    assert [n.args[2:] for n in fast] == ([(plan.spec, fill, 8) for fill in fills] if folded else [()] * len(layers))
+    assert sum(n.target is prune_routes for n in gm.graph.nodes) == (0 if folded else len(layers))
     torch.testing.assert_close(logits, pruned_only, atol=1e-4, rtol=1e-4)
 
 

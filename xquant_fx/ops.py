@@ -29,7 +29,8 @@ clamped to +-448 and rounded, read as float32, on both paths alike)::
     xquant::read_values(...same...) -> Tensor                 # quant.read_values, plain torch
     xquant::moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down)
         -> Tensor                                            # moe.experts_reference
-    xquant::router_topk(Tensor scores, int k) -> (Tensor, Tensor)   # torch.topk, sorted
+    xquant::router_topk(Tensor scores, int k, int keep=-1, float fill=0., int sentinel=0)
+        -> (Tensor, Tensor)                                  # torch.topk, sorted; slots >= keep dropped
 
 ``read_keys`` / ``read_values`` are the eager cache read (dequantize everything, attention runs
 on the result). They are ops, not inline torch code, so that the graph pass
@@ -180,25 +181,35 @@ ROUTER_TOPK_MAX_WIDTH = 4096
 
 
 @triton_op("xquant::router_topk", mutates_args=())
-def router_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def router_topk(
+    scores: torch.Tensor, k: int, keep: int = -1, fill: float = 0.0, sentinel: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A router's top-k: ``torch.topk(scores, k, dim=-1, largest=True, sorted=True)`` (values,
     int64 indices), one launch on the kernel path where ``torch.topk`` takes two; ties go to the
-    lower index there."""
+    lower index there. With ``0 < keep < k`` the slots ranked ``keep`` and below are dropped in the
+    same launch: value ``fill``, index ``sentinel`` (static expert pruning,
+    :func:`xquant_fx.moe.prune_routes` with only ``keep``)."""
     n = scores.shape[-1] if scores.dim() else 0
     if scores.dim() == 0 or not 1 <= k <= n or n > ROUTER_TOPK_MAX_WIDTH or not scores.is_floating_point():
         raise ValueError(
             f"router_topk: needs floating-point scores [..., N] with 1 <= k <= N <= {ROUTER_TOPK_MAX_WIDTH}; "
             f"got {scores.dtype} {tuple(scores.shape)}, k={k}"
         )
+    keep = k if keep == -1 else keep
+    if not 1 <= keep <= k:
+        raise ValueError(f"router_topk: keep={keep} must be in 1..k={k} (or -1: keep all)")
     if uses_kernels(scores):
         from .kernels.moe import topk
 
-        return topk(scores, k)
+        return topk(scores, k, keep, fill, sentinel)
     values, indices = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
+    if keep < k:
+        values = torch.cat([values[..., :keep], values.new_full((*values.shape[:-1], k - keep), fill)], -1)
+        indices = torch.cat([indices[..., :keep], indices.new_full((*indices.shape[:-1], k - keep), sentinel)], -1)
     return values, indices
 
 
 @router_topk.register_fake
-def _router_topk_fake(scores, k):
+def _router_topk_fake(scores, k, keep=-1, fill=0.0, sentinel=0):
     shape = (*scores.shape[:-1], k)
     return scores.new_empty(shape), scores.new_empty(shape, dtype=torch.int64)

@@ -160,10 +160,11 @@ def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TO
     tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _topk_kernel(X, V, I, N, stride_x, K: tl.constexpr, BN: tl.constexpr):
+@triton.jit(do_not_specialize=["fill", "sentinel"])
+def _topk_kernel(X, V, I, N, stride_x, fill, sentinel, K: tl.constexpr, KEEP: tl.constexpr, BN: tl.constexpr):
     """Row ``r``'s ``K`` largest entries, largest first; ties go to the lower index, NaN ranks
-    above everything (as in ``torch.topk``), and every index is taken at most once."""
+    above everything (as in ``torch.topk``), and every index is taken at most once. Slots from
+    ``KEEP`` on are dropped: value ``fill``, index ``sentinel``."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BN)
     inb = cols < N
@@ -171,22 +172,31 @@ def _topk_kernel(X, V, I, N, stride_x, K: tl.constexpr, BN: tl.constexpr):
     key = tl.where(x != x, float("inf"), x)
     taken = ~inb
     for i in tl.static_range(K):
-        best = tl.max(tl.where(taken, float("-inf"), key), axis=0)
-        idx = tl.min(tl.where((key == best) & ~taken, cols, BN), axis=0)
-        taken = taken | (cols == idx)
-        tl.store(V + row * K + i, tl.load(X + row * stride_x + idx))
-        tl.store(I + row * K + i, idx.to(tl.int64))
+        if i < KEEP:
+            best = tl.max(tl.where(taken, float("-inf"), key), axis=0)
+            idx = tl.min(tl.where((key == best) & ~taken, cols, BN), axis=0)
+            taken = taken | (cols == idx)
+            tl.store(V + row * K + i, tl.load(X + row * stride_x + idx))
+            tl.store(I + row * K + i, idx.to(tl.int64))
+        else:
+            tl.store(V + row * K + i, fill)  # stores convert to the pointer's element type
+            tl.store(I + row * K + i, sentinel)
 
 
-def topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(scores, k, dim=-1, sorted=True)`` for router-sized rows, in one launch."""
+def topk(scores: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.0,
+         sentinel: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=-1, sorted=True)`` for router-sized rows, in one launch; with
+    ``keep < k`` the slots from ``keep`` on hold ``fill`` and index ``sentinel``."""
     n = scores.shape[-1]
+    keep = k if keep is None else keep
     x = scores.contiguous().view(-1, n)
     values = torch.empty((x.shape[0], k), dtype=scores.dtype, device=scores.device)
     indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=scores.device)
     if x.shape[0]:
-        launch(_topk_kernel)[(x.shape[0],)](x, values, indices, n, x.stride(0), K=k, BN=triton.next_power_of_2(n),
-                                            num_warps=1 if n <= 256 else 4)
+        launch(_topk_kernel)[(x.shape[0],)](
+            x, values, indices, n, x.stride(0), float(fill), int(sentinel),
+            K=k, KEEP=keep, BN=triton.next_power_of_2(n), num_warps=1 if n <= 256 else 4,
+        )
     shape = (*scores.shape[:-1], k)
     return values.view(shape), indices.view(shape)
 

@@ -76,6 +76,8 @@ def _shape(node) -> tuple[int, ...] | None:
 
 def _topk_args(node: torch.fx.Node) -> tuple[int, int] | None:
     """(k, dim) of a top-k node, or ``None`` when not plain integers."""
+    if "xquant.router_topk" in str(node.target):
+        return node.args[1], -1
     k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     largest = node.args[3] if len(node.args) > 3 else node.kwargs.get("largest", True)
@@ -113,6 +115,8 @@ def find_routers(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int
 def _sort_topk(node: torch.fx.Node) -> None:
     """Make a top-k node return its slots in descending order (``sorted=True``): the same experts
     and values, ranked by position, so :func:`prune_routes` needs no sort of its own."""
+    if "xquant.router_topk" in str(node.target):
+        return  # sorted by definition
     if len(node.args) > 4:
         node.args = (*node.args[:4], True, *node.args[5:])
     elif node.kwargs.get("sorted", True) is not True:
@@ -128,6 +132,9 @@ def _getitem(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int) -> torch
 
 
 def _already_pruned(node: torch.fx.Node) -> bool:
+    """Followed by ``prune_routes``, or an ``xquant::router_topk`` that drops slots itself."""
+    if "xquant.router_topk" in str(node.target) and len(node.args) > 2:
+        return True
     return any(
         u.target is prune_routes for g in node.users for u in g.users if u.op == "call_function"
     )

@@ -5,7 +5,10 @@ finds (one per MoE layer, over the expert scores, largest, last dim); nothing el
 top-k of DeepSeek routers, top-k elsewhere in the model) is touched.
 
 Rewrite: ``topk(scores, k, ...)`` -> ``xquant::router_topk(scores, k)``: the same experts and
-values, in descending order. At decode a router top-k is a few microseconds of a ~40 µs MoE layer
+values, in descending order. Where ``prune_moe_router`` only keeps a layer's ``keep`` best slots
+(no dynamic rule, no renormalization of kept values) the op drops the others itself
+(``router_topk(scores, k, keep, fill, num_experts)``) and the prune node goes: pruning then costs
+no launch of its own. At decode a router top-k is a few microseconds of a ~40 µs MoE layer
 step on the H200 (``torch.topk`` launched a partial-sort and a bitonic-sort kernel for 128
 experts; ``benchmarks/results/moe_profile.md``); the op's kernel is one launch. Off CUDA the op
 is ``torch.topk`` itself.
@@ -19,9 +22,11 @@ rewritten router is still the widest top-k of its layer and is left alone).
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 
+from ..moe import prune_routes
 from .prune_moe_router import find_routers
 
 logger = logging.getLogger(__name__)
@@ -36,10 +41,40 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
         logger.debug("router_topk: declined (no router top-k left to rewrite)")
         return 0
     for layer, (topk, _, k) in routers.items():
+        pruned = _static_prune(topk)
+        args = (topk.args[0], k)
+        if pruned is not None:
+            prune, num_experts, keep, logits = pruned
+            args += (keep, float("-inf") if logits else 0.0, num_experts)
         with gm.graph.inserting_before(topk):
-            fast = gm.graph.call_function(torch.ops.xquant.router_topk.default, (topk.args[0], k))
+            fast = gm.graph.call_function(fast_op, args)
         fast.meta.update(topk.meta)
-        topk.replace_all_uses_with(fast)
+        if pruned is not None:  # the op drops the slots itself: the prune node and top-k go
+            prune.replace_all_uses_with(fast)
+            gm.graph.erase_node(prune)
+            for item in list(topk.users):
+                gm.graph.erase_node(item)
+        else:
+            topk.replace_all_uses_with(fast)
         gm.graph.erase_node(topk)
-        logger.debug("router_topk: layer %d (k=%d)", layer, k)
+        logger.debug("router_topk: layer %d (k=%d, keep=%s)", layer, k, pruned[2] if pruned else k)
     return len(routers)
+
+
+def _static_prune(topk: torch.fx.Node):
+    """``(prune node, num_experts, keep, logits)`` when the top-k's only consumer is a
+    :func:`~xquant_fx.moe.prune_routes` that just keeps the ``keep`` best slots (no ``min_weight``
+    / ``top_p``, no renormalization of kept values); else ``None``. DeepSeek-V3 also gathers by
+    the unpruned indices, so its prune node stays."""
+    if not all(u.op == "call_function" and u.target is operator.getitem for u in topk.users):
+        return None
+    consumers = {c for item in topk.users for c in item.users}
+    if len(consumers) != 1:
+        return None
+    (prune,) = consumers
+    if prune.op != "call_function" or prune.target is not prune_routes or len(prune.args) < 8:
+        return None
+    _, _, num_experts, keep, min_weight, top_p, renormalize, logits = prune.args[:8]
+    if (min_weight and min_weight > 0) or (top_p is not None and top_p < 1.0) or (renormalize and not logits):
+        return None
+    return prune, num_experts, keep, logits
