@@ -253,10 +253,15 @@ def _compiled_logits(model, ids, **options):
 
 def _run_with_pass(model, ids, plan):
     """``model(ids)`` compiled by a backend that runs ``prune_moe_router`` alone: (logits, graph, hits)."""
+    return _run_with(model, ids, lambda gm: prune_moe_router(gm, PassContext(moe=plan)))
+
+
+def _run_with(model, ids, rewrite):
+    """``model(ids)`` compiled by a backend that calls ``rewrite(graph)``: (logits, graph, its result)."""
     seen = []
 
     def backend(gm, inputs):
-        seen.append((gm, prune_moe_router(gm, PassContext(moe=plan))))
+        seen.append((gm, rewrite(gm)))
         gm.recompile()
         return gm.forward
 
@@ -264,8 +269,8 @@ def _run_with_pass(model, ids, plan):
     with torch.no_grad():
         logits = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
     torch._dynamo.reset()
-    (gm, hits), = seen
-    return logits, gm, hits
+    (gm, result), = seen
+    return logits, gm, result
 
 
 @pytest.mark.parametrize("family", list(MOE_FAMILIES))
@@ -304,19 +309,13 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     fills = [float("-inf") if n.args[7] else 0.0 for n in pruned_graph.graph.nodes if n.target is prune_routes]
     if family in ("qwen3_moe", "deepseek_v3"):  # and the kernel, under the interpreter
         monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
-    seen = []
 
-    def backend(gm, inputs):
+    def all_passes(gm):
         report = PassReport()
         run_passes(gm, report, ctx=PassContext(moe=plan))
-        seen.append((gm, report))
-        return gm.forward
+        return report
 
-    torch._dynamo.reset()
-    with torch.no_grad():
-        logits = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
-    torch._dynamo.reset()
-    (gm, report), = seen
+    logits, gm, report = _run_with(model, ids, all_passes)
     fast = [n for n in gm.graph.nodes if n.target is torch.ops.xquant.router_topk.default]
     assert report.hits["router_topk"] == len(fast) == len(layers)
     assert [r[0] for r in find_routers(gm).values()] == fast  # group top-k calls (DeepSeek) untouched

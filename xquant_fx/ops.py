@@ -1,13 +1,13 @@
 """Custom ops: the quantized KV cache (``xquant::append_token``, ``xquant::attend``) and the routed
 experts and router top-k of MoE layers (``xquant::moe_experts``, ``xquant::router_topk``).
 
-Both are ``torch.library.triton_op`` s: ``torch.compile`` and AOTInductor trace into them and see
-the Triton kernel launches (through ``torch.library.wrap_triton``) instead of an opaque call.
-Each dispatches at run time:
+All but ``read_keys`` / ``read_values`` (below) are ``torch.library.triton_op`` s:
+``torch.compile`` and AOTInductor trace into them and see the Triton kernel launches (through
+``torch.library.wrap_triton``) instead of an opaque call. Each dispatches at run time:
 
 * CUDA tensors, or any tensors while ``XQUANT_FORCE_KERNELS=1`` (with ``TRITON_INTERPRET=1``:
   Triton's CPU interpreter, for tests): the kernels of :mod:`xquant_fx.kernels`;
-* otherwise: the plain-torch reference of :mod:`xquant_fx.quant`.
+* otherwise: the plain-torch reference (:mod:`xquant_fx.quant`, :mod:`xquant_fx.moe`, ``torch.topk``).
 
 Importing this module does not initialise CUDA, and imports the kernels (hence ``triton``) only
 on the first kernel launch.

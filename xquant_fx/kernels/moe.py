@@ -18,6 +18,13 @@ order. Four launches in all, no host synchronisation, a grid that depends on sha
 step can be captured in a CUDA graph. Blocks past the last one, and sentinel slots
 (``id >= E``), do no work. (The order of slots *within* one expert's run depends on atomics; each
 slot's result does not, so the output is deterministic.)
+
+Decode steps of at most :data:`SLOT_BLOCKS_MAX` slots skip the table: every slot is its own block
+(``SLOTS``), three launches. On the H200 this took the Qwen3-30B-A3B experts at batch 1, k=8
+from 32.2 to 28.3 µs (``benchmarks/NOTES.md``, runs 13-14).
+
+Also here: ``_topk_kernel``, a router's top-k in one program per row (``xquant::router_topk``),
+which can drop the slots past a static ``keep`` in the same launch.
 """
 
 from __future__ import annotations

@@ -35,13 +35,15 @@ from ..moe import MoEPlan, layer_of, prune_gather, prune_routes
 logger = logging.getLogger(__name__)
 
 
+def is_router_topk(node: torch.fx.Node) -> bool:
+    """An ``xquant::router_topk`` node (what the ``router_topk`` pass makes of a router's top-k)."""
+    return node.op == "call_function" and "xquant.router_topk" in str(node.target)
+
+
 def _is_topk(node: torch.fx.Node) -> bool:
-    """A top-k node: torch's, or ``xquant::router_topk`` (what the ``router_topk`` pass makes of a
-    router's)."""
+    """A top-k node: torch's, or ``xquant::router_topk``."""
     if node.op == "call_function":
-        return node.target in (torch.topk, torch.ops.aten.topk.default, torch.ops.aten.topk) or (
-            "xquant.router_topk" in str(node.target)
-        )
+        return node.target in (torch.topk, torch.ops.aten.topk.default, torch.ops.aten.topk) or is_router_topk(node)
     return node.op == "call_method" and node.target == "topk"
 
 
@@ -76,7 +78,7 @@ def _shape(node) -> tuple[int, ...] | None:
 
 def _topk_args(node: torch.fx.Node) -> tuple[int, int] | None:
     """(k, dim) of a top-k node, or ``None`` when not plain integers."""
-    if "xquant.router_topk" in str(node.target):
+    if is_router_topk(node):
         return node.args[1], -1
     k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
@@ -115,7 +117,7 @@ def find_routers(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int
 def _sort_topk(node: torch.fx.Node) -> None:
     """Make a top-k node return its slots in descending order (``sorted=True``): the same experts
     and values, ranked by position, so :func:`prune_routes` needs no sort of its own."""
-    if "xquant.router_topk" in str(node.target):
+    if is_router_topk(node):
         return  # sorted by definition
     if len(node.args) > 4:
         node.args = (*node.args[:4], True, *node.args[5:])
@@ -133,7 +135,7 @@ def _getitem(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int) -> torch
 
 def _already_pruned(node: torch.fx.Node) -> bool:
     """Followed by ``prune_routes``, or an ``xquant::router_topk`` that drops slots itself."""
-    if "xquant.router_topk" in str(node.target) and len(node.args) > 2:
+    if is_router_topk(node) and len(node.args) > 2:
         return True
     return any(
         u.target is prune_routes for g in node.users for u in g.users if u.op == "call_function"

@@ -27,7 +27,7 @@ import operator
 import torch
 
 from ..moe import prune_routes
-from .prune_moe_router import find_routers
+from .prune_moe_router import find_routers, is_router_topk
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
     from .. import ops  # noqa: F401  (registers xquant::router_topk)
 
     fast_op = torch.ops.xquant.router_topk.default
-    routers = {layer: r for layer, r in find_routers(gm).items() if r[0].target is not fast_op}
+    routers = {layer: r for layer, r in find_routers(gm).items() if not is_router_topk(r[0])}
     if not routers:
         logger.debug("router_topk: declined (no router top-k left to rewrite)")
         return 0
