@@ -409,3 +409,37 @@ def test_optimize_prunes_the_decode_step():
     got = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert got.tolist() == expected.tolist()
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- examples/moe_agreement.py
+def _agreement_example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "moe_agreement.py"
+    spec = importlib.util.spec_from_file_location("moe_agreement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_moe_agreement_example_measures_what_pruning_changes():
+    example = _agreement_example()
+    model = mini_moe_model("qwen3_moe")
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(5))
+    same = example.layer_agreement(model, ids, 4)  # the model's own k: nothing changes
+    assert [r["k"] for r in same] == [4] * len(find_moe_layers(model))
+    assert all(r["rel_error"] < 1e-5 and r["cosine"] > 0.99999 for r in same)
+    one, two = example.layer_agreement(model, ids, 1), example.layer_agreement(model, ids, [2] * len(same))
+    assert [r["k"] for r in one] == [1] * len(same) and all(r["rel_error"] > 1e-2 for r in one)
+    assert all(a["rel_error"] > b["rel_error"] for a, b in zip(one, two))  # fewer experts, further off
+    whole = example.model_agreement(model, ids, 1)
+    with torch.no_grad():
+        reference = _with_reference_routers(model, "qwen3_moe", [1] * len(same))(ids).logits
+        full = model(ids).logits
+    assert whole["ppl_model_k"] == pytest.approx(example._perplexity(full, ids), rel=1e-5)
+    assert whole["ppl_pruned"] == pytest.approx(example._perplexity(reference, ids), rel=1e-4)
+    assert whole["agreement"] == pytest.approx((full.argmax(-1) == reference.argmax(-1)).float().mean().item())
+    assert example.parse_top_k("6,4,2") == [6, 4, 2] and example.parse_top_k("3") == 3
+    with pytest.raises(Exception, match="--top-k"):
+        example.parse_top_k("four")
