@@ -2,19 +2,24 @@
 
     python examples/moe_agreement.py --model /path/to/Qwen3-30B-A3B --top-k 4 --text eval.txt
     python examples/moe_agreement.py --model /path/to/DeepSeek-V2-Lite --top-k 6,4,4,2 --text eval.txt
-    python examples/moe_agreement.py --random qwen3-30b-a3b --layers 2 --top-k 4    # random weights: a dry run
+    python examples/moe_agreement.py --model /path/to/Qwen3-30B-A3B --drop-experts 96 --text eval.txt
+    python examples/moe_agreement.py --random qwen3-30b-a3b --layers 1 --top-k 4    # random weights: a dry run
 
 Teacher-forced on the tokens of ``--text`` (random tokens with ``--random``), with the model's own
-routing and with ``--top-k`` (an int, or one k per MoE layer, as ``XQuantConfig.moe_top_k``):
+routing and with ``--top-k`` (an int, or one k per MoE layer, as ``XQuantConfig.moe_top_k``), or
+with each layer's least-used experts removed (``--drop-experts``: experts kept per layer, or the
+kept fraction; :func:`xquant_fx.moe.drop_experts`, soft counts from the first half of the tokens,
+scored on the second):
 
 * per MoE layer: the block's output with the pruned routing against its output with the model's
   routing, on the hidden states the unpruned model gives that layer (relative error, cosine);
 * whole model: how often the next-token argmax agrees, and the perplexity of the text both ways.
 
-The pruned runs go through the same ``xquant`` backend and graph passes as
-``optimize(model, XQuantConfig(moe_top_k=...))``. These numbers describe your model on your text:
+With ``--top-k`` the pruned runs go through the same ``xquant`` backend and graph passes as
+``optimize(model, XQuantConfig(moe_top_k=...))``; with ``--drop-experts`` the weights themselves
+change, as they would before ``optimize``. These numbers describe your model on your text:
 a layer whose routing is peaked loses little when experts are dropped, a flat one more. Check the
-task you care about (generations, accuracy) before shipping a k.
+task you care about (generations, accuracy) before shipping a k or a smaller model.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xquant_fx import XQuantConfig  # noqa: E402
-from xquant_fx.moe import find_moe_layers, install_experts  # noqa: E402
+from xquant_fx.moe import drop_experts, expert_usage, find_moe_layers, install_experts  # noqa: E402
 
 
 def _pruned(module, top_k):
@@ -42,14 +47,8 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def layer_agreement(model, ids: torch.Tensor, top_k) -> list[dict]:
-    """Per MoE layer: ``{layer, k, model_k, rel_error, cosine}`` of the block's output with ``top_k``
-    against the model's own routing, on the hidden states of ``ids`` in the unpruned model."""
-    install_experts(model)
-    layers = find_moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers")
-    ks = XQuantConfig(moe_top_k=top_k).resolve_moe_top_k(len(layers), layers[0].top_k)
+def _capture(model, ids: torch.Tensor, layers) -> dict:
+    """Each MoE block's input and output (block name -> (x, y)) when ``model`` runs ``ids``."""
     seen = {}
     hooks = [
         model.get_submodule(m.name).register_forward_hook(
@@ -63,19 +62,61 @@ def layer_agreement(model, ids: torch.Tensor, top_k) -> list[dict]:
     finally:
         for h in hooks:
             h.remove()
+    return seen
+
+
+def _difference(got: torch.Tensor, want: torch.Tensor) -> dict:
+    a, b = got.float().flatten(0, -2), want.float().flatten(0, -2)
+    return dict(rel_error=((a - b).norm() / b.norm().clamp_min(1e-30)).item(),
+                cosine=F.cosine_similarity(a, b, dim=-1).mean().item())
+
+
+def _moe_layers(model):
+    layers = find_moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers")
+    return layers
+
+
+def layer_agreement(model, ids: torch.Tensor, top_k) -> list[dict]:
+    """Per MoE layer: ``{layer, k, model_k, rel_error, cosine}`` of the block's output with ``top_k``
+    against the model's own routing, on the hidden states of ``ids`` in the unpruned model."""
+    install_experts(model)
+    layers = _moe_layers(model)
+    ks = XQuantConfig(moe_top_k=top_k).resolve_moe_top_k(len(layers), layers[0].top_k)
+    seen = _capture(model, ids, layers)
     rows = []
     for m, k in zip(layers, ks):
         x, full = seen[m.name]
         with torch.no_grad():
             got = _output(_pruned(model.get_submodule(m.name), k)(x))
-        a, b = got.float().flatten(0, -2), full.float().flatten(0, -2)
-        rows.append(dict(
-            layer=m.layer, k=k, model_k=m.top_k,
-            rel_error=((a - b).norm() / b.norm().clamp_min(1e-30)).item(),
-            cosine=F.cosine_similarity(a, b, dim=-1).mean().item(),
-        ))
+        rows.append(dict(layer=m.layer, k=k, model_k=m.top_k, **_difference(got, full)))
     torch._dynamo.reset()
     return rows
+
+
+def drop_agreement(model, calibration: torch.Tensor, ids: torch.Tensor, keep) -> tuple[list[dict], dict]:
+    """Drop each layer's least-used experts (:func:`xquant_fx.moe.drop_experts`, soft counts from
+    ``calibration``), in place; returns per-layer rows (``{layer, experts, kept, usage_kept,
+    rel_error, cosine}`` on the hidden states of ``ids`` before the drop) and the whole-model
+    comparison of :func:`model_agreement`."""
+    layers = _moe_layers(model)
+    seen = _capture(model, ids, layers)
+    with torch.no_grad():
+        full = model(ids).logits
+    report = drop_experts(model, keep, expert_usage(model, [calibration]))
+    rows = []
+    for m in layers:
+        x, want = seen[m.name]
+        with torch.no_grad():
+            got = _output(model.get_submodule(m.name)(x))
+        rows.append(dict(layer=m.layer, experts=m.num_experts, kept=len(report.kept[m.layer]),
+                         usage_kept=report.usage_kept[m.layer], **_difference(got, want)))
+    with torch.no_grad():
+        dropped = model(ids).logits
+    whole = _whole(full, dropped, ids)
+    whole["expert_bytes"] = (report.bytes_before, report.bytes_after)
+    return rows, whole
 
 
 def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -91,6 +132,10 @@ def model_agreement(model, ids: torch.Tensor, top_k) -> dict:
         full = model(ids).logits
         pruned = _pruned(model, top_k)(ids).logits
     torch._dynamo.reset()
+    return _whole(full, pruned, ids)
+
+
+def _whole(full: torch.Tensor, pruned: torch.Tensor, ids: torch.Tensor) -> dict:
     return dict(
         agreement=(full.argmax(-1) == pruned.argmax(-1)).float().mean().item(),
         ppl_model_k=_perplexity(full, ids),
@@ -105,6 +150,17 @@ def parse_top_k(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--top-k takes an int or comma-separated ints, got {text!r}") from None
     return values[0] if len(values) == 1 else values
+
+
+def parse_keep(text: str):
+    """``"48"`` -> 48 experts, ``"0.75"`` -> that fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--drop-experts takes an int or a fraction, got {text!r}") from None
 
 
 def _load(args):
@@ -135,7 +191,11 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a local transformers checkpoint directory")
     src.add_argument("--random", metavar="CONFIG", help="random weights from a bundled config (dry run)")
-    p.add_argument("--top-k", type=parse_top_k, required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--top-k", type=parse_top_k, help="experts activated per token (int, or one per MoE layer)")
+    what.add_argument("--drop-experts", type=parse_keep, metavar="KEEP",
+                      help="experts kept per layer (int) or kept fraction (float), by soft count on the first half "
+                           "of the tokens; scored on the second half")
     p.add_argument("--text", help="text file to score (with --model)")
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--layers", type=int, default=2, help="decoder layers of --random")
@@ -145,11 +205,19 @@ def main(argv=None) -> int:
     from tabulate import tabulate
 
     model, ids = _load(args)
-    rows = layer_agreement(model, ids, args.top_k)
+    if args.drop_experts is not None:
+        half = ids.shape[1] // 2
+        rows, whole = drop_agreement(model, ids[:, :half], ids[:, half:], args.drop_experts)
+        change = f"dropped experts (keep={args.drop_experts}); routed-expert bytes {whole['expert_bytes'][0] / 2**20:.1f} -> " \
+                 f"{whole['expert_bytes'][1] / 2**20:.1f} MiB"
+        scored = ids.shape[1] - half
+    else:
+        rows = layer_agreement(model, ids, args.top_k)
+        whole = model_agreement(model, ids, args.top_k)
+        change, scored = f"top_k={args.top_k}", ids.shape[1]
     print(tabulate(rows, headers="keys", floatfmt=".4f"))
-    whole = model_agreement(model, ids, args.top_k)
-    print(f"\n{ids.shape[1]} tokens: next-token agreement {whole['agreement']:.4f}, perplexity "
-          f"{whole['ppl_model_k']:.3f} (model's k) -> {whole['ppl_pruned']:.3f} (top_k={args.top_k})")
+    print(f"\n{scored} tokens: next-token agreement {whole['agreement']:.4f}, perplexity "
+          f"{whole['ppl_model_k']:.3f} (the model as it was) -> {whole['ppl_pruned']:.3f} ({change})")
     return 0
 
 

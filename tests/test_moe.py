@@ -10,7 +10,9 @@ from mini_models import MOE_FAMILIES, mini_model, mini_moe_model
 import xquant_fx
 from xquant_fx import XQuantConfig, ops  # noqa: F401  (registers xquant::moe_experts)
 from xquant_fx.config import MoESchedule
-from xquant_fx.moe import experts_reference, find_moe_layers, install_experts, prune_routes
+from xquant_fx.moe import (
+    drop_experts, expert_usage, experts_reference, find_moe_layers, install_experts, prune_routes,
+)
 from xquant_fx.passes import PassContext, PassFailed, PassReport, run_passes
 from xquant_fx.moe import MoEPlan
 from xquant_fx.passes.prune_moe_router import find_routers, prune_moe_router
@@ -441,5 +443,108 @@ def test_moe_agreement_example_measures_what_pruning_changes():
     assert whole["ppl_pruned"] == pytest.approx(example._perplexity(reference, ids), rel=1e-4)
     assert whole["agreement"] == pytest.approx((full.argmax(-1) == reference.argmax(-1)).float().mean().item())
     assert example.parse_top_k("6,4,2") == [6, 4, 2] and example.parse_top_k("3") == 3
+    assert example.parse_keep("48") == 48 and example.parse_keep("0.75") == 0.75
     with pytest.raises(Exception, match="--top-k"):
         example.parse_top_k("four")
+
+
+def test_moe_agreement_example_measures_dropped_experts():
+    example = _agreement_example()
+    model = mini_moe_model("mixtral")
+    original = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(6))
+    rows, whole = example.drop_agreement(model, ids[:, :20], ids[:, 20:], 4)
+    usage = expert_usage(original, [ids[:, :20]])
+    assert [r["kept"] for r in rows] == [4] * len(rows) and all(0 < r["usage_kept"] < 1 for r in rows)
+    assert all(r["rel_error"] > 0 for r in rows) and whole["expert_bytes"][1] * 2 == whole["expert_bytes"][0]
+    reference = copy.deepcopy(original)
+    drop_experts(reference, 4, usage)
+    with torch.no_grad():
+        want, full = reference(ids[:, 20:]).logits, original(ids[:, 20:]).logits
+    assert whole["ppl_pruned"] == pytest.approx(example._perplexity(want, ids[:, 20:]), rel=1e-5)
+    assert whole["ppl_model_k"] == pytest.approx(example._perplexity(full, ids[:, 20:]), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- total-expert pruning
+def _calibration(n=3):
+    return [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(10 + i)) for i in range(n)]
+
+
+def test_expert_usage_is_the_routed_weight_per_expert():
+    model = mini_moe_model("qwen3_moe")
+    seen = []
+    hooks = [model.get_submodule(m.name).gate.register_forward_hook(lambda mod, a, out: seen.append(out[1:]))
+             for m in find_moe_layers(model)]
+    usage = expert_usage(model, _calibration(2))  # the test's hooks see the same calls
+    for h in hooks:
+        h.remove()
+    layers = [m.layer for m in find_moe_layers(model)]
+    assert sorted(usage) == layers and all(u.shape == (8,) for u in usage.values())
+    for i, layer in enumerate(layers):  # hooks fire layer by layer, batch after batch
+        want = torch.zeros(8)
+        for weights, indices in seen[i::len(layers)]:
+            want.index_add_(0, indices.reshape(-1), weights.reshape(-1).float())
+        torch.testing.assert_close(usage[layer], want)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"])
+def test_drop_experts_equals_masking_their_router_logits(family, monkeypatch):
+    model = mini_moe_model(family)
+    layers = find_moe_layers(model)
+    usage = expert_usage(model, _calibration())
+    original = copy.deepcopy(model)
+    keep = max(5, layers[0].top_k)
+    report = drop_experts(model, keep, usage)
+    masks = {}
+    for m in layers:
+        kept = report.kept[m.layer]
+        assert kept == sorted(usage[m.layer].topk(keep).indices.tolist())
+        block, was = model.get_submodule(m.name), original.get_submodule(m.name)
+        assert block.experts.gate_up_proj.shape[0] == block.gate.weight.shape[0] == block.experts.num_experts == keep
+        assert torch.equal(block.experts.down_proj, was.experts.down_proj[kept])
+        mask = torch.ones(8, dtype=torch.bool)
+        mask[kept] = False
+        masks[was.gate.weight.data_ptr()] = mask
+    assert report.bytes_after < report.bytes_before and find_moe_layers(model)[0].num_experts == keep
+
+    linear = torch.nn.functional.linear
+
+    def masked_linear(x, weight, bias=None):  # the original routers, dropped experts' logits at -inf
+        out = linear(x, weight, bias)
+        mask = masks.get(weight.data_ptr())
+        return out if mask is None else out.masked_fill(mask, float("-inf"))
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(torch.nn.functional, "linear", masked_linear)
+        want = original(ids).logits
+    with torch.no_grad():
+        got = model(ids).logits
+        full = original(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - full).abs().max() > 1e-3  # dropping changed something
+    if family in ("qwen3_moe", "deepseek_v2"):  # then fewer activated experts, compiled: the sentinel is now `keep`
+        install_experts(model)
+        keeps = [layers[0].top_k - 1] * len(layers)
+        with torch.no_grad():
+            expected = _with_reference_routers(model, family, keeps)(ids).logits
+        torch.testing.assert_close(_compiled_logits(model, ids, moe_top_k=keeps[0]), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_drop_experts_refuses_what_it_cannot_do_and_changes_nothing():
+    model = mini_moe_model("qwen3_moe")
+    usage = expert_usage(model, _calibration(1))
+    before = {n: p.shape for n, p in model.named_parameters()}
+    for keep, match in ((3, "top-k"), (9, "expert count"), (0.0, r"\(0, 1\]"), (True, "int or a fraction")):
+        with pytest.raises(ValueError, match=match):
+            drop_experts(model, keep, usage)
+    with pytest.raises(ValueError, match="no \\[8\\] soft count for decoder layer"):
+        drop_experts(model, 6, {k: v for k, v in list(usage.items())[:1]})
+    assert {n: p.shape for n, p in model.named_parameters()} == before
+    assert drop_experts(model, 0.75, usage).kept and find_moe_layers(model)[0].num_experts == 6
+    for family in ("deepseek_v2_group", "deepseek_v3"):
+        grouped = mini_moe_model(family)
+        with pytest.raises(ValueError, match="group-limited"):
+            drop_experts(grouped, 4, expert_usage(grouped, _calibration(1)))
+    with pytest.raises(ValueError, match="no MoE layers"):
+        drop_experts(mini_model("llama", num_hidden_layers=2), 4, {})
