@@ -16,9 +16,13 @@ top-6, 2 shared experts), in bf16 on one GPU.
    experts with the router's ``top_k`` set to ``k`` (transformers' own way to fewer experts). The weight-read floor is the
    bytes of the distinct experts the batch routes to (plus shared experts) over the copy
    bandwidth (4.30 TB/s measured on the H200, benchmarks/NOTES.md).
+   Beside each layer row, the **routed experts alone** (part ``experts``): ``xquant::moe_experts``
+   and transformers' experts module on the routing the block's router gives at ``k``, no router.
 3. **Model decode** (``--model-layers``): one decode step of the whole model (``--model-layers``
    decoder layers of the shape, bf16 ``StaticCache`` of ``--context`` tokens for every variant, so
-   only the experts differ), captured in a CUDA graph; tokens/s = batch / step time.
+   only the experts differ), captured in a CUDA graph; tokens/s = batch / step time. As traced
+   (no Inductor), or with ``--model-inductor`` compiled as ``optimize`` compiles the decode step
+   (minutes per variant: pick ``--model-batches`` and ``--model-ks``).
 
 4. **Kernel breakdown** (``--profile``): at batch 1, k = K and about K/2, the device time of every
    kernel of one Inductor-compiled layer step (ours and transformers' ``grouped_mm``), from
@@ -26,6 +30,9 @@ top-6, 2 shared experts), in bf16 on one GPU.
    in kernels, and how much is gaps between them. Written to ``moe_profile.md``.
 
     python benchmarks/bench_moe.py --out benchmarks/results [--quick] [--profile]
+
+``--ours-only`` leaves transformers' variants out of the layer part; ``--slot-blocks-max N``
+overrides when the kernel skips its block table (``0``: never), for A/B runs.
 """
 
 from __future__ import annotations
