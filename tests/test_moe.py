@@ -259,7 +259,7 @@ def _run_with_pass(model, ids, plan):
 
 
 def _run_with(model, ids, rewrite):
-    """``model(ids)`` compiled by a backend that calls ``rewrite(graph)``: (logits, graph, its result)."""
+    """``model(ids)`` compiled by a backend that calls ``rewrite(graph)``: (logits or output, graph, its result)."""
     seen = []
 
     def backend(gm, inputs):
@@ -269,9 +269,10 @@ def _run_with(model, ids, rewrite):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        logits = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+        out = torch.compile(model, backend=backend, fullgraph=True)(ids)
     torch._dynamo.reset()
     (gm, result), = seen
+    logits = getattr(out, "logits", out)
     return logits, gm, result
 
 
@@ -327,6 +328,32 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     assert [n.args[2:] for n in fast] == ([(plan.spec, fill, 8) for fill in fills] if folded else [()] * len(layers))
     assert sum(n.target is prune_routes for n in gm.graph.nodes) == (0 if folded else len(layers))
     torch.testing.assert_close(logits, pruned_only, atol=1e-4, rtol=1e-4)
+
+
+def test_router_topk_pass_leaves_routers_wider_than_its_kernel():
+    from xquant_fx.passes.router_topk import router_topk
+
+    class Router(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(experts, 8))
+
+        def forward(self, x):
+            return torch.topk((x @ self.weight.t()).softmax(-1), 2, dim=-1)
+
+    class Block(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.gate = Router(experts)
+
+        def forward(self, x):
+            values, indices = self.gate(x)
+            return values * indices
+
+    for experts, hits in ((64, 1), (ops.ROUTER_TOPK_MAX_WIDTH + 1, 0)):
+        _, gm, found = _run_with(Block(experts), torch.randn(3, 8), router_topk)
+        assert found == hits
+        assert sum(n.target is torch.ops.xquant.router_topk.default for n in gm.graph.nodes) == hits
 
 
 def test_find_routers_picks_the_final_top_k_of_each_router():

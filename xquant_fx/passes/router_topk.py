@@ -15,7 +15,8 @@ is ``torch.topk`` itself.
 
 Runs after ``prune_moe_router`` (which asks the same node for sorted slots, so the order is what
 its rewrite expects), whether or not experts are pruned. Declines on graphs without a router
-top-k; idempotent (``find_routers`` counts ``xquant::router_topk`` nodes as router top-k, so a
+top-k, and on routers wider than the kernel takes (``ops.ROUTER_TOPK_MAX_WIDTH`` experts);
+idempotent (``find_routers`` counts ``xquant::router_topk`` nodes as router top-k, so a
 rewritten router is still the widest top-k of its layer and is left alone).
 """
 
@@ -33,10 +34,11 @@ logger = logging.getLogger(__name__)
 
 
 def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
-    from .. import ops  # noqa: F401  (registers xquant::router_topk)
+    from .. import ops  # registers xquant::router_topk
 
     fast_op = torch.ops.xquant.router_topk.default
-    routers = {layer: r for layer, r in find_routers(gm).items() if not is_router_topk(r[0])}
+    routers = {layer: r for layer, r in find_routers(gm).items()
+               if not is_router_topk(r[0]) and r[1] <= ops.ROUTER_TOPK_MAX_WIDTH}
     if not routers:
         logger.debug("router_topk: declined (no router top-k left to rewrite)")
         return 0
