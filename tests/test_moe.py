@@ -558,6 +558,44 @@ def test_drop_experts_equals_masking_their_router_logits(family, monkeypatch):
         torch.testing.assert_close(_compiled_logits(model, ids, moe_top_k=keeps[0]), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2_group", "deepseek_v3"])
+def test_drop_experts_keeps_the_groups_of_group_limited_routers_equal(family, monkeypatch):
+    model = mini_moe_model(family, n_routed_experts=16)  # 4 groups of 4, 2 chosen per token, top-4
+    layers = find_moe_layers(model)
+    usage = expert_usage(model, _calibration())
+    original = copy.deepcopy(model)
+    report = drop_experts(model, 12, usage)
+    reference = copy.deepcopy(original)
+    masks = {}
+    for m in layers:
+        kept = report.kept[m.layer]
+        for g in range(4):  # three from each group: that group's most used
+            assert [e for e in kept if e // 4 == g] == sorted((usage[m.layer][4 * g:4 * g + 4].topk(3).indices + 4 * g).tolist())
+        assert model.get_submodule(m.name).gate.weight.shape[0] == 12
+        dropped = torch.ones(16, dtype=torch.bool)
+        dropped[kept] = False
+        gate = reference.get_submodule(m.name).gate
+        if family == "deepseek_v3":  # choice = sigmoid score + bias: the bias puts dropped experts out of reach
+            gate.e_score_correction_bias.masked_fill_(dropped, float("-inf"))
+        else:
+            masks[gate.weight.data_ptr()] = dropped
+    linear = torch.nn.functional.linear
+
+    def masked_linear(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        mask = masks.get(weight.data_ptr())
+        return out if mask is None else out.masked_fill(mask, float("-inf"))
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(8))
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(torch.nn.functional, "linear", masked_linear)
+        want = reference(ids).logits
+    with torch.no_grad():
+        got, full = model(ids).logits, original(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert (got - full).abs().max() > 1e-3
+
+
 def test_drop_experts_refuses_what_it_cannot_do_and_changes_nothing():
     model = mini_moe_model("qwen3_moe")
     usage = expert_usage(model, _calibration(1))
@@ -569,9 +607,9 @@ def test_drop_experts_refuses_what_it_cannot_do_and_changes_nothing():
         drop_experts(model, 6, {k: v for k, v in list(usage.items())[:1]})
     assert {n: p.shape for n, p in model.named_parameters()} == before
     assert drop_experts(model, 0.75, usage).kept and find_moe_layers(model)[0].num_experts == 6
-    for family in ("deepseek_v2_group", "deepseek_v3"):
-        grouped = mini_moe_model(family)
-        with pytest.raises(ValueError, match="group-limited"):
-            drop_experts(grouped, 4, expert_usage(grouped, _calibration(1)))
+    for family, keep in (("deepseek_v2_group", 4), ("deepseek_v3", 4), ("deepseek_v3", 6)):
+        grouped = mini_moe_model(family)  # 4 groups of 2, 2 chosen per token, top-4
+        with pytest.raises(ValueError, match="group-limited.*split into the groups evenly"):
+            drop_experts(grouped, keep, expert_usage(grouped, _calibration(1)))
     with pytest.raises(ValueError, match="no MoE layers"):
         drop_experts(mini_model("llama", num_hidden_layers=2), 4, {})

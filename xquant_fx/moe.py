@@ -326,16 +326,28 @@ def _slice_experts_dim(module: torch.nn.Module, num_experts: int, index: torch.T
     return before, after
 
 
+def _groups(gate: torch.nn.Module) -> int:
+    """Expert groups of a group-limited router (DeepSeek-V2 ``group_limited_greedy``, DeepSeek-V3), else 1."""
+    groups = getattr(gate, "num_group", None) or 1
+    return 1 if getattr(gate, "topk_method", "group_limited_greedy") == "greedy" else groups
+
+
 def drop_experts(model: torch.nn.Module, keep: int | float, usage: dict[int, torch.Tensor]) -> DroppedExperts:
     """Remove each MoE layer's least-used routed experts, in place (total-expert pruning by soft
     count, DESIGN §3): ``keep`` experts per layer (an int), or that fraction of them (a float in
     ``(0, 1]``, rounded to nearest), chosen by :func:`expert_usage`. The routers then score only
     the kept experts: the same routing as masking the dropped experts' router logits to ``-inf``.
 
+    Group-limited routers (DeepSeek-V2 ``group_limited_greedy``, DeepSeek-V3) keep their groups
+    equal: ``keep / n_group`` experts from each group, the most-used of that group. The routing is
+    then that of the original router with the dropped experts out of reach (logits at ``-inf``;
+    for DeepSeek-V3, whose choice adds a bias to sigmoid scores, that bias at ``-inf``).
+
     Shared experts are untouched. Refused (``ValueError``, nothing changed): a ``keep`` below the
-    model's top-k or above its expert count, ``usage`` that does not cover every MoE layer, and
-    group-limited routers (DeepSeek-V2 ``group_limited_greedy``, DeepSeek-V3), whose groups would
-    lose their equal sizes. Call it before :func:`xquant_fx.optimize`.
+    model's top-k or above its expert count, ``usage`` that does not cover every MoE layer, and for
+    group-limited routers a ``keep`` that does not split evenly into the groups, leaves a group
+    fewer experts than its group score reads (2 for DeepSeek-V3), or leaves the chosen groups fewer
+    than top-k experts. Call it before :func:`xquant_fx.optimize`.
     """
     layers = find_moe_layers(model)
     if not layers:
@@ -358,12 +370,16 @@ def drop_experts(model: torch.nn.Module, keep: int | float, usage: dict[int, tor
         )
     for m in layers:
         gate = model.get_submodule(m.name).gate
-        groups = getattr(gate, "num_group", None) or 1
-        if groups > 1 and getattr(gate, "topk_method", "group_limited_greedy") != "greedy":
-            raise ValueError(
-                f"drop_experts: decoder layer {m.layer} routes group-limited ({groups} groups of "
-                f"{num_experts // groups} experts); dropping experts would leave unequal groups"
-            )
+        groups = _groups(gate)
+        if groups > 1:
+            per, least = keep // groups, 2 if hasattr(gate, "e_score_correction_bias") else 1
+            chosen = getattr(gate, "topk_group", groups)
+            if keep % groups or per < least or chosen * per < m.top_k:
+                raise ValueError(
+                    f"drop_experts: decoder layer {m.layer} routes group-limited ({groups} groups, {chosen} chosen per "
+                    f"token, top-{m.top_k}): keep={keep} must split into the groups evenly, leave each group at least "
+                    f"{least} experts and the {chosen} chosen groups at least {m.top_k}"
+                )
         u = usage.get(m.layer)
         if u is None or tuple(u.shape) != (num_experts,):
             raise ValueError(f"drop_experts: usage has no [{num_experts}] soft count for decoder layer {m.layer}")
@@ -371,7 +387,12 @@ def drop_experts(model: torch.nn.Module, keep: int | float, usage: dict[int, tor
     for m in layers:
         block = model.get_submodule(m.name)
         u = usage[m.layer].float()
-        index = torch.topk(u, keep).indices.sort().values  # the kept experts, in their original order
+        groups = _groups(block.gate)
+        size = num_experts // groups
+        index = torch.cat([  # the kept experts, in their original order; the same number from each group
+            g * size + torch.topk(u[g * size:(g + 1) * size], keep // groups).indices.sort().values
+            for g in range(groups)
+        ])
         kept[m.layer] = index.tolist()
         usage_kept[m.layer] = (u[index].sum() / u.sum().clamp_min(torch.finfo(torch.float32).tiny)).item()
         for module in (block.experts, block.gate):
