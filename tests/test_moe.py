@@ -613,3 +613,9 @@ def test_drop_experts_refuses_what_it_cannot_do_and_changes_nothing():
             drop_experts(grouped, keep, expert_usage(grouped, _calibration(1)))
     with pytest.raises(ValueError, match="no MoE layers"):
         drop_experts(mini_model("llama", num_hidden_layers=2), 4, {})
+    odd = mini_moe_model("qwen3_moe")
+    for m in find_moe_layers(odd):
+        gate = odd.get_submodule(m.name).gate
+        gate.forward = lambda x, gate=gate: x.reshape(-1, x.shape[-1]) @ gate.weight.t()  # logits only
+    with pytest.raises(ValueError, match="does not return \\(logits, weights, indices\\)"):
+        expert_usage(odd, _calibration(1))

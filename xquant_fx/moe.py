@@ -278,6 +278,11 @@ def expert_usage(model: torch.nn.Module, batches) -> dict[int, torch.Tensor]:
 
     def record(layer: int, num_experts: int):
         def hook(module, args, out):
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise ValueError(
+                    f"expert_usage: router {type(module).__name__} of decoder layer {layer} does not return "
+                    "(logits, weights, indices) as transformers' top-k routers do"
+                )
             _, weights, indices = out
             counts = torch.zeros(num_experts + 1, dtype=torch.float32, device=weights.device)
             counts.scatter_add_(0, indices.reshape(-1).clamp(max=num_experts), weights.reshape(-1).float())
