@@ -514,6 +514,21 @@ def test_expert_usage_is_the_routed_weight_per_expert():
         torch.testing.assert_close(usage[layer], want)
 
 
+def _logits_with_masked_routers(model, ids, masks, monkeypatch):
+    """``model(ids).logits`` with the router logits of ``masks`` (router weight's data_ptr -> bool
+    mask over experts) at ``-inf``: the original routers, dropped experts out of reach."""
+    linear = torch.nn.functional.linear
+
+    def masked_linear(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        mask = masks.get(weight.data_ptr())
+        return out if mask is None else out.masked_fill(mask, float("-inf"))
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(torch.nn.functional, "linear", masked_linear)
+        return model(ids).logits
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"])
 def test_drop_experts_equals_masking_their_router_logits(family, monkeypatch):
     model = mini_moe_model(family)
@@ -534,17 +549,8 @@ def test_drop_experts_equals_masking_their_router_logits(family, monkeypatch):
         masks[was.gate.weight.data_ptr()] = mask
     assert report.bytes_after < report.bytes_before and find_moe_layers(model)[0].num_experts == keep
 
-    linear = torch.nn.functional.linear
-
-    def masked_linear(x, weight, bias=None):  # the original routers, dropped experts' logits at -inf
-        out = linear(x, weight, bias)
-        mask = masks.get(weight.data_ptr())
-        return out if mask is None else out.masked_fill(mask, float("-inf"))
-
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(torch.nn.functional, "linear", masked_linear)
-        want = original(ids).logits
+    want = _logits_with_masked_routers(original, ids, masks, monkeypatch)
     with torch.no_grad():
         got = model(ids).logits
         full = original(ids).logits
@@ -579,17 +585,8 @@ def test_drop_experts_keeps_the_groups_of_group_limited_routers_equal(family, mo
             gate.e_score_correction_bias.masked_fill_(dropped, float("-inf"))
         else:
             masks[gate.weight.data_ptr()] = dropped
-    linear = torch.nn.functional.linear
-
-    def masked_linear(x, weight, bias=None):
-        out = linear(x, weight, bias)
-        mask = masks.get(weight.data_ptr())
-        return out if mask is None else out.masked_fill(mask, float("-inf"))
-
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(8))
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(torch.nn.functional, "linear", masked_linear)
-        want = reference(ids).logits
+    want = _logits_with_masked_routers(reference, ids, masks, monkeypatch)
     with torch.no_grad():
         got, full = model(ids).logits, original(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
