@@ -29,15 +29,11 @@ from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
 
 import xquant_fx  # noqa: E402
 from xquant_fx.api import cache_argument  # noqa: E402
-from xquant_fx.memory import load_config  # noqa: E402
+from xquant_fx.memory import load_config, with_layers  # noqa: E402
 
 
 def build(name: str, device, dtype, layers: int | None):
-    config = load_config(name)
-    if layers:
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:layers]
+    config = with_layers(load_config(name), layers)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()

@@ -53,7 +53,7 @@ from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
 
 import xquant_fx  # noqa: E402
 from xquant_fx.api import cache_argument  # noqa: E402
-from xquant_fx.memory import load_config  # noqa: E402
+from xquant_fx.memory import load_config, with_layers  # noqa: E402
 from xquant_fx.moe import MoEPlan, find_moe_layers, install_experts  # noqa: E402
 from xquant_fx.passes import PassContext, run_passes  # noqa: E402
 
@@ -62,11 +62,7 @@ SHAPES = {"qwen3-30b-a3b": [8, 6, 4, 2, 1], "deepseek-v2-lite": [6, 4, 3, 2, 1]}
 
 
 def build(name: str, layers: int, device, dtype):
-    config = load_config(name)
-    config.num_hidden_layers = layers
-    for attr in ("layer_types", "mlp_only_layers"):
-        if isinstance(getattr(config, attr, None), list) and getattr(config, attr):
-            setattr(config, attr, getattr(config, attr)[:layers])
+    config = with_layers(load_config(name), layers)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()

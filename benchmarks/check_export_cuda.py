@@ -141,11 +141,9 @@ def load_model(args, dtype):
         return smollm2.load(dtype, args.device)
     from transformers import AutoModelForCausalLM
 
-    from xquant_fx.memory import load_config
+    from xquant_fx.memory import load_config, with_layers
 
-    config = load_config("smollm2-135m")
-    if args.layers:
-        config.num_hidden_layers = args.layers
+    config = with_layers(load_config("smollm2-135m"), args.layers)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -173,13 +173,9 @@ def _load(args):
         text = Path(args.text).read_text() if args.text else "The quick brown fox jumps over the lazy dog. " * 64
         ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
     else:
-        from xquant_fx.memory import load_config
+        from xquant_fx.memory import load_config, with_layers
 
-        config = load_config(args.random)
-        config.num_hidden_layers = args.layers
-        for attr in ("layer_types", "mlp_only_layers"):
-            if isinstance(getattr(config, attr, None), list) and getattr(config, attr):
-                setattr(config, attr, getattr(config, attr)[: args.layers])
+        config = with_layers(load_config(args.random), args.layers)
         with torch.device(args.device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         ids = torch.randint(0, config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))

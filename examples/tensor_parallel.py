@@ -62,7 +62,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 import xquant_fx  # noqa: E402
-from xquant_fx.memory import load_config  # noqa: E402
+from xquant_fx.memory import load_config, with_layers  # noqa: E402
 
 STEM = "tensor_parallel"
 
@@ -161,11 +161,7 @@ def parity_config() -> LlamaConfig:
 def bench_config(name: str, layers: int):
     if name == "parity":
         return parity_config()
-    config = load_config(name)
-    if layers:
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:layers]
+    config = with_layers(load_config(name), layers)
     config.bos_token_id = config.eos_token_id = config.pad_token_id = None
     return config
 

@@ -253,3 +253,16 @@ def test_main_errors(capsys):
     assert "llama-3.1-8b" in capsys.readouterr().err
     assert main(["--config", "llama-3.1-8b", "--gpu-memory", "eighty"]) == 2
     assert "memory" in capsys.readouterr().err
+
+
+def test_with_layers_cuts_a_config_and_its_per_layer_fields():
+    from xquant_fx.memory import with_layers
+
+    config = load_config("qwen3-30b-a3b")
+    whole = config.num_hidden_layers
+    assert with_layers(config, 0) is config and config.num_hidden_layers == whole
+    config.layer_types = ["full_attention"] * whole
+    config.mlp_only_layers = [0, 3, 5]
+    assert with_layers(config, 4) is config
+    assert config.num_hidden_layers == 4 and config.layer_types == ["full_attention"] * 4
+    assert config.mlp_only_layers == [0, 3]  # layer indices, not per-layer entries

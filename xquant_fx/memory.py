@@ -136,6 +136,20 @@ def load_config(name_or_path):
 
 
 # ---------------------------------------------------------------------------------------- sizes
+def with_layers(config, layers: int | None):
+    """``config`` cut to its first ``layers`` decoder layers, in place (and returned), for smaller
+    runs of a real shape: ``num_hidden_layers``, the per-layer ``layer_types`` and the layer
+    indices of ``mlp_only_layers`` follow. ``None`` or 0 leaves it whole."""
+    if not layers:
+        return config
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    if getattr(config, "mlp_only_layers", None):
+        config.mlp_only_layers = [i for i in config.mlp_only_layers if i < layers]
+    return config
+
+
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES:
