@@ -71,18 +71,11 @@ def _difference(got: torch.Tensor, want: torch.Tensor) -> dict:
                 cosine=F.cosine_similarity(a, b, dim=-1).mean().item())
 
 
-def _moe_layers(model):
-    layers = find_moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers")
-    return layers
-
-
 def layer_agreement(model, ids: torch.Tensor, top_k) -> list[dict]:
     """Per MoE layer: ``{layer, k, model_k, rel_error, cosine}`` of the block's output with ``top_k``
     against the model's own routing, on the hidden states of ``ids`` in the unpruned model."""
     install_experts(model)
-    layers = _moe_layers(model)
+    layers = find_moe_layers(model, required=True)
     ks = XQuantConfig(moe_top_k=top_k).resolve_moe_top_k(len(layers), layers[0].top_k)
     seen = _capture(model, ids, layers)
     rows = []
@@ -100,7 +93,7 @@ def drop_agreement(model, calibration: torch.Tensor, ids: torch.Tensor, keep) ->
     ``calibration``), in place; returns per-layer rows (``{layer, experts, kept, usage_kept,
     rel_error, cosine}`` on the hidden states of ``ids`` before the drop) and the whole-model
     comparison of :func:`model_agreement`."""
-    layers = _moe_layers(model)
+    layers = find_moe_layers(model, required=True)
     seen = _capture(model, ids, layers)
     with torch.no_grad():
         full = model(ids).logits

@@ -227,9 +227,10 @@ def layer_of(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
+def find_moe_layers(model: torch.nn.Module, required: bool = False) -> list[MoELayer]:
     """MoE blocks of a transformers model, in depth order: modules with a ``gate`` router and an
-    ``experts`` module of transformers' experts interface (``num_experts`` and 3-D weights)."""
+    ``experts`` module of transformers' experts interface (``num_experts`` and 3-D weights). With
+    ``required``, a model without any raises ``ValueError``."""
     found = []
     for name, module in model.named_modules():
         experts = getattr(module, "experts", None)
@@ -241,6 +242,8 @@ def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
         if top_k is None or layer is None:
             continue
         found.append(MoELayer(name=name, layer=layer, num_experts=int(experts.num_experts), top_k=int(top_k)))
+    if required and not found:
+        raise ValueError(f"{type(model).__name__} has no MoE layers")
     return sorted(found, key=lambda m: m.layer)
 
 
@@ -271,9 +274,7 @@ def expert_usage(model: torch.nn.Module, batches) -> dict[int, torch.Tensor]:
     """Soft count of every routed expert: per MoE layer (decoder layer index -> ``[E]`` float32),
     the routing weight each expert received, summed over the tokens of ``batches`` (input id
     tensors, or dicts of model inputs) run through ``model`` with its own routing, eagerly."""
-    layers = find_moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers")
+    layers = find_moe_layers(model, required=True)
     usage = {m.layer: None for m in layers}
 
     def record(layer: int, num_experts: int):
@@ -354,9 +355,7 @@ def drop_experts(model: torch.nn.Module, keep: int | float, usage: dict[int, tor
     fewer experts than its group score reads (2 for DeepSeek-V3), or leaves the chosen groups fewer
     than top-k experts. Call it before :func:`xquant_fx.optimize`.
     """
-    layers = find_moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers")
+    layers = find_moe_layers(model, required=True)
     total = {m.num_experts for m in layers}
     if len(total) != 1:
         raise ValueError(f"MoE layers of {type(model).__name__} have different expert counts {sorted(total)}")
