@@ -332,6 +332,20 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     torch.testing.assert_close(logits, pruned_only, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("plan", [MoEPlan(spec=2, renormalize=True), MoEPlan(spec=4, min_weight=0.3)],
+                         ids=["renormalize", "min_weight"])
+def test_router_topk_pass_keeps_the_prune_node_of_rules_beyond_a_k(plan):
+    model = mini_moe_model("qwen2_moe")  # norm_topk_prob=False: renormalization is the plan's, not the router's
+    install_experts(model)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(9))
+    pruned_only, _, _ = _run_with_pass(model, ids, plan)
+    logits, gm, _ = _run_with(model, ids, lambda gm: run_passes(gm, ctx=PassContext(moe=plan)))
+    layers = len(find_moe_layers(model))
+    assert sum(n.target is prune_routes for n in gm.graph.nodes) == layers
+    assert [n.args[2:] for n in gm.graph.nodes if n.target is torch.ops.xquant.router_topk.default] == [()] * layers
+    torch.testing.assert_close(logits, pruned_only, atol=1e-5, rtol=1e-4)
+
+
 def test_router_topk_pass_leaves_routers_wider_than_its_kernel():
     from xquant_fx.passes.router_topk import router_topk
 

@@ -42,8 +42,9 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
     if not routers:
         logger.debug("router_topk: declined (no router top-k left to rewrite)")
         return 0
+    plan = getattr(ctx, "moe", None)
     for layer, (topk, _, k) in routers.items():
-        pruned = _static_prune(topk)
+        pruned = _static_prune(topk, plan)
         args = (topk.args[0], k)
         if pruned is not None:
             prune, num_experts, keep, logits = pruned
@@ -63,11 +64,13 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
     return len(routers)
 
 
-def _static_prune(topk: torch.fx.Node):
-    """``(prune node, num_experts, keep, logits)`` when the top-k's only consumer is a
-    :func:`~xquant_fx.moe.prune_routes` that just keeps the ``keep`` best slots (no ``min_weight``
-    / ``top_p``, no renormalization of kept values); else ``None``. DeepSeek-V3 also gathers by
-    the unpruned indices, so its prune node stays."""
+def _static_prune(topk: torch.fx.Node, plan):
+    """``(prune node, num_experts, keep, logits)`` when the top-k's only consumer is the
+    :func:`~xquant_fx.moe.prune_routes` node of a plan that just keeps the ``keep`` best slots
+    (no per-token rule, no renormalization of kept values); else ``None``. DeepSeek-V3 also
+    gathers by the unpruned indices, so its prune node stays."""
+    if plan is None or plan.dynamic:
+        return None
     if not all(u.op == "call_function" and u.target is operator.getitem for u in topk.users):
         return None
     consumers = {c for item in topk.users for c in item.users}
@@ -76,7 +79,7 @@ def _static_prune(topk: torch.fx.Node):
     (prune,) = consumers
     if prune.op != "call_function" or prune.target is not prune_routes or len(prune.args) < 8:
         return None
-    _, _, num_experts, keep, min_weight, top_p, renormalize, logits = prune.args[:8]
-    if (min_weight and min_weight > 0) or (top_p is not None and top_p < 1.0) or (renormalize and not logits):
+    _, _, num_experts, keep, *_, logits = prune.args[:8]
+    if plan.renormalize and not logits:  # prune_routes rescales the kept values: not a plain drop
         return None
     return prune, num_experts, keep, logits
