@@ -158,16 +158,16 @@ def expert_bytes(model) -> tuple[int, int]:
     return one, shared
 
 
-def experts_only(block, x, k: int, iters: int) -> dict[str, float]:
+def experts_only(block, x, k: int, iters: int, impls=("grouped_mm", "batched_mm")) -> dict[str, float]:
     """Seconds per call of the routed experts alone (no router, no shared experts), on the routing
-    the block's router gives at ``k``: ours (``xquant::moe_experts``) and transformers' kernels."""
+    the block's router gives at ``k``: ours (``xquant::moe_experts``) and transformers' ``impls``."""
     hidden = x.shape[-1]
     flat = x.view(-1, hidden)
     with torch.no_grad():
         _, w, ids = block.gate(flat)
     ex = block.experts
     times = {}
-    for impl in ("grouped_mm", "batched_mm"):
+    for impl in impls:
         ex.config._experts_implementation = impl
         with torch.no_grad():
             times[f"transformers {impl}"] = timed(lambda: ex(flat, ids, w), iters)[0]
@@ -222,11 +222,8 @@ def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_ba
                 rows.append(dict(part="layer", shape=name, batch=batch, k=k,
                                  variant=f"xquant pass + kernel ({'inductor, ' if ind else ''}{how})",
                                  us=t * 1e6, floor_us=floor * 1e6, tok_s=""))
-            model.set_experts_implementation("grouped_mm")
             set_top_k(model, k)
-            for variant, te in experts_only(block, x, k, iters).items():
-                if variant.startswith("transformers") and ours_only:
-                    continue
+            for variant, te in experts_only(block, x, k, iters, () if ours_only else ("grouped_mm", "batched_mm")).items():
                 rows.append(dict(part="experts", shape=name, batch=batch, k=k, variant=f"{variant} (graph)",
                                  us=te * 1e6, floor_us=(distinct * one) / COPY_BW * 1e6, tok_s=""))
             set_top_k(model, model_k)
