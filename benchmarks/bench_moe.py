@@ -31,8 +31,10 @@ top-6, 2 shared experts), in bf16 on one GPU.
 
     python benchmarks/bench_moe.py --out benchmarks/results [--quick] [--profile]
 
-``--ours-only`` leaves transformers' variants out of the layer part; ``--slot-blocks-max N``
-overrides when the kernel skips its block table (``0``: never), for A/B runs.
+``--ours-only`` leaves transformers' variants out of the layer part. For A/B runs:
+``--slot-blocks-max N`` overrides when the kernel skips its block table (``0``: never),
+``--decode-programs N`` how far decode steps split their reductions (``0``: no split-K), and
+``--topk-only-router`` keeps the routers' linear and softmax (only their top-k rewritten).
 """
 
 from __future__ import annotations
@@ -373,6 +375,11 @@ def main(argv=None) -> int:
     p.add_argument("--ours-only", action="store_true", help="layer part: leave out transformers' experts")
     p.add_argument("--slot-blocks-max", type=int,
                    help="override xquant_fx.kernels.moe.SLOT_BLOCKS_MAX (0: always the block table)")
+    p.add_argument("--ks", nargs="+", type=int, help="k of the layer part and profile (default: the shape's list)")
+    p.add_argument("--decode-programs", type=int,
+                   help="override xquant_fx.kernels.moe.DECODE_PROGRAMS (0: no split-K at decode)")
+    p.add_argument("--topk-only-router", action="store_true",
+                   help="rewrite only each router's top-k, not the whole softmax router (A/B runs)")
     p.add_argument("--profile", action="store_true", help="also a kernel breakdown at batch 1 (moe_profile.md)")
     p.add_argument("--profile-only", action="store_true", help="only the kernel breakdown")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -383,6 +390,14 @@ def main(argv=None) -> int:
         from xquant_fx.kernels import moe as moe_kernels
 
         moe_kernels.SLOT_BLOCKS_MAX = args.slot_blocks_max
+    if args.decode_programs is not None:
+        from xquant_fx.kernels import moe as moe_kernels
+
+        moe_kernels.DECODE_PROGRAMS = args.decode_programs
+    if args.topk_only_router:
+        import importlib
+
+        importlib.import_module("xquant_fx.passes.router_topk").WHOLE_ROUTER = False  # the module, not the pass
     rows, check, failures = [], [], []
     started = time.time()
     profile_lines = [f"# MoE layer step: kernel breakdown\n\n{torch.cuda.get_device_name()}, {datetime.date.today()}, "
@@ -390,7 +405,7 @@ def main(argv=None) -> int:
                      f"{xquant_fx.__version__}; bf16, random weights, Inductor-compiled layer at batch 1. "
                      f"`python benchmarks/bench_moe.py {' '.join(argv if argv is not None else sys.argv[1:])}`."]
     for name in args.shapes:
-        ks = SHAPES[name][::2] if args.quick else SHAPES[name]
+        ks = args.ks or (SHAPES[name][::2] if args.quick else SHAPES[name])
         batches = args.batches[:2] if args.quick else args.batches
         model = build(name, 2, "cuda", torch.bfloat16)  # DeepSeek's layer 0 is dense: layer 1 is MoE
         def flush():  # after each batch: a cut-short run keeps what it measured

@@ -62,10 +62,11 @@ def compile_launch(kernel, args, kwargs) -> None:
 
 
 def scenarios():
-    """Host calls covering every kernel and constexpr branch: MoE decode (slot blocks) and
-    block-table steps, router top-k in bf16 and float32, with and without pruned slots."""
+    """Host calls covering every kernel and constexpr branch: MoE decode (slot blocks, both
+    projections split) and block-table steps, router top-k in bf16 and float32, with and without
+    pruned slots, and whole softmax routers (bf16 or float32 logits, normalized, cast values)."""
     bf16 = torch.bfloat16
-    e, hid, inter = 16, 256, 128
+    e, hid, inter = 16, 512, 256
     gate_up, down = torch.zeros(e, 2 * inter, hid, dtype=bf16), torch.zeros(e, hid, inter, dtype=bf16)
     for tokens, k in ((1, 8), (16, 4)):
         x = torch.zeros(tokens, hid, dtype=bf16)
@@ -75,6 +76,11 @@ def scenarios():
     yield "router_topk bf16", lambda: moe.topk(torch.zeros(3, 128, dtype=bf16), 8)
     yield "router_topk fp32", lambda: moe.topk(torch.zeros(5, 64), 6)
     yield "router_topk, pruned", lambda: moe.topk(torch.zeros(2, 128, dtype=bf16), 8, 3, float("-inf"), 128)
+    w = torch.zeros(128, hid, dtype=bf16)
+    yield "router bf16, normalized", lambda: moe.router(torch.zeros(1, hid, dtype=bf16), w, 8, 4, 0.0, 128, True,
+                                                         bf16, bf16)
+    yield "router fp32 logits", lambda: moe.router(torch.zeros(3, hid, dtype=bf16), w, 6, 6, 0.0, 128, False,
+                                                    torch.float32, torch.float32)
 
 
 def main() -> int:

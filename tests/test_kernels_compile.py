@@ -19,6 +19,8 @@ def test_moe_kernels_compile_for_sm90():
     compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled")]
     names = {line.split()[1] for line in compiled}
     assert names == {"_moe_align_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_combine_kernel",
-                     "_topk_kernel"}, done.stdout
+                     "_topk_kernel", "_router_logits_kernel"}, done.stdout
     assert any("'SLOTS': True" in line for line in compiled) and any("'SLOTS': False" in line for line in compiled)
     assert any("'KEEP': 3" in line for line in compiled)
+    assert any("'SPLIT': 4" in line for line in compiled) and any("'SPLIT': 2" in line for line in compiled)
+    assert any("'NORMALIZE': True" in line and "'SOFTMAX': True" in line for line in compiled)

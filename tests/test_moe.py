@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pytest
 import torch
+import torch.nn.functional as F
 from mini_models import MOE_FAMILIES, mini_model, mini_moe_model
 
 import xquant_fx
@@ -15,7 +16,7 @@ from xquant_fx.moe import (
 )
 from xquant_fx.passes import PassContext, PassFailed, PassReport, run_passes
 from xquant_fx.moe import MoEPlan
-from xquant_fx.passes.prune_moe_router import find_routers, prune_moe_router
+from xquant_fx.passes.prune_moe_router import find_routers, is_router_topk, prune_moe_router
 
 torch._dynamo.config.cache_size_limit = 64
 
@@ -117,21 +118,25 @@ def force_kernels(monkeypatch):
     monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
 
 
-# slot blocks where the op takes them (<= 16 slots); the block table at every size
-@pytest.mark.parametrize("tokens, k, experts, slot_blocks", [
-    (1, 8, 16, True), (3, 4, 8, True), (1, 8, 16, False), (3, 4, 8, False), (37, 2, 8, False), (64, 8, 16, False),
+# slot blocks where the op takes them (<= 16 slots), with and without split-K (whose slices do not
+# divide the reductions evenly here); the block table at every size
+@pytest.mark.parametrize("tokens, k, experts, slot_blocks, split", [
+    (1, 8, 16, True, False), (3, 4, 8, True, False), (1, 4, 16, True, True), (3, 2, 8, True, True),
+    (1, 8, 16, False, False), (3, 4, 8, False, False), (37, 2, 8, False, False), (64, 8, 16, False, False),
 ])
-def test_moe_kernel_matches_reference(tokens, k, experts, slot_blocks, force_kernels, monkeypatch):
+def test_moe_kernel_matches_reference(tokens, k, experts, slot_blocks, split, force_kernels, monkeypatch):
     from xquant_fx.kernels import moe as moe_kernels
     from xquant_fx.kernels.moe import moe_experts as kernel
 
     monkeypatch.setattr(moe_kernels, "SLOT_BLOCKS_MAX", 10**9 if slot_blocks else 0)
-
+    monkeypatch.setattr(moe_kernels, "DECODE_PROGRAMS", 10**6 if split else 0)
     torch.manual_seed(tokens)
-    hid, inter = 64, 48
+    hid, inter = (640, 320) if split else (64, 48)
+    if split:  # both projections split: 5 chunks of the hidden size, 3 of the intermediate one
+        assert moe_kernels._split(tokens * k * 10, 5) == 4 and moe_kernels._split(tokens * k * 10, 3) == 2
     x = torch.randn(tokens, hid)
-    gate_up = torch.randn(experts, 2 * inter, hid) * 0.1
-    down = torch.randn(experts, hid, inter) * 0.1
+    gate_up = torch.randn(experts, 2 * inter, hid) * 0.05
+    down = torch.randn(experts, hid, inter) * 0.05
     ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
     w = torch.rand(tokens, k)
     ids[:, k // 2:][torch.rand(tokens, k - k // 2) < 0.5] = experts  # sentinel slots
@@ -194,6 +199,46 @@ def test_router_topk_op_checks_arguments_and_has_a_fake():
     assert torch.equal(values[:, 0], scores.max(-1).values) and (values[:, 1:] == 0).all() and (indices[:, 1:] == 16).all()
     torch.library.opcheck(torch.ops.xquant.router_topk.default, (scores, 4))
     torch.library.opcheck(torch.ops.xquant.router_topk.default, (scores, 4, 2, float("-inf"), 16))
+
+
+@pytest.mark.parametrize("dtype, logits_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                  (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("tokens", [1, 5, 20])  # 20: past ROUTER_GEMV_MAX_TOKENS, the logits from matmul
+def test_router_kernel_matches_softmax_top_k_of_its_logits(tokens, dtype, logits_dtype, force_kernels):
+    torch.manual_seed(tokens)
+    e, k, hid = 64, 6, 96
+    x, weight = torch.randn(tokens, hid).to(dtype), torch.randn(e, hid).to(dtype)
+    want_logits = F.linear(x.double(), weight.double()).to(logits_dtype or dtype)
+    for keep, normalize, values_dtype in ((k, False, None), (k, True, dtype), (2, True, None), (3, False, dtype)):
+        values, indices, logits = torch.ops.xquant.router(x, weight, k, keep, 0.0, e, normalize, logits_dtype,
+                                                          values_dtype)
+        assert logits.dtype == (logits_dtype or dtype) and values.dtype == (values_dtype or torch.float32)
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-5 if logits.dtype == torch.float32 else 8e-3)
+        # the rest exactly as torch does it from these logits
+        probs = logits.float().softmax(-1)
+        want_values, want_indices = _sorted_reference(probs, k)
+        want_values[:, keep:], want_indices[:, keep:] = 0.0, e
+        if normalize:
+            want_values = want_values / want_values.sum(-1, keepdim=True)
+        assert torch.equal(indices, want_indices)
+        exact = values.dtype == torch.float32  # else one rounding to bf16 (either neighbour of a tie)
+        torch.testing.assert_close(values, want_values.to(values.dtype), atol=1e-6, rtol=1e-5 if exact else 8e-3)
+
+
+def test_router_op_checks_arguments_and_has_a_fake():
+    x, weight = torch.randn(3, 16), torch.randn(8, 16)
+    for args, match in (((x, weight[:, :4], 2), r"x must be \[T, H\]"), ((x, weight, 9), "1 <= k <= N"),
+                        ((x, weight, 4, 5), "keep=5"), ((x, weight, 4, 2, float("-inf"), 8, True), "normalize"),
+                        ((x.long(), weight, 2), "floating point")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.xquant.router(*args)
+    values, indices, logits = torch.ops.xquant.router(x, weight, 4, 2, 0.0, 8, True)
+    probs = F.linear(x, weight).softmax(-1)
+    assert torch.equal(indices[:, :2], probs.topk(2).indices) and (indices[:, 2:] == 8).all()
+    torch.testing.assert_close(values[:, :2].sum(-1), torch.ones(3)) and torch.equal(logits, F.linear(x, weight))
+    torch.library.opcheck(torch.ops.xquant.router.default, (x, weight, 4))
+    torch.library.opcheck(torch.ops.xquant.router.default, (x.bfloat16(), weight.bfloat16(), 4, 2, 0.0, 8, True,
+                                                            torch.float32, torch.bfloat16))
 
 
 # --------------------------------------------------------------------------- hand-written routers
@@ -312,7 +357,7 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     plan = MoEPlan(spec=max(1, layers[0].top_k - 1))
     pruned_only, pruned_graph, _ = _run_with_pass(model, ids, plan)
     fills = [float("-inf") if n.args[7] else 0.0 for n in pruned_graph.graph.nodes if n.target is prune_routes]
-    if family in ("qwen3_moe", "deepseek_v3"):  # and the kernel, under the interpreter
+    if family in ("qwen3_moe", "deepseek_v2", "deepseek_v3"):  # and the kernels, under the interpreter
         monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
 
     def all_passes(gm):
@@ -321,14 +366,28 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
         return report
 
     logits, gm, report = _run_with(model, ids, all_passes)
-    fast = [n for n in gm.graph.nodes if n.target is torch.ops.xquant.router_topk.default]
+    fast = [n for n in gm.graph.nodes if is_router_topk(n)]
     assert report.hits["router_topk"] == len(fast) == len(layers)
     assert [r[0] for r in find_routers(gm).values()] == fast  # group top-k calls (DeepSeek) untouched
     assert run_passes(gm, (again := PassReport()), ctx=PassContext(moe=plan)) and again.hits["router_topk"] == 0
-    assert [n.args[1] for n in fast] == [m.top_k for m in layers]  # the model's k
+    # softmax routers become one xquant::router (linear, softmax, top-k, and the router's own
+    # normalization and cast of the values); DeepSeek's group-limited and sigmoid routers keep
+    # their scores and get xquant::router_topk
+    whole = family not in ("deepseek_v2_group", "deepseek_v3")
+    op = torch.ops.xquant.router.default if whole else torch.ops.xquant.router_topk.default
+    assert all(n.target is op for n in fast)
+    at = 2 if whole else 1  # position of k
+    assert [n.args[at] for n in fast] == [m.top_k for m in layers]  # the model's k
     folded = family != "deepseek_v3"  # V3 gathers weights by the unpruned indices: its prune node stays
-    assert [n.args[2:] for n in fast] == ([(plan.spec, fill, 8) for fill in fills] if folded else [()] * len(layers))
+    assert [n.args[at + 1:] for n in fast] == ([(plan.spec, fill, 8) for fill in fills] if folded else [()] * len(layers))
     assert sum(n.target is prune_routes for n in gm.graph.nodes) == (0 if folded else len(layers))
+    if whole:
+        normalized = family in ("mixtral", "qwen3_moe")  # norm_topk_prob (Mixtral: always)
+        assert [n.kwargs.get("normalize", False) for n in fast] == [normalized] * len(layers)
+        in_routers = [n for n in gm.graph.nodes if (list((n.meta.get("nn_module_stack") or {"": ("",)})
+                                                          .values())[-1][0]).rsplit(".", 1)[-1] == "gate"]
+        assert len(in_routers) >= len(layers)
+        assert not any(n.target in (torch._C._nn.linear, F.softmax) or n.target == "softmax" for n in in_routers)
     torch.testing.assert_close(logits, pruned_only, atol=1e-4, rtol=1e-4)
 
 
@@ -342,7 +401,7 @@ def test_router_topk_pass_keeps_the_prune_node_of_rules_beyond_a_k(plan):
     logits, gm, _ = _run_with(model, ids, lambda gm: run_passes(gm, ctx=PassContext(moe=plan)))
     layers = len(find_moe_layers(model))
     assert sum(n.target is prune_routes for n in gm.graph.nodes) == layers
-    assert [n.args[2:] for n in gm.graph.nodes if n.target is torch.ops.xquant.router_topk.default] == [()] * layers
+    assert [n.args[3:] for n in gm.graph.nodes if n.target is torch.ops.xquant.router.default] == [()] * layers
     torch.testing.assert_close(logits, pruned_only, atol=1e-5, rtol=1e-4)
 
 

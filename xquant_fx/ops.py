@@ -1,5 +1,5 @@
 """Custom ops: the quantized KV cache (``xquant::append_token``, ``xquant::attend``) and the routed
-experts and router top-k of MoE layers (``xquant::moe_experts``, ``xquant::router_topk``).
+experts and routers of MoE layers (``xquant::moe_experts``, ``xquant::router_topk``, ``xquant::router``).
 
 All but ``read_keys`` / ``read_values`` (below) are ``torch.library.triton_op`` s:
 ``torch.compile`` and AOTInductor trace into them and see the Triton kernel launches (through
@@ -31,6 +31,9 @@ clamped to +-448 and rounded, read as float32, on both paths alike)::
         -> Tensor                                            # moe.experts_reference
     xquant::router_topk(Tensor scores, int k, int keep=-1, float fill=0., int sentinel=0)
         -> (Tensor, Tensor)                                  # torch.topk, sorted; slots >= keep dropped
+    xquant::router(Tensor x, Tensor weight, int k, int keep=-1, float fill=0., int sentinel=0,
+        bool normalize=False, ScalarType? logits_dtype=None, ScalarType? values_dtype=None)
+        -> (Tensor, Tensor, Tensor)                          # softmax router: values, indices, logits
 
 ``read_keys`` / ``read_values`` are the eager cache read (dequantize everything, attention runs
 on the result). They are ops, not inline torch code, so that the graph pass
@@ -48,7 +51,7 @@ from torch.library import triton_op
 
 from . import quant
 
-__all__ = ["append_token", "attend", "moe_experts", "read_keys", "read_values", "router_topk", "uses_kernels"]
+__all__ = ["append_token", "attend", "moe_experts", "read_keys", "read_values", "router", "router_topk", "uses_kernels"]
 
 
 def uses_kernels(t: torch.Tensor) -> bool:
@@ -189,27 +192,81 @@ def router_topk(
     lower index there. With ``0 < keep < k`` the slots ranked ``keep`` and below are dropped in the
     same launch: value ``fill``, index ``sentinel`` (static expert pruning,
     :func:`xquant_fx.moe.prune_routes` with only ``keep``)."""
-    n = scores.shape[-1] if scores.dim() else 0
-    if scores.dim() == 0 or not 1 <= k <= n or n > ROUTER_TOPK_MAX_WIDTH or not scores.is_floating_point():
-        raise ValueError(
-            f"router_topk: needs floating-point scores [..., N] with 1 <= k <= N <= {ROUTER_TOPK_MAX_WIDTH}; "
-            f"got {scores.dtype} {tuple(scores.shape)}, k={k}"
-        )
-    keep = k if keep == -1 else keep
-    if not 1 <= keep <= k:
-        raise ValueError(f"router_topk: keep={keep} must be in 1..k={k} (or -1: keep all)")
+    if scores.dim() == 0 or not scores.is_floating_point():
+        raise ValueError(f"router_topk: needs floating-point scores [..., N]; got {scores.dtype} {tuple(scores.shape)}")
+    keep = _check_topk("router_topk", scores.shape[-1], k, keep)
     if uses_kernels(scores):
         from .kernels.moe import topk
 
         return topk(scores, k, keep, fill, sentinel)
     values, indices = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
-    if keep < k:
-        values = torch.cat([values[..., :keep], values.new_full((*values.shape[:-1], k - keep), fill)], -1)
-        indices = torch.cat([indices[..., :keep], indices.new_full((*indices.shape[:-1], k - keep), sentinel)], -1)
-    return values, indices
+    return _drop_slots(values, indices, keep, fill, sentinel)
 
 
 @router_topk.register_fake
 def _router_topk_fake(scores, k, keep=-1, fill=0.0, sentinel=0):
     shape = (*scores.shape[:-1], k)
     return scores.new_empty(shape), scores.new_empty(shape, dtype=torch.int64)
+
+
+def _check_topk(name: str, n: int, k: int, keep: int) -> int:
+    """``keep`` with -1 resolved, after checking ``1 <= keep <= k <= n <= ROUTER_TOPK_MAX_WIDTH``."""
+    if not 1 <= k <= n or n > ROUTER_TOPK_MAX_WIDTH:
+        raise ValueError(f"{name}: needs 1 <= k <= N <= {ROUTER_TOPK_MAX_WIDTH} (N: number of experts); "
+                         f"got N={n}, k={k}")
+    keep = k if keep == -1 else keep
+    if not 1 <= keep <= k:
+        raise ValueError(f"{name}: keep={keep} must be in 1..k={k} (or -1: keep all)")
+    return keep
+
+
+def _drop_slots(values: torch.Tensor, indices: torch.Tensor, keep: int, fill: float, sentinel: int):
+    """Slots ``keep`` and after hold ``fill`` / ``sentinel`` (the reference of a pruned top-k)."""
+    k = values.shape[-1]
+    if keep < k:
+        values = torch.cat([values[..., :keep], values.new_full((*values.shape[:-1], k - keep), fill)], -1)
+        indices = torch.cat([indices[..., :keep], indices.new_full((*indices.shape[:-1], k - keep), sentinel)], -1)
+    return values, indices
+
+
+# --------------------------------------------------------------------------- router
+@triton_op("xquant::router", mutates_args=())
+def router(
+    x: torch.Tensor, weight: torch.Tensor, k: int, keep: int = -1, fill: float = 0.0, sentinel: int = 0,
+    normalize: bool = False, logits_dtype: Optional[torch.dtype] = None, values_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A softmax router in one op: ``logits = F.linear(x, weight)`` (``x [T, H]``, ``weight [E, H]``;
+    float32 sums rounded to ``logits_dtype``, default ``x.dtype``), ``probs = logits.float().softmax(-1)``,
+    the ``k`` largest (sorted; slots from ``keep`` on dropped as in :func:`router_topk`), divided by
+    the kept values' sum if ``normalize``, in ``values_dtype`` (default float32). Returns
+    ``(values, indices, logits)``. The kernel path takes two launches (GEMV over the GPU, then
+    softmax, top-k and normalization in one program per token) where the traced router takes four
+    or five."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"router: x must be [T, H] and weight [E, H]; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if not (x.is_floating_point() and weight.is_floating_point()):
+        raise ValueError(f"router: x and weight must be floating point; got {x.dtype} and {weight.dtype}")
+    keep = _check_topk("router", weight.shape[0], k, keep)
+    if normalize and fill != 0.0:
+        raise ValueError(f"router: normalize needs dropped slots to hold 0, not fill={fill}")
+    logits_dtype = logits_dtype or x.dtype
+    values_dtype = values_dtype or torch.float32
+    if uses_kernels(x):
+        from .kernels.moe import router as kernel_router
+
+        return kernel_router(x, weight, k, keep, fill, sentinel, normalize, logits_dtype, values_dtype)
+    logits = torch.nn.functional.linear(x.to(logits_dtype), weight.to(logits_dtype))
+    values, indices = torch.topk(logits.float().softmax(-1), k, dim=-1, largest=True, sorted=True)
+    values, indices = _drop_slots(values, indices, keep, fill, sentinel)
+    if normalize:
+        values = values / values.sum(-1, keepdim=True)
+    return values.to(values_dtype), indices, logits
+
+
+@router.register_fake
+def _router_fake(x, weight, k, keep=-1, fill=0.0, sentinel=0, normalize=False, logits_dtype=None,
+                 values_dtype=None):
+    t, e = x.shape[0], weight.shape[0]
+    return (x.new_empty((t, k), dtype=values_dtype or torch.float32), x.new_empty((t, k), dtype=torch.int64),
+            x.new_empty((t, e), dtype=logits_dtype or x.dtype))

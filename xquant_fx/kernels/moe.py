@@ -55,10 +55,14 @@ def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: t
 @triton.jit
 def _moe_up_kernel(
     X, GateUp, Hbuf, Order, BlockExpert, BlockRow, BlockEnd,
-    stride_xt, stride_ge, stride_gn, stride_hr,
+    stride_xt, stride_ge, stride_gn, stride_hs, stride_hr,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    """``SPLIT == 1``: ``h = silu(gate) * up`` in ``Hbuf.dtype``. ``SPLIT > 1`` (split-K): program
+    ``(b, n, s)`` sums the ``s``-th of ``SPLIT`` slices of the hidden dimension and stores the
+    float32 partial pre-activations, gate at columns ``[0, I)`` and up at ``[I, 2I)`` of
+    ``Hbuf[s]``; the down kernel adds the slices and applies the activation."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
     e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
@@ -70,7 +74,9 @@ def _moe_up_kernel(
     w_base = GateUp + e.to(tl.int64) * stride_ge
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, HID, BK):
+    sk = tl.program_id(2)
+    k_per: tl.constexpr = ((HID + BK - 1) // BK + SPLIT - 1) // SPLIT * BK
+    for k0 in range(sk * k_per, tl.minimum(sk * k_per + k_per, HID), BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < HID
         xt = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -79,18 +85,27 @@ def _moe_up_kernel(
         wu = tl.load(w_base + (cols[None, :] + INTER) * stride_gn + ks[:, None], mask=wmask, other=0.0)
         acc_g = tl.dot(xt, wg, acc_g)
         acc_u = tl.dot(xt, wu, acc_u)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(Hbuf + rows[:, None].to(tl.int64) * stride_hr + cols[None, :], h.to(Hbuf.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    hmask = rmask[:, None] & cmask[None, :]
+    h_ptr = Hbuf + sk * stride_hs + rows[:, None].to(tl.int64) * stride_hr + cols[None, :]
+    if SPLIT == 1:
+        tl.store(h_ptr, (acc_g * tl.sigmoid(acc_g) * acc_u).to(Hbuf.dtype.element_ty), mask=hmask)
+    else:
+        tl.store(h_ptr, acc_g, mask=hmask)
+        tl.store(h_ptr + INTER, acc_u, mask=hmask)
 
 
 @triton.jit
 def _moe_down_kernel(
-    Hbuf, Down, W, Out, Order, BlockExpert, BlockRow, BlockEnd,
-    stride_hr, stride_de, stride_dn, stride_os,
+    X, Hbuf, Down, W, Out, Order, BlockExpert, BlockRow, BlockEnd,
+    stride_hs, stride_hr, stride_de, stride_dn, stride_op, stride_os,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_UP: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    """``Out[s, slot] = w[slot] * (h[r] @ down[e]^T)`` over the ``s``-th of ``SPLIT`` slices of the
+    intermediate dimension (float32; the combine kernel adds the slices). With ``SPLIT_UP > 1``
+    ``h`` is made here from the up kernel's partial pre-activations, rounded to ``X.dtype`` as the
+    one-pass up kernel stores it."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
     e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
@@ -100,16 +115,28 @@ def _moe_down_kernel(
     cmask = cols < HID
     w_base = Down + e.to(tl.int64) * stride_de
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, INTER, BK):
+    sk = tl.program_id(2)
+    k_per: tl.constexpr = ((INTER + BK - 1) // BK + SPLIT - 1) // SPLIT * BK
+    h_rows = Hbuf + rows[:, None].to(tl.int64) * stride_hr
+    for k0 in range(sk * k_per, tl.minimum(sk * k_per + k_per, INTER), BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < INTER
-        a = tl.load(Hbuf + rows[:, None].to(tl.int64) * stride_hr + ks[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
+        amask = rmask[:, None] & kmask[None, :]
+        if SPLIT_UP == 1:
+            a = tl.load(h_rows + ks[None, :], mask=amask, other=0.0)
+        else:
+            g = tl.zeros((BM, BK), dtype=tl.float32)
+            u = tl.zeros((BM, BK), dtype=tl.float32)
+            for p in tl.static_range(SPLIT_UP):
+                g += tl.load(h_rows + p * stride_hs + ks[None, :], mask=amask, other=0.0)
+                u += tl.load(h_rows + p * stride_hs + INTER + ks[None, :], mask=amask, other=0.0)
+            a = (g * tl.sigmoid(g) * u).to(X.dtype.element_ty)
         wd = tl.load(w_base + cols[None, :] * stride_dn + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, wd, acc)
     wt = tl.load(W + slots, mask=rmask, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
-    tl.store(Out + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+    tl.store(Out + sk * stride_op + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc,
+             mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -153,9 +180,10 @@ def _moe_align_kernel(
 
 
 @triton.jit
-def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
-                        HID: tl.constexpr, BH: tl.constexpr):
-    """``y[t] = sum_k out[t * K + k]`` over the token's non-sentinel slots, in slot order."""
+def _moe_combine_kernel(Out, Ids, Y, stride_op, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
+                        HID: tl.constexpr, BH: tl.constexpr, PARTS: tl.constexpr):
+    """``y[t] = sum_k sum_p out[p, t * K + k]`` over the token's non-sentinel slots and the down
+    kernel's ``PARTS`` slices, in a fixed order."""
     t = tl.program_id(0)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     cmask = cols < HID
@@ -163,49 +191,123 @@ def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TO
     for k in range(K_TOP):
         slot = t * K_TOP + k
         valid = tl.load(Ids + slot) < E  # sentinel rows hold garbage: select, do not multiply
-        acc += tl.where(valid, tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0), 0.0)
+        for p in tl.static_range(PARTS):
+            part = tl.load(Out + p * stride_op + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0)
+            acc += tl.where(valid, part, 0.0)
     tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["fill", "sentinel"])
-def _topk_kernel(X, V, I, N, stride_x, fill, sentinel, K: tl.constexpr, KEEP: tl.constexpr, BN: tl.constexpr):
+def _topk_kernel(X, V, I, N, stride_x, fill, sentinel, K: tl.constexpr, KEEP: tl.constexpr, BN: tl.constexpr,
+                 KP: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr):
     """Row ``r``'s ``K`` largest entries, largest first; ties go to the lower index, NaN ranks
     above everything (as in ``torch.topk``), and every index is taken at most once. Slots from
-    ``KEEP`` on are dropped: value ``fill``, index ``sentinel``."""
+    ``KEEP`` on are dropped: value ``fill``, index ``sentinel``. With ``SOFTMAX`` the row is
+    replaced by its float32 softmax first (router logits in, probabilities out); with ``NORMALIZE``
+    the kept values are divided by their sum."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BN)
     inb = cols < N
     x = tl.load(X + row * stride_x + cols, mask=inb, other=0.0).to(tl.float32)
+    if SOFTMAX:
+        p = tl.exp(x - tl.max(tl.where(inb, x, float("-inf")), axis=0))
+        p = tl.where(inb, p, 0.0)
+        x = p / tl.sum(p, axis=0)
     key = tl.where(x != x, float("inf"), x)
     taken = ~inb
-    for i in tl.static_range(K):
-        if i < KEEP:
-            best = tl.max(tl.where(taken, float("-inf"), key), axis=0)
-            idx = tl.min(tl.where((key == best) & ~taken, cols, BN), axis=0)
-            taken = taken | (cols == idx)
-            tl.store(V + row * K + i, tl.load(X + row * stride_x + idx))
-            tl.store(I + row * K + i, idx.to(tl.int64))
-        else:
-            tl.store(V + row * K + i, fill)  # stores convert to the pointer's element type
-            tl.store(I + row * K + i, sentinel)
+    slot = tl.arange(0, KP)
+    values = tl.full([KP], fill, tl.float32)
+    indices = tl.full([KP], sentinel, tl.int64)
+    for i in tl.static_range(KEEP):
+        best = tl.max(tl.where(taken, float("-inf"), key), axis=0)
+        idx = tl.min(tl.where((key == best) & ~taken, cols, BN), axis=0)
+        taken = taken | (cols == idx)
+        value = tl.sum(tl.where(cols == idx, x, 0.0), axis=0)  # x at idx (NaN stays NaN)
+        values = tl.where(slot == i, value, values)
+        indices = tl.where(slot == i, idx.to(tl.int64), indices)
+    if NORMALIZE:
+        values = tl.where(slot < KEEP, values / tl.sum(tl.where(slot < KEEP, values, 0.0), axis=0), values)
+    tl.store(V + row * K + slot, values.to(V.dtype.element_ty), mask=slot < K)  # stores convert the dtype
+    tl.store(I + row * K + slot, indices, mask=slot < K)
 
 
-def topk(scores: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.0,
-         sentinel: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit
+def _router_logits_kernel(X, Wt, L, T, stride_xt, stride_we, stride_lt,
+                          E: tl.constexpr, HID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """``L[t, e] = x[t] . w[e]`` (float32 sums, stored in ``L``'s dtype) for ``BT`` tokens and ``BE``
+    experts per program: a router's GEMV spread over the GPU (``E / BE`` programs per token block)."""
+    es = tl.program_id(0) * BE + tl.arange(0, BE)
+    ts = tl.program_id(1) * BT + tl.arange(0, BT)
+    emask = es < E
+    tmask = ts < T
+    acc = tl.zeros([BT, BE], dtype=tl.float32)
+    for k0 in range(0, HID, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < HID
+        xt = tl.load(X + ts[:, None].to(tl.int64) * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
+                     other=0.0).to(tl.float32)
+        w = tl.load(Wt + es[:, None].to(tl.int64) * stride_we + ks[None, :], mask=emask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(xt[:, None, :] * w[None, :, :], axis=2)
+    tl.store(L + ts[:, None].to(tl.int64) * stride_lt + es[None, :], acc.to(L.dtype.element_ty),
+             mask=tmask[:, None] & emask[None, :])
+
+
+def topk(scores: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.0, sentinel: int = 0,
+         softmax: bool = False, normalize: bool = False, values_dtype: torch.dtype | None = None):
     """``torch.topk(scores, k, dim=-1, sorted=True)`` for router-sized rows, in one launch; with
-    ``keep < k`` the slots from ``keep`` on hold ``fill`` and index ``sentinel``."""
+    ``keep < k`` the slots from ``keep`` on hold ``fill`` and index ``sentinel``. ``softmax``: of
+    ``scores.float().softmax(-1)`` instead; ``normalize``: kept values divided by their sum;
+    values in ``values_dtype`` (default: the scores' dtype, float32 with ``softmax``)."""
     n = scores.shape[-1]
     keep = k if keep is None else keep
     x = scores.contiguous().view(-1, n)
-    values = torch.empty((x.shape[0], k), dtype=scores.dtype, device=scores.device)
+    if values_dtype is None:
+        values_dtype = torch.float32 if softmax else scores.dtype
+    values = torch.empty((x.shape[0], k), dtype=values_dtype, device=scores.device)
     indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=scores.device)
     if x.shape[0]:
         launch(_topk_kernel)[(x.shape[0],)](
             x, values, indices, n, x.stride(0), float(fill), int(sentinel),
-            K=k, KEEP=keep, BN=triton.next_power_of_2(n), num_warps=1 if n <= 256 else 4,
+            K=k, KEEP=keep, BN=triton.next_power_of_2(n), KP=triton.next_power_of_2(k), SOFTMAX=softmax,
+            NORMALIZE=normalize, num_warps=1 if n <= 256 else 4,
         )
     shape = (*scores.shape[:-1], k)
     return values.view(shape), indices.view(shape)
+
+
+#: Routers of steps with at most this many tokens compute their logits in
+#: :func:`_router_logits_kernel` (one program per expert and token block); larger steps use
+#: ``torch.matmul`` (cuBLAS). At batch 1 cuBLAS ran a 2048 x 128 bf16 GEMV on a couple of SMs in
+#: ~5 µs (``benchmarks/results/moe_profile.md``).
+ROUTER_GEMV_MAX_TOKENS = 16
+
+
+def router(x: torch.Tensor, weight: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.0,
+           sentinel: int = 0, normalize: bool = False, logits_dtype: torch.dtype | None = None,
+           values_dtype: torch.dtype | None = None):
+    """A softmax router: ``logits = x @ weight^T`` (float32 sums, rounded to ``logits_dtype``,
+    default ``x.dtype``), then :func:`topk` of their softmax. Two launches; returns
+    ``(values, indices, logits)``."""
+    t, hid = x.shape
+    e = weight.shape[0]
+    logits_dtype = logits_dtype or x.dtype
+    x = x.contiguous()
+    weight = weight.contiguous()
+    if t <= ROUTER_GEMV_MAX_TOKENS:
+        logits = torch.empty((t, e), dtype=logits_dtype, device=x.device)
+        bt = triton.next_power_of_2(max(t, 1))
+        bk = max(32, min(triton.next_power_of_2(hid), 2048 // bt))
+        if t:
+            launch(_router_logits_kernel)[(e, 1)](
+                x, weight, logits, t, x.stride(0), weight.stride(0), logits.stride(0),
+                E=e, HID=hid, BT=bt, BE=1, BK=bk, num_warps=4,
+            )
+    else:
+        logits = torch.matmul(x.to(logits_dtype), weight.to(logits_dtype).t())
+    values, indices = topk(logits, k, keep, fill, sentinel, softmax=True, normalize=normalize,
+                           values_dtype=values_dtype)
+    return values, indices, logits
 
 
 def block_table(ids: torch.Tensor, num_experts: int, bm: int):
@@ -243,10 +345,27 @@ def _tiles(slots: int, num_experts: int) -> tuple[int, int, int, int, int]:
 #: path. An expert chosen by several of these slots is read once per slot, mostly from L2.
 SLOT_BLOCKS_MAX = 16
 
+#: Slot-block steps split the up and down projections' reductions (split-K) until each launch has
+#: about this many programs: at batch 1 and small k, ``k`` slots x column tiles alone leave most of
+#: the GPU's 132 SMs idle or with one long program each. 0: no split.
+DECODE_PROGRAMS = 384
+
+#: Largest split of one reduction (the partial sums are re-read by the next kernel).
+MAX_SPLIT = 8
+
+
+def _split(programs: int, chunks: int) -> int:
+    """Power-of-two split of a reduction of ``chunks`` ``BK``-chunks over a launch of ``programs``
+    programs: doubled while the launch stays within :data:`DECODE_PROGRAMS`."""
+    split = 1
+    while programs * split * 2 <= DECODE_PROGRAMS and split * 2 <= min(chunks, MAX_SPLIT):
+        split *= 2
+    return split
+
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                 down: torch.Tensor) -> torch.Tensor:
-    """:func:`xquant_fx.moe.experts_reference` with the two kernels above."""
+    """:func:`xquant_fx.moe.experts_reference` with the kernels above."""
     t, hid = x.shape
     e, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -263,22 +382,32 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         order, expert, row0, row1, num_blocks = flat, flat, flat, flat, s
     else:
         order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
-    hbuf = torch.empty((s, inter), dtype=x.dtype, device=x.device)
-    out = torch.empty((s, hid), dtype=torch.float32, device=x.device)
-    launch(_moe_up_kernel)[(num_blocks, triton.cdiv(inter, bn_up))](
+    up_tiles, down_tiles = triton.cdiv(inter, bn_up), triton.cdiv(hid, bn_down)
+    split_up = split_down = 1
+    if slot_blocks:
+        split_up = _split(num_blocks * up_tiles, triton.cdiv(hid, bk_up))
+        split_down = _split(num_blocks * down_tiles, triton.cdiv(inter, bk_down))
+    if split_up == 1:
+        hbuf = torch.empty((1, s, inter), dtype=x.dtype, device=x.device)
+    else:  # float32 partial pre-activations, gate then up
+        hbuf = torch.empty((split_up, s, 2 * inter), dtype=torch.float32, device=x.device)
+    out = torch.empty((split_down, s, hid), dtype=torch.float32, device=x.device)
+    launch(_moe_up_kernel)[(num_blocks, up_tiles, split_up)](
         x, gate_up, hbuf, order, expert, row0, row1,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), hbuf.stride(0),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, SLOTS=slot_blocks, num_warps=4, num_stages=3,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), hbuf.stride(0), hbuf.stride(1),
+        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, SLOTS=slot_blocks, SPLIT=split_up,
+        num_warps=4, num_stages=3,
     )
-    launch(_moe_down_kernel)[(num_blocks, triton.cdiv(hid, bn_down))](
-        hbuf, down, w, out, order, expert, row0, row1,
-        hbuf.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, SLOTS=slot_blocks, num_warps=4,
-        num_stages=3,
+    launch(_moe_down_kernel)[(num_blocks, down_tiles, split_down)](
+        x, hbuf, down, w, out, order, expert, row0, row1,
+        hbuf.stride(0), hbuf.stride(1), down.stride(0), down.stride(1), out.stride(0), out.stride(1),
+        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, SLOTS=slot_blocks,
+        SPLIT_UP=split_up, SPLIT=split_down, num_warps=4, num_stages=3,
     )
     y = torch.empty_like(x)
     bh = min(1024, triton.next_power_of_2(hid))
     launch(_moe_combine_kernel)[(t, triton.cdiv(hid, bh))](
-        out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, num_warps=4,
+        out, ids.reshape(-1), y, out.stride(0), out.stride(1), y.stride(0),
+        E=e, K_TOP=k, HID=hid, BH=bh, PARTS=split_down, num_warps=4,
     )
     return y

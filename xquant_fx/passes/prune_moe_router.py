@@ -36,8 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def is_router_topk(node: torch.fx.Node) -> bool:
-    """An ``xquant::router_topk`` node (what the ``router_topk`` pass makes of a router's top-k)."""
-    return node.op == "call_function" and "xquant.router_topk" in str(node.target)
+    """What the ``router_topk`` pass makes of a router's top-k: an ``xquant::router_topk`` node, or
+    an ``xquant::router`` node (the whole softmax router)."""
+    return node.op == "call_function" and str(node.target).startswith(("xquant.router_topk.", "xquant.router."))
+
+
+def _k_position(node: torch.fx.Node) -> int:
+    """Index of ``k`` in the arguments of an :func:`is_router_topk` node (``keep`` follows it)."""
+    return 2 if str(node.target).startswith("xquant.router.") else 1
 
 
 def _is_topk(node: torch.fx.Node) -> bool:
@@ -79,7 +85,7 @@ def _shape(node) -> tuple[int, ...] | None:
 def _topk_args(node: torch.fx.Node) -> tuple[int, int] | None:
     """(k, dim) of a top-k node, or ``None`` when not plain integers."""
     if is_router_topk(node):
-        return node.args[1], -1
+        return node.args[_k_position(node)], -1
     k = node.args[1] if len(node.args) > 1 else node.kwargs.get("k")
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     largest = node.args[3] if len(node.args) > 3 else node.kwargs.get("largest", True)
@@ -98,6 +104,9 @@ def find_routers(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int
         path = _module_path(node)
         args = _topk_args(node)
         shape = _shape(node.args[0])
+        if shape is not None and str(node.target).startswith("xquant.router."):  # (x, weight, k): [E, H] weight
+            weight = _shape(node.args[1])
+            shape = weight[:1] if weight else None
         if args is None or shape is None or "gate" not in path.rsplit(".", 1)[-1]:
             continue
         layer = layer_of(path)
@@ -135,7 +144,7 @@ def _getitem(gm: torch.fx.GraphModule, node: torch.fx.Node, index: int) -> torch
 
 def _already_pruned(node: torch.fx.Node) -> bool:
     """Followed by ``prune_routes``, or an ``xquant::router_topk`` that drops slots itself."""
-    if is_router_topk(node) and len(node.args) > 2:
+    if is_router_topk(node) and len(node.args) > _k_position(node) + 1:
         return True
     return any(
         u.target is prune_routes for g in node.users for u in g.users if u.op == "call_function"

@@ -26,17 +26,20 @@ import logging
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from ..moe import prune_routes
-from .prune_moe_router import find_routers, is_router_topk
+from .prune_moe_router import _is_softmax, find_routers, is_router_topk
 
 logger = logging.getLogger(__name__)
 
+#: Rewrite whole softmax routers into ``xquant::router`` (``False``: only their top-k, for A/B runs).
+WHOLE_ROUTER = True
+
 
 def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
-    from .. import ops  # registers xquant::router_topk
+    from .. import ops  # registers xquant::router_topk and xquant::router
 
-    fast_op = torch.ops.xquant.router_topk.default
     routers = {layer: r for layer, r in find_routers(gm).items()
                if not is_router_topk(r[0]) and r[1] <= ops.ROUTER_TOPK_MAX_WIDTH}
     if not routers:
@@ -45,12 +48,19 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
     plan = getattr(ctx, "moe", None)
     for layer, (topk, _, k) in routers.items():
         pruned = _static_prune(topk, plan)
-        args = (topk.args[0], k)
+        drop = ()
         if pruned is not None:
             prune, num_experts, keep, logits = pruned
-            args += (keep, float("-inf") if logits else 0.0, num_experts)
-        with gm.graph.inserting_before(topk):
-            fast = gm.graph.call_function(fast_op, args)
+            drop = (keep, float("-inf") if logits else 0.0, num_experts)
+        softmax_router = _softmax_router(topk) if WHOLE_ROUTER else None
+        if softmax_router is None:
+            with gm.graph.inserting_before(topk):
+                fast = gm.graph.call_function(torch.ops.xquant.router_topk.default, (topk.args[0], k, *drop))
+        else:
+            x, weight, linear, logits_dtype = softmax_router
+            with gm.graph.inserting_after(linear):
+                fast = gm.graph.call_function(torch.ops.xquant.router.default, (x, weight, k, *drop),
+                                              {"logits_dtype": logits_dtype})
         fast.meta.update(topk.meta)
         if pruned is not None:  # the op drops the slots itself: the prune node and top-k go
             prune.replace_all_uses_with(fast)
@@ -59,9 +69,122 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
                 gm.graph.erase_node(item)
         else:
             topk.replace_all_uses_with(fast)
+        probs = topk.args[0]
         gm.graph.erase_node(topk)
-        logger.debug("router_topk: layer %d (k=%d, keep=%s)", layer, k, pruned[2] if pruned else k)
+        if softmax_router is not None:
+            _take_router(gm, fast, probs, linear)
+            fast.meta.pop("val", None), fast.meta.pop("example_value", None)  # three outputs now, not two
+            if not drop or drop[1] == 0.0:
+                _take_normalization(gm, fast)
+            _take_values_cast(gm, fast)
+        logger.debug("router_topk: layer %d (k=%d, keep=%s, %s)", layer, k, drop[0] if drop else k,
+                     "whole router" if softmax_router else "top-k")
     return len(routers)
+
+
+def _is_float32_cast(node) -> bool:
+    """``t.float()``, ``t.to(torch.float32)`` or ``t.type(torch.float32)``."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_method":
+        return False
+    if node.target == "float":
+        return len(node.args) == 1 and not node.kwargs
+    dtype = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
+    return node.target in ("to", "type") and dtype is torch.float32 and len(node.args) + len(node.kwargs) == 2
+
+
+def _meta(node):
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _softmax_router(topk: torch.fx.Node):
+    """``(x, weight, linear node, logits dtype)`` when the top-k reads ``softmax(F.linear(x, weight),
+    dim=-1)`` in float32 (the softmax's only use; casts of the logits, ``x`` or ``weight`` to
+    float32 looked through) with ``x [T, H]``, ``weight [E, H]``; else ``None``."""
+    probs = topk.args[0]
+    if not _is_softmax(probs) or len(probs.users) != 1 or (out := _meta(probs)) is None or out.dtype != torch.float32:
+        return None
+    dim = probs.kwargs.get("dim", probs.args[1] if len(probs.args) > 1 else None)
+    if dim not in (-1, out.dim() - 1):
+        return None
+    logits = probs.args[0]
+    if _is_float32_cast(logits) and len(logits.users) == 1:
+        logits = logits.args[0]
+    if not (isinstance(logits, torch.fx.Node) and logits.op == "call_function"
+            and logits.target in (torch._C._nn.linear, F.linear)):
+        return None
+    args = list(logits.args) + [logits.kwargs.get(name) for name in ("input", "weight", "bias")][len(logits.args):]
+    if len(args) > 2 and args[2] is not None:
+        return None
+    x, weight = args[:2]
+    if _is_float32_cast(x) and _is_float32_cast(weight):  # DeepSeek: F.linear(x.float(), w.float())
+        x, weight = x.args[0], weight.args[0]
+    shapes = [_meta(n) for n in (x, weight, logits)]
+    if any(v is None for v in shapes) or shapes[0].dim() != 2 or shapes[1].dim() != 2:
+        return None
+    if shapes[0].shape[1] != shapes[1].shape[1] or shapes[0].dtype != shapes[1].dtype:
+        return None
+    return x, weight, logits, shapes[2].dtype
+
+
+def _take_router(gm: torch.fx.GraphModule, fast: torch.fx.Node, probs: torch.fx.Node, linear: torch.fx.Node) -> None:
+    """Erase the router's softmax, casts and linear now that ``fast`` computes them; other users
+    of the logits read ``fast``'s third output."""
+    chain = [probs]
+    while chain[-1] is not linear:
+        chain.append(chain[-1].args[0])
+    for node in chain[:-1]:
+        if not node.users:
+            gm.graph.erase_node(node)
+    if linear.users:
+        with gm.graph.inserting_after(fast):
+            logits = gm.graph.call_function(operator.getitem, (fast, 2))
+        linear.replace_all_uses_with(logits)
+    inputs = [a for a in linear.args if isinstance(a, torch.fx.Node)]
+    gm.graph.erase_node(linear)
+    for cast in inputs:
+        if _is_float32_cast(cast) and not cast.users:
+            gm.graph.erase_node(cast)
+
+
+def _values(fast: torch.fx.Node):
+    items = [u for u in fast.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+    return items[0] if len(items) == 1 else None
+
+
+def _take_normalization(gm: torch.fx.GraphModule, fast: torch.fx.Node) -> None:
+    """``v /= v.sum(-1, keepdim=True)`` on the router's values becomes ``normalize=True``."""
+    values = _values(fast)
+    if values is None or len(values.users) != 2:
+        return
+    total = next((u for u in values.users if u.op == "call_method" and u.target == "sum"), None)
+    div = next((u for u in values.users if u.op == "call_function"
+                and u.target in (operator.itruediv, operator.truediv, torch.div)), None)
+    if total is None or div is None or div.args[:2] != (values, total) or len(div.args) != 2 or div.kwargs:
+        return
+    if list(total.users) != [div] or total.args != (values,) or total.kwargs not in (
+            {"dim": -1, "keepdim": True}, {"dim": (-1,), "keepdim": True}):
+        return
+    div.replace_all_uses_with(values)
+    gm.graph.erase_node(div)
+    gm.graph.erase_node(total)
+    fast.update_kwarg("normalize", True)
+
+
+def _take_values_cast(gm: torch.fx.GraphModule, fast: torch.fx.Node) -> None:
+    """``values.to(dtype)`` (the values' only use) becomes ``values_dtype=dtype``."""
+    values = _values(fast)
+    if values is None or len(values.users) != 1:
+        return
+    (cast,) = values.users
+    dtype = cast.args[1] if len(cast.args) == 2 else cast.kwargs.get("dtype")
+    if cast.op != "call_method" or cast.target not in ("to", "type") or not isinstance(dtype, torch.dtype):
+        return
+    if len(cast.args) + len(cast.kwargs) != 2 or not dtype.is_floating_point:
+        return
+    cast.replace_all_uses_with(values)
+    gm.graph.erase_node(cast)
+    fast.update_kwarg("values_dtype", dtype)
 
 
 def _static_prune(topk: torch.fx.Node, plan):
