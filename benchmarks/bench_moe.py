@@ -179,7 +179,8 @@ def experts_only(block, x, k: int, iters: int, impls=("grouped_mm", "batched_mm"
     return times
 
 
-def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_batches=(), ours_only=False):
+def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_batches=(), ours_only=False,
+                inductor_only=False):
     block_name = find_moe_layers(model)[0].name
     block = model.get_submodule(block_name)
     model_k = find_moe_layers(model)[0].top_k
@@ -194,7 +195,7 @@ def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_ba
                 _, _, idx = block.gate(x.view(-1, hidden))
             distinct = idx.unique().numel()
             floor = (distinct * one + shared) / COPY_BW
-            use_inductor = (False, True) if batch in inductor_batches else (False,)
+            use_inductor = ((True,) if inductor_only else (False, True)) if batch in inductor_batches else (False,)
             for impl in () if ours_only else ("grouped_mm", "batched_mm"):
                 model.set_experts_implementation(impl)
                 for ind in use_inductor:
@@ -373,6 +374,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-inductor", action="store_true", help="compile the model part with Inductor, as optimize does")
     p.add_argument("--model-ks", nargs="+", type=int, help="k of the model part (default: K, about K/2, 2)")
     p.add_argument("--ours-only", action="store_true", help="layer part: leave out transformers' experts")
+    p.add_argument("--inductor-only", action="store_true", help="layer part: at --inductor-batches, Inductor only")
     p.add_argument("--slot-blocks-max", type=int,
                    help="override xquant_fx.kernels.moe.SLOT_BLOCKS_MAX (0: always the block table)")
     p.add_argument("--ks", nargs="+", type=int, help="k of the layer part and profile (default: the shape's list)")
@@ -417,7 +419,8 @@ def main(argv=None) -> int:
         if args.profile_only:
             continue
         if args.batches:
-            bench_layer(name, model, batches, ks, args.iters, rows, check, flush, args.inductor_batches, args.ours_only)
+            bench_layer(name, model, batches, ks, args.iters, rows, check, flush, args.inductor_batches, args.ours_only,
+                        args.inductor_only)
         del model
         torch.cuda.empty_cache()
         if args.model_layers:
