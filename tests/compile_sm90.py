@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 from xquant_fx.kernels import moe
 
 TARGET = GPUTarget("cuda", 90, 32)
+SM90_SHARED_BYTES = 232448  # per block, opt-in maximum of H100 / H200
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -58,7 +59,11 @@ def compile_launch(kernel, args, kwargs) -> None:
         else:
             raise TypeError(f"{kernel.__name__}: cannot type argument {p.name}={value!r}")
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET, options=options)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
+                              options=options)
+    # the launch-time check the interpreter never makes (Triton raises OutOfResources on the GPU)
+    assert compiled.metadata.shared <= SM90_SHARED_BYTES, (
+        f"{kernel.__name__} {constexprs}: {compiled.metadata.shared} bytes of shared memory, sm_90 has {SM90_SHARED_BYTES}")
 
 
 def scenarios():
@@ -73,6 +78,10 @@ def scenarios():
         ids = torch.zeros(tokens, k, dtype=torch.int64)
         yield f"moe_experts {tokens}x{k}", lambda x=x, ids=ids: moe.moe_experts(
             x, ids, torch.zeros(ids.shape, dtype=bf16), gate_up, down)
+    e, hid, inter = 16, 1024, 256  # batch 1, k=2: the up projection split 8 ways
+    gate_up, down = torch.zeros(e, 2 * inter, hid, dtype=bf16), torch.zeros(e, hid, inter, dtype=bf16)
+    yield "moe_experts 1x2", lambda: moe.moe_experts(torch.zeros(1, hid, dtype=bf16), torch.zeros(1, 2, dtype=torch.int64),
+                                                     torch.zeros(1, 2, dtype=bf16), gate_up, down)
     yield "router_topk bf16", lambda: moe.topk(torch.zeros(3, 128, dtype=bf16), 8)
     yield "router_topk fp32", lambda: moe.topk(torch.zeros(5, 64), 6)
     yield "router_topk, pruned", lambda: moe.topk(torch.zeros(2, 128, dtype=bf16), 8, 3, float("-inf"), 128)

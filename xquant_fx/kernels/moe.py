@@ -124,13 +124,15 @@ def _moe_down_kernel(
         amask = rmask[:, None] & kmask[None, :]
         if SPLIT_UP == 1:
             a = tl.load(h_rows + ks[None, :], mask=amask, other=0.0)
-        else:
-            g = tl.zeros((BM, BK), dtype=tl.float32)
-            u = tl.zeros((BM, BK), dtype=tl.float32)
+        else:  # slot blocks (the host splits no other step): one row, ``b``; vectors keep shared memory small
+            g = tl.zeros((BK,), dtype=tl.float32)
+            u = tl.zeros((BK,), dtype=tl.float32)
+            h_row = Hbuf + b.to(tl.int64) * stride_hr + ks
             for p in tl.static_range(SPLIT_UP):
-                g += tl.load(h_rows + p * stride_hs + ks[None, :], mask=amask, other=0.0)
-                u += tl.load(h_rows + p * stride_hs + INTER + ks[None, :], mask=amask, other=0.0)
-            a = (g * tl.sigmoid(g) * u).to(X.dtype.element_ty)
+                g += tl.load(h_row + p * stride_hs, mask=kmask, other=0.0)
+                u += tl.load(h_row + p * stride_hs + INTER, mask=kmask, other=0.0)
+            act = (g * tl.sigmoid(g) * u).to(X.dtype.element_ty)
+            a = tl.where(rmask[:, None], act[None, :], tl.zeros((BM, BK), dtype=X.dtype.element_ty))
         wd = tl.load(w_base + cols[None, :] * stride_dn + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, wd, acc)
     wt = tl.load(W + slots, mask=rmask, other=0.0).to(tl.float32)
@@ -384,7 +386,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
     up_tiles, down_tiles = triton.cdiv(inter, bn_up), triton.cdiv(hid, bn_down)
     split_up = split_down = 1
-    if slot_blocks:
+    if slot_blocks:  # the down kernel reads split partial sums of slot blocks only
         split_up = _split(num_blocks * up_tiles, triton.cdiv(hid, bk_up))
         split_down = _split(num_blocks * down_tiles, triton.cdiv(inter, bk_down))
     if split_up == 1:
