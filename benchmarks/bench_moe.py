@@ -33,7 +33,7 @@ top-6, 2 shared experts), in bf16 on one GPU.
 
 ``--ours-only`` leaves transformers' variants out of the layer part. For A/B runs:
 ``--slot-blocks-max N`` overrides when the kernel skips its block table (``0``: never),
-``--decode-programs N`` how far decode steps split their reductions (``0``: no split-K), and
+``--decode-programs N`` how far decode steps split the up projection (``0``: no split-K), and
 ``--topk-only-router`` keeps the routers' linear and softmax (only their top-k rewritten).
 """
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import sys
 import time
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
                    help="override xquant_fx.kernels.moe.SLOT_BLOCKS_MAX (0: always the block table)")
     p.add_argument("--ks", nargs="+", type=int, help="k of the layer part and profile (default: the shape's list)")
     p.add_argument("--decode-programs", type=int,
-                   help="override xquant_fx.kernels.moe.DECODE_PROGRAMS (0: no split-K at decode)")
+                   help="override xquant_fx.kernels.moe.DECODE.up_programs (0: no split-K at decode)")
     p.add_argument("--topk-only-router", action="store_true",
                    help="rewrite only each router's top-k, not the whole softmax router (A/B runs)")
     p.add_argument("--profile", action="store_true", help="also a kernel breakdown at batch 1 (moe_profile.md)")
@@ -395,7 +396,7 @@ def main(argv=None) -> int:
     if args.decode_programs is not None:
         from xquant_fx.kernels import moe as moe_kernels
 
-        moe_kernels.DECODE_PROGRAMS = args.decode_programs
+        moe_kernels.DECODE = dataclasses.replace(moe_kernels.DECODE, up_programs=args.decode_programs)
     if args.topk_only_router:
         import importlib
 

@@ -46,7 +46,7 @@ def compile_launch(kernel, args, kwargs) -> None:
     signature, constexprs = {}, {}
     for p in params:
         value = values[p.name]
-        if p.is_constexpr:
+        if p.is_constexpr or value is None:  # Triton specializes a None argument as a constant
             signature[p.name], constexprs[p.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[p.name] = "*" + _TYPES[value.dtype]

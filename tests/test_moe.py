@@ -119,7 +119,7 @@ def force_kernels(monkeypatch):
 
 
 # slot blocks where the op takes them (<= 16 slots), with and without split-K (whose slices do not
-# divide the reductions evenly here); the block table at every size
+# divide the reduction evenly here); the block table at every size
 @pytest.mark.parametrize("tokens, k, experts, slot_blocks, split", [
     (1, 8, 16, True, False), (3, 4, 8, True, False), (1, 4, 16, True, True), (3, 2, 8, True, True),
     (1, 8, 16, False, False), (3, 4, 8, False, False), (37, 2, 8, False, False), (64, 8, 16, False, False),
@@ -129,11 +129,11 @@ def test_moe_kernel_matches_reference(tokens, k, experts, slot_blocks, split, fo
     from xquant_fx.kernels.moe import moe_experts as kernel
 
     monkeypatch.setattr(moe_kernels, "SLOT_BLOCKS_MAX", 10**9 if slot_blocks else 0)
-    monkeypatch.setattr(moe_kernels, "DECODE_PROGRAMS", 10**6 if split else 0)
+    monkeypatch.setattr(moe_kernels, "DECODE", moe_kernels.Decode(up_programs=10**6 if split else 0))
     torch.manual_seed(tokens)
     hid, inter = (640, 320) if split else (64, 48)
-    if split:  # both projections split: 5 chunks of the hidden size, 3 of the intermediate one
-        assert moe_kernels._split(tokens * k * 10, 5) == 4 and moe_kernels._split(tokens * k * 10, 3) == 2
+    if split:  # the up projection's 5 chunks of the hidden size split 4 ways (the last slice empty)
+        assert moe_kernels._split(tokens * k * 10, 5, 10**6) == 4
     x = torch.randn(tokens, hid)
     gate_up = torch.randn(experts, 2 * inter, hid) * 0.05
     down = torch.randn(experts, hid, inter) * 0.05

@@ -29,6 +29,8 @@ which can drop the slots past a static ``keep`` in the same launch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -97,15 +99,13 @@ def _moe_up_kernel(
 @triton.jit
 def _moe_down_kernel(
     X, Hbuf, Down, W, Out, Order, BlockExpert, BlockRow, BlockEnd,
-    stride_hs, stride_hr, stride_de, stride_dn, stride_op, stride_os,
+    stride_hs, stride_hr, stride_de, stride_dn, stride_os,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_UP: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
-    """``Out[s, slot] = w[slot] * (h[r] @ down[e]^T)`` over the ``s``-th of ``SPLIT`` slices of the
-    intermediate dimension (float32; the combine kernel adds the slices). With ``SPLIT_UP > 1``
-    ``h`` is made here from the up kernel's partial pre-activations, rounded to ``X.dtype`` as the
-    one-pass up kernel stores it."""
+    """``Out[slot] = w[slot] * (h[r] @ down[e]^T)`` in float32. With ``SPLIT_UP > 1`` ``h`` is made
+    here from the up kernel's partial pre-activations, rounded to ``X.dtype`` as the one-pass up
+    kernel stores it."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
     e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
@@ -115,15 +115,12 @@ def _moe_down_kernel(
     cmask = cols < HID
     w_base = Down + e.to(tl.int64) * stride_de
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    sk = tl.program_id(2)
-    k_per: tl.constexpr = ((INTER + BK - 1) // BK + SPLIT - 1) // SPLIT * BK
     h_rows = Hbuf + rows[:, None].to(tl.int64) * stride_hr
-    for k0 in range(sk * k_per, tl.minimum(sk * k_per + k_per, INTER), BK):
+    for k0 in range(0, INTER, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < INTER
-        amask = rmask[:, None] & kmask[None, :]
         if SPLIT_UP == 1:
-            a = tl.load(h_rows + ks[None, :], mask=amask, other=0.0)
+            a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         else:  # slot blocks (the host splits no other step): one row, ``b``; vectors keep shared memory small
             g = tl.zeros((BK,), dtype=tl.float32)
             u = tl.zeros((BK,), dtype=tl.float32)
@@ -137,8 +134,7 @@ def _moe_down_kernel(
         acc = tl.dot(a, wd, acc)
     wt = tl.load(W + slots, mask=rmask, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
-    tl.store(Out + sk * stride_op + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc,
-             mask=rmask[:, None] & cmask[None, :])
+    tl.store(Out + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -182,10 +178,9 @@ def _moe_align_kernel(
 
 
 @triton.jit
-def _moe_combine_kernel(Out, Ids, Y, stride_op, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
-                        HID: tl.constexpr, BH: tl.constexpr, PARTS: tl.constexpr):
-    """``y[t] = sum_k sum_p out[p, t * K + k]`` over the token's non-sentinel slots and the down
-    kernel's ``PARTS`` slices, in a fixed order."""
+def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
+                        HID: tl.constexpr, BH: tl.constexpr):
+    """``y[t] = sum_k out[t * K + k]`` over the token's non-sentinel slots, in slot order."""
     t = tl.program_id(0)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     cmask = cols < HID
@@ -193,9 +188,7 @@ def _moe_combine_kernel(Out, Ids, Y, stride_op, stride_os, stride_yt, E: tl.cons
     for k in range(K_TOP):
         slot = t * K_TOP + k
         valid = tl.load(Ids + slot) < E  # sentinel rows hold garbage: select, do not multiply
-        for p in tl.static_range(PARTS):
-            part = tl.load(Out + p * stride_op + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0)
-            acc += tl.where(valid, part, 0.0)
+        acc += tl.where(valid, tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0), 0.0)
     tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
 
 
@@ -347,20 +340,33 @@ def _tiles(slots: int, num_experts: int) -> tuple[int, int, int, int, int]:
 #: path. An expert chosen by several of these slots is read once per slot, mostly from L2.
 SLOT_BLOCKS_MAX = 16
 
-#: Slot-block steps split the up and down projections' reductions (split-K) until each launch has
-#: about this many programs: at batch 1 and small k, ``k`` slots x column tiles alone leave most of
-#: the GPU's 132 SMs idle or with one long program each. 0: no split.
-DECODE_PROGRAMS = 384
+@dataclass(frozen=True)
+class Decode:
+    """How a slot-block step (at most :data:`SLOT_BLOCKS_MAX` slots) spreads over the GPU. At batch 1
+    and small k, ``k`` slots x column tiles alone leave most of the H200's 132 SMs idle, or give
+    each a long serial reduction: the up projection's reduction is split (split-K, powers of two,
+    at most :data:`MAX_SPLIT`) until its launch has about ``up_programs`` programs (0: no split);
+    the down kernel adds the slices' float32 partial sums (deterministic: no atomics). Splitting
+    the down projection too, or narrowing its column tiles to 32, was slower on the H200
+    (``benchmarks/results/moe_decode_sweep_down.md``)."""
+
+    up_programs: int = 384
+    bk_up: int = 128
+    bk_down: int = 128
+    stages: int = 3
+
+
+DECODE = Decode()
 
 #: Largest split of one reduction (the partial sums are re-read by the next kernel).
 MAX_SPLIT = 8
 
 
-def _split(programs: int, chunks: int) -> int:
+def _split(programs: int, chunks: int, target: int) -> int:
     """Power-of-two split of a reduction of ``chunks`` ``BK``-chunks over a launch of ``programs``
-    programs: doubled while the launch stays within :data:`DECODE_PROGRAMS`."""
+    programs: doubled while the launch stays within ``target`` programs."""
     split = 1
-    while programs * split * 2 <= DECODE_PROGRAMS and split * 2 <= min(chunks, MAX_SPLIT):
+    while programs * split * 2 <= target and split * 2 <= min(chunks, MAX_SPLIT):
         split *= 2
     return split
 
@@ -379,37 +385,34 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     w = weights.reshape(-1)
     bm, bn_up, bk_up, bn_down, bk_down = _tiles(s, e)
     slot_blocks = s <= SLOT_BLOCKS_MAX
-    if slot_blocks:
-        flat = ids.reshape(-1)
-        order, expert, row0, row1, num_blocks = flat, flat, flat, flat, s
+    stages = 3
+    if slot_blocks:  # each slot is a block: the slot ids are the block experts; no table (None: unused)
+        order, expert, row0, row1, num_blocks = None, ids.reshape(-1), None, None, s
+        bk_up, bk_down, stages = DECODE.bk_up, DECODE.bk_down, DECODE.stages
     else:
         order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
-    up_tiles, down_tiles = triton.cdiv(inter, bn_up), triton.cdiv(hid, bn_down)
-    split_up = split_down = 1
-    if slot_blocks:  # the down kernel reads split partial sums of slot blocks only
-        split_up = _split(num_blocks * up_tiles, triton.cdiv(hid, bk_up))
-        split_down = _split(num_blocks * down_tiles, triton.cdiv(inter, bk_down))
-    if split_up == 1:
+    up_tiles = triton.cdiv(inter, bn_up)
+    split = _split(num_blocks * up_tiles, triton.cdiv(hid, bk_up), DECODE.up_programs) if slot_blocks else 1
+    if split == 1:
         hbuf = torch.empty((1, s, inter), dtype=x.dtype, device=x.device)
-    else:  # float32 partial pre-activations, gate then up
-        hbuf = torch.empty((split_up, s, 2 * inter), dtype=torch.float32, device=x.device)
-    out = torch.empty((split_down, s, hid), dtype=torch.float32, device=x.device)
-    launch(_moe_up_kernel)[(num_blocks, up_tiles, split_up)](
+    else:  # float32 partial pre-activations, gate then up; the down kernel reads them for slot blocks only
+        hbuf = torch.empty((split, s, 2 * inter), dtype=torch.float32, device=x.device)
+    out = torch.empty((s, hid), dtype=torch.float32, device=x.device)
+    launch(_moe_up_kernel)[(num_blocks, up_tiles, split)](
         x, gate_up, hbuf, order, expert, row0, row1,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), hbuf.stride(0), hbuf.stride(1),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, SLOTS=slot_blocks, SPLIT=split_up,
-        num_warps=4, num_stages=3,
+        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, SLOTS=slot_blocks, SPLIT=split,
+        num_warps=4, num_stages=stages,
     )
-    launch(_moe_down_kernel)[(num_blocks, down_tiles, split_down)](
+    launch(_moe_down_kernel)[(num_blocks, triton.cdiv(hid, bn_down))](
         x, hbuf, down, w, out, order, expert, row0, row1,
-        hbuf.stride(0), hbuf.stride(1), down.stride(0), down.stride(1), out.stride(0), out.stride(1),
-        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, SLOTS=slot_blocks,
-        SPLIT_UP=split_up, SPLIT=split_down, num_warps=4, num_stages=3,
+        hbuf.stride(0), hbuf.stride(1), down.stride(0), down.stride(1), out.stride(0),
+        E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, SLOTS=slot_blocks, SPLIT_UP=split,
+        num_warps=4, num_stages=stages,
     )
     y = torch.empty_like(x)
     bh = min(1024, triton.next_power_of_2(hid))
     launch(_moe_combine_kernel)[(t, triton.cdiv(hid, bh))](
-        out, ids.reshape(-1), y, out.stride(0), out.stride(1), y.stride(0),
-        E=e, K_TOP=k, HID=hid, BH=bh, PARTS=split_down, num_warps=4,
+        out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, num_warps=4,
     )
     return y
