@@ -358,7 +358,8 @@ def header(args, started: float) -> str:
     return (f"# MoE decode: activated experts vs time\n\n{torch.cuda.get_device_name()}, {datetime.date.today()}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}, xquant_fx {xquant_fx.__version__}; "
             f"bf16, random weights, CUDA graphs; model part: {args.model_layers} decoder layers, bf16 StaticCache of "
-            f"{args.context} tokens. `python benchmarks/bench_moe.py` ({time.time() - started:.0f} s).")
+            f"{args.context} tokens. `python benchmarks/bench_moe.py {' '.join(sys.argv[1:])}` "
+            f"({time.time() - started:.0f} s).")
 
 
 def main(argv=None) -> int:
