@@ -21,10 +21,14 @@ slot's result does not, so the output is deterministic.)
 
 Decode steps of at most :data:`SLOT_BLOCKS_MAX` slots skip the table: every slot is its own block
 (``SLOTS``), three launches. On the H200 this took the Qwen3-30B-A3B experts at batch 1, k=8
-from 32.2 to 28.3 µs (``benchmarks/NOTES.md``, runs 13-14).
+from 32.2 to 28.3 µs (``benchmarks/NOTES.md``, runs 13-14). These steps also split the up
+projection's reduction over the hidden size (:class:`Decode`): at k=4, 4 slots x 24 column tiles
+are 96 programs on 132 SMs; split 4 ways, the experts took 14.0 instead of 15.7 µs.
 
-Also here: ``_topk_kernel``, a router's top-k in one program per row (``xquant::router_topk``),
-which can drop the slots past a static ``keep`` in the same launch.
+Also here, the routers: ``_topk_kernel``, a router's top-k in one program per row
+(``xquant::router_topk``; with ``SOFTMAX`` / ``NORMALIZE`` the rest of a softmax router,
+``xquant::router``), which can drop the slots past a static ``keep`` in the same launch, and
+``_router_logits_kernel``, the router GEMV of a decode step over one program per expert.
 """
 
 from __future__ import annotations

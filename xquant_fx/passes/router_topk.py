@@ -1,23 +1,35 @@
-"""Pass ``router_topk``: each MoE router's final top-k becomes ``xquant::router_topk``.
+"""Pass ``router_topk``: each MoE router becomes one op, ``xquant::router`` (a whole softmax router)
+or ``xquant::router_topk`` (its final top-k).
 
 Pattern: the router top-k nodes that :func:`xquant_fx.passes.prune_moe_router.find_routers`
 finds (one per MoE layer, over the expert scores, largest, last dim); nothing else (group
 top-k of DeepSeek routers, top-k elsewhere in the model) is touched.
 
-Rewrite: ``topk(scores, k, ...)`` -> ``xquant::router_topk(scores, k)``: the same experts and
-values, in descending order. Where ``prune_moe_router`` only keeps a layer's ``keep`` best slots
-(no dynamic rule, no renormalization of kept values) the op drops the others itself
-(``router_topk(scores, k, keep, fill, num_experts)``) and the prune node goes: pruning then costs
-no launch of its own. At decode a router top-k is a few microseconds of a ~40 µs MoE layer
-step on the H200 (``torch.topk`` launched a partial-sort and a bitonic-sort kernel for 128
-experts; ``benchmarks/results/moe_profile.md``); the op's kernel is one launch. Off CUDA the op
-is ``torch.topk`` itself.
+Rewrites:
+
+* A softmax router -- the top-k reads ``softmax(F.linear(x, w), dim=-1)`` in float32 and nothing
+  else reads the softmax (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2 greedy; casts of the logits,
+  or of ``x`` and ``w`` to float32 as DeepSeek does, looked through) -- becomes
+  ``xquant::router(x, w, k, ...)``: linear, softmax and top-k in two launches (a GEMV spread over
+  the GPU, then one program per token). The router's own normalization of its values
+  (``v /= v.sum(-1, keepdim=True)``, their only other use) and a cast of the values
+  (``v.to(dtype)``) go into the same op (``normalize``, ``values_dtype``). Other users of the
+  logits read the op's third output. At batch 1 on the H200 this took the Qwen3-30B-A3B router
+  from four Inductor launches (cuBLAS GEMV 4.9 µs, softmax, ``torch.topk`` or our top-k,
+  normalization) to two (``benchmarks/results/moe_profile.md``).
+* Any other router top-k -> ``xquant::router_topk(scores, k)``: the same experts and values, in
+  descending order, one launch (``torch.topk`` took two).
+
+Where ``prune_moe_router`` only keeps a layer's ``keep`` best slots (no dynamic rule, no
+renormalization of kept values) the op drops the others itself (``keep, fill, num_experts`` after
+``k``) and the prune node goes: pruning then costs no launch of its own. Off CUDA both ops are the
+torch code they replace.
 
 Runs after ``prune_moe_router`` (which asks the same node for sorted slots, so the order is what
 its rewrite expects), whether or not experts are pruned. Declines on graphs without a router
-top-k, and on routers wider than the kernel takes (``ops.ROUTER_TOPK_MAX_WIDTH`` experts);
-idempotent (``find_routers`` counts ``xquant::router_topk`` nodes as router top-k, so a
-rewritten router is still the widest top-k of its layer and is left alone).
+top-k, and on routers wider than the kernels take (``ops.ROUTER_TOPK_MAX_WIDTH`` experts);
+idempotent (``find_routers`` counts both ops as router top-k, so a rewritten router is still the
+widest top-k of its layer and is left alone).
 """
 
 from __future__ import annotations
