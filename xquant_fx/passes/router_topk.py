@@ -85,7 +85,8 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
         gm.graph.erase_node(topk)
         if softmax_router is not None:
             _take_router(gm, fast, probs, linear)
-            fast.meta.pop("val", None), fast.meta.pop("example_value", None)  # three outputs now, not two
+            for key in ("val", "example_value"):  # the top-k's two outputs; the op has three
+                fast.meta.pop(key, None)
             if not drop or drop[1] == 0.0:
                 _take_normalization(gm, fast)
             _take_values_cast(gm, fast)
