@@ -1,6 +1,6 @@
 """How a batch-1 MoE step should spread over the GPU: ``xquant::moe_experts`` kernels at several
 :class:`xquant_fx.kernels.moe.Decode` settings (split-K target of the up projection, reduction
-tiles, pipeline stages), and the softmax router op against torch's linear + softmax + top-k.
+tiles, pipeline stages, the combine folded into the down kernel), and the softmax router op against torch's linear + softmax + top-k.
 
 A script, not a test (random weights: speed only). Qwen3-30B-A3B shapes (128 experts, hidden 2048,
 expert intermediate 768, bf16), batch 1, each setting checked against
@@ -31,9 +31,9 @@ from xquant_fx.moe import experts_reference  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import COPY_BW, graph_time  # noqa: E402
 
-SETTINGS = [  # Decode(up programs, up BK, down BK, stages)
-    (0, 128, 128, 3), (384, 128, 128, 3), (384, 128, 256, 3), (384, 256, 256, 3), (384, 128, 128, 4),
-    (384, 64, 128, 4), (192, 128, 256, 3), (768, 64, 256, 3),
+SETTINGS = [  # Decode(up programs, up BK, down BK, stages, combine folded into the down kernel)
+    (0, 128, 128, 3, False), (384, 128, 128, 3, False), (384, 128, 128, 3, True), (384, 128, 256, 3, True),
+    (384, 64, 128, 4, True),
 ]
 
 
@@ -55,7 +55,8 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}, triton {triton.__version__}, xquant_fx {xquant_fx.__version__}; Qwen3-30B-A3B "
              f"expert shapes, bf16, random weights, CUDA-graph replays of the kernels alone. "
              f"`python benchmarks/sweep_moe_decode.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
-             "| k | up programs | up BK | down BK | stages | µs | floor µs | rel. error |", "|---|---|---|---|---|---|---|---|"]
+             "| k | up programs | up BK | down BK | stages | fold combine | µs | floor µs | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     for k in args.ks:
         ids = torch.randperm(e, device=dev)[:k].view(1, k)

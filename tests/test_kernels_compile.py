@@ -22,5 +22,6 @@ def test_moe_kernels_compile_for_sm90():
                      "_topk_kernel", "_router_logits_kernel"}, done.stdout
     assert any("'SLOTS': True" in line for line in compiled) and any("'SLOTS': False" in line for line in compiled)
     assert any("'KEEP': 3" in line for line in compiled)
+    assert any("'FOLD': True" in line for line in compiled) and any("'FOLD': False" in line for line in compiled)
     assert any("'SPLIT_UP': 8" in line for line in compiled) and any("'SPLIT_UP': 4" in line for line in compiled)
     assert any("'NORMALIZE': True" in line and "'SOFTMAX': True" in line for line in compiled)

@@ -119,17 +119,20 @@ def force_kernels(monkeypatch):
 
 
 # slot blocks where the op takes them (<= 16 slots), with and without split-K (whose slices do not
-# divide the reduction evenly here); the block table at every size
-@pytest.mark.parametrize("tokens, k, experts, slot_blocks, split", [
-    (1, 8, 16, True, False), (3, 4, 8, True, False), (1, 4, 16, True, True), (3, 2, 8, True, True),
-    (1, 8, 16, False, False), (3, 4, 8, False, False), (37, 2, 8, False, False), (64, 8, 16, False, False),
+# divide the reduction evenly here) and the combine folded into the down kernel; the block table
+# at every size
+@pytest.mark.parametrize("tokens, k, experts, slot_blocks, split, fold", [
+    (1, 8, 16, True, False, True), (3, 4, 8, True, False, True), (1, 4, 16, True, True, True),
+    (3, 2, 8, True, True, True), (3, 4, 8, True, True, False),
+    (1, 8, 16, False, False, False), (3, 4, 8, False, False, False), (37, 2, 8, False, False, False),
+    (64, 8, 16, False, False, False),
 ])
-def test_moe_kernel_matches_reference(tokens, k, experts, slot_blocks, split, force_kernels, monkeypatch):
+def test_moe_kernel_matches_reference(tokens, k, experts, slot_blocks, split, fold, force_kernels, monkeypatch):
     from xquant_fx.kernels import moe as moe_kernels
     from xquant_fx.kernels.moe import moe_experts as kernel
 
     monkeypatch.setattr(moe_kernels, "SLOT_BLOCKS_MAX", 10**9 if slot_blocks else 0)
-    monkeypatch.setattr(moe_kernels, "DECODE", moe_kernels.Decode(up_programs=10**6 if split else 0))
+    monkeypatch.setattr(moe_kernels, "DECODE", moe_kernels.Decode(up_programs=10**6 if split else 0, fold_combine=fold))
     torch.manual_seed(tokens)
     hid, inter = (640, 320) if split else (64, 48)
     if split:  # the up projection's 5 chunks of the hidden size split 4 ways (the last slice empty)

@@ -60,17 +60,23 @@ def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: t
 
 @triton.jit
 def _moe_up_kernel(
-    X, GateUp, Hbuf, Order, BlockExpert, BlockRow, BlockEnd,
+    X, GateUp, Hbuf, Order, BlockExpert, BlockRow, BlockEnd, Arrivals, num_arrivals,
     stride_xt, stride_ge, stride_gn, stride_hs, stride_hr,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr,
+    BA: tl.constexpr,
 ):
     """``SPLIT == 1``: ``h = silu(gate) * up`` in ``Hbuf.dtype``. ``SPLIT > 1`` (split-K): program
     ``(b, n, s)`` sums the ``s``-th of ``SPLIT`` slices of the hidden dimension and stores the
     float32 partial pre-activations, gate at columns ``[0, I)`` and up at ``[I, 2I)`` of
-    ``Hbuf[s]``; the down kernel adds the slices and applies the activation."""
+    ``Hbuf[s]``; the down kernel adds the slices and applies the activation. With ``BA > 0`` the
+    first program zeroes the down kernel's ``num_arrivals`` arrival counters (this launch ends
+    before the down kernel starts: no memset launch of its own)."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
+    if BA > 0:
+        if (b == 0) & (nt == 0) & (tl.program_id(2) == 0):
+            tl.store(Arrivals + tl.arange(0, BA), tl.zeros([BA], dtype=tl.int32), mask=tl.arange(0, BA) < num_arrivals)
     e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
     if e >= E:
         return
@@ -102,43 +108,62 @@ def _moe_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    X, Hbuf, Down, W, Out, Order, BlockExpert, BlockRow, BlockEnd,
-    stride_hs, stride_hr, stride_de, stride_dn, stride_os,
+    X, Hbuf, Down, W, Out, Y, Arrivals, Order, BlockExpert, BlockRow, BlockEnd,
+    stride_hs, stride_hr, stride_de, stride_dn, stride_os, stride_yt,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_UP: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """``Out[slot] = w[slot] * (h[r] @ down[e]^T)`` in float32. With ``SPLIT_UP > 1`` ``h`` is made
     here from the up kernel's partial pre-activations, rounded to ``X.dtype`` as the one-pass up
-    kernel stores it."""
+    kernel stores it.
+
+    ``FOLD`` (slot blocks): the combine happens here. Each program, sentinel slots included,
+    counts its arrival at its token's column tile (``Arrivals[t, n]``, zeroed by the up kernel);
+    the program that arrives ``K``-th adds the token's ``K`` rows in slot order (the same sums as
+    :func:`_moe_combine_kernel`, whichever program is last) and stores ``y[t]``."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
     e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
-    if e >= E:
-        return
     cols = nt * BN + tl.arange(0, BN)
     cmask = cols < HID
-    w_base = Down + e.to(tl.int64) * stride_de
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    h_rows = Hbuf + rows[:, None].to(tl.int64) * stride_hr
-    for k0 in range(0, INTER, BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < INTER
-        if SPLIT_UP == 1:
-            a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        else:  # slot blocks (the host splits no other step): one row, ``b``; vectors keep shared memory small
-            g = tl.zeros((BK,), dtype=tl.float32)
-            u = tl.zeros((BK,), dtype=tl.float32)
-            h_row = Hbuf + b.to(tl.int64) * stride_hr + ks
-            for p in tl.static_range(SPLIT_UP):
-                g += tl.load(h_row + p * stride_hs, mask=kmask, other=0.0)
-                u += tl.load(h_row + p * stride_hs + INTER, mask=kmask, other=0.0)
-            act = (g * tl.sigmoid(g) * u).to(X.dtype.element_ty)
-            a = tl.where(rmask[:, None], act[None, :], tl.zeros((BM, BK), dtype=X.dtype.element_ty))
-        wd = tl.load(w_base + cols[None, :] * stride_dn + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, wd, acc)
-    wt = tl.load(W + slots, mask=rmask, other=0.0).to(tl.float32)
-    acc = acc * wt[:, None]
-    tl.store(Out + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+    if e < E:
+        w_base = Down + e.to(tl.int64) * stride_de
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        h_rows = Hbuf + rows[:, None].to(tl.int64) * stride_hr
+        for k0 in range(0, INTER, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < INTER
+            if SPLIT_UP == 1:
+                a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            else:  # slot blocks (the host splits no other step): one row, ``b``; vectors keep shared memory small
+                g = tl.zeros((BK,), dtype=tl.float32)
+                u = tl.zeros((BK,), dtype=tl.float32)
+                h_row = Hbuf + b.to(tl.int64) * stride_hr + ks
+                for p in tl.static_range(SPLIT_UP):
+                    g += tl.load(h_row + p * stride_hs, mask=kmask, other=0.0)
+                    u += tl.load(h_row + p * stride_hs + INTER, mask=kmask, other=0.0)
+                act = (g * tl.sigmoid(g) * u).to(X.dtype.element_ty)
+                a = tl.where(rmask[:, None], act[None, :], tl.zeros((BM, BK), dtype=X.dtype.element_ty))
+            wd = tl.load(w_base + cols[None, :] * stride_dn + ks[:, None], mask=kmask[:, None] & cmask[None, :],
+                         other=0.0)
+            acc = tl.dot(a, wd, acc)
+        wt = tl.load(W + slots, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * wt[:, None]
+        tl.store(Out + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc,
+                 mask=rmask[:, None] & cmask[None, :])
+    if FOLD:
+        t = b // K_TOP
+        tl.debug_barrier()  # every thread's row stored before the arrival is counted (released)
+        arrived = tl.atomic_add(Arrivals + t * tl.num_programs(1) + nt, 1, sem="acq_rel", scope="gpu")
+        if arrived == K_TOP - 1:
+            y = tl.zeros([BN], dtype=tl.float32)
+            for k in range(K_TOP):
+                slot = t * K_TOP + k
+                valid = tl.load(BlockExpert + slot) < E  # sentinel rows hold garbage: select, do not multiply
+                row = tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                y += tl.where(valid, row, 0.0)
+            tl.store(Y + t.to(tl.int64) * stride_yt + cols, y.to(Y.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -358,6 +383,7 @@ class Decode:
     bk_up: int = 128
     bk_down: int = 128
     stages: int = 3
+    fold_combine: bool = True  # the down kernel sums each token's slots (no combine launch)
 
 
 DECODE = Decode()
@@ -402,21 +428,25 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     else:  # float32 partial pre-activations, gate then up; the down kernel reads them for slot blocks only
         hbuf = torch.empty((split, s, 2 * inter), dtype=torch.float32, device=x.device)
     out = torch.empty((s, hid), dtype=torch.float32, device=x.device)
+    y = torch.empty_like(x)
+    down_tiles = triton.cdiv(hid, bn_down)
+    fold = slot_blocks and DECODE.fold_combine
+    arrivals = torch.empty(t * down_tiles, dtype=torch.int32, device=x.device) if fold else None
     launch(_moe_up_kernel)[(num_blocks, up_tiles, split)](
-        x, gate_up, hbuf, order, expert, row0, row1,
+        x, gate_up, hbuf, order, expert, row0, row1, arrivals, t * down_tiles,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), hbuf.stride(0), hbuf.stride(1),
         E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, SLOTS=slot_blocks, SPLIT=split,
-        num_warps=4, num_stages=stages,
+        BA=triton.next_power_of_2(t * down_tiles) if fold else 0, num_warps=4, num_stages=stages,
     )
-    launch(_moe_down_kernel)[(num_blocks, triton.cdiv(hid, bn_down))](
-        x, hbuf, down, w, out, order, expert, row0, row1,
-        hbuf.stride(0), hbuf.stride(1), down.stride(0), down.stride(1), out.stride(0),
+    launch(_moe_down_kernel)[(num_blocks, down_tiles)](
+        x, hbuf, down, w, out, y, arrivals, order, expert, row0, row1,
+        hbuf.stride(0), hbuf.stride(1), down.stride(0), down.stride(1), out.stride(0), y.stride(0),
         E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, SLOTS=slot_blocks, SPLIT_UP=split,
-        num_warps=4, num_stages=stages,
+        FOLD=fold, num_warps=4, num_stages=stages,
     )
-    y = torch.empty_like(x)
-    bh = min(1024, triton.next_power_of_2(hid))
-    launch(_moe_combine_kernel)[(t, triton.cdiv(hid, bh))](
-        out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, num_warps=4,
-    )
+    if not fold:
+        bh = min(1024, triton.next_power_of_2(hid))
+        launch(_moe_combine_kernel)[(t, triton.cdiv(hid, bh))](
+            out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, num_warps=4,
+        )
     return y
