@@ -7,8 +7,8 @@ selected expert's weights are read once per ``BM`` slots routed to it (once per 
 
 1. ``up``: ``h[r] = silu(x[t] @ gate[e]^T) * (x[t] @ up[e]^T)`` for the block's slots ``r`` (token
    ``t = slot // K``), stored in slot-sorted order in ``x.dtype``;
-2. ``down``: ``o[slot] = w[slot] * (h[r] @ down[e]^T)`` in float32; the host sums each token's ``K``
-   slots (deterministic, no atomics).
+2. ``down``: ``o[slot] = w[slot] * (h[r] @ down[e]^T)`` in float32; each token's ``K`` slots are
+   then added in slot order (deterministic: no float atomics).
 
 The block table is built on the device by one single-program kernel (``_moe_align_kernel``: a
 histogram of expert ids, prefix sums, the table over a static number of blocks
@@ -20,10 +20,12 @@ step can be captured in a CUDA graph. Blocks past the last one, and sentinel slo
 slot's result does not, so the output is deterministic.)
 
 Decode steps of at most :data:`SLOT_BLOCKS_MAX` slots skip the table: every slot is its own block
-(``SLOTS``), three launches. On the H200 this took the Qwen3-30B-A3B experts at batch 1, k=8
-from 32.2 to 28.3 µs (``benchmarks/NOTES.md``, runs 13-14). These steps also split the up
-projection's reduction over the hidden size (:class:`Decode`): at k=4, 4 slots x 24 column tiles
-are 96 programs on 132 SMs; split 4 ways, the experts took 14.0 instead of 15.7 µs.
+(``SLOTS``). On the H200 this took the Qwen3-30B-A3B experts at batch 1, k=8 from 32.2 to 28.3 µs
+(``benchmarks/NOTES.md``, runs 13-14). These steps also split the up projection's reduction over
+the hidden size (:class:`Decode`: at k=4, 4 slots x 24 column tiles are 96 programs on 132 SMs;
+split 4 ways, the experts took 14.0 instead of 15.7 µs), and fold the combine into the down
+kernel (the last slot program to finish a token's column tile adds the token's rows: 26.1
+instead of 27.5 µs at k=8, 13.4 instead of 14.5 at k=4). Two launches.
 
 Also here, the routers: ``_topk_kernel``, a router's top-k in one program per row
 (``xquant::router_topk``; with ``SOFTMAX`` / ``NORMALIZE`` the rest of a softmax router,
