@@ -377,15 +377,18 @@ class Decode:
     and small k, ``k`` slots x column tiles alone leave most of the H200's 132 SMs idle, or give
     each a long serial reduction: the up projection's reduction is split (split-K, powers of two,
     at most :data:`MAX_SPLIT`) until its launch has about ``up_programs`` programs (0: no split);
-    the down kernel adds the slices' float32 partial sums (deterministic: no atomics). Splitting
-    the down projection too, or narrowing its column tiles to 32, was slower on the H200
-    (``benchmarks/results/moe_decode_sweep_down.md``)."""
+    the down kernel adds the slices' float32 partial sums (deterministic: no float atomics).
+    ``bk_up`` / ``bk_down`` / ``stages``: reduction tiles and pipeline depth; ``fold_combine``: the
+    down kernel adds each token's slots itself (arrival counters), no combine launch. The defaults
+    were within 0.5 µs of the best setting tried at k = 8, 4, 2 on the H200
+    (``benchmarks/results/moe_decode_sweep.md``); splitting the down projection too, or narrowing
+    its column tiles to 32, was slower (``moe_decode_sweep_down.md``)."""
 
     up_programs: int = 384
     bk_up: int = 128
     bk_down: int = 128
     stages: int = 3
-    fold_combine: bool = True  # the down kernel sums each token's slots (no combine launch)
+    fold_combine: bool = True
 
 
 DECODE = Decode()
