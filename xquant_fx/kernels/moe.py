@@ -380,7 +380,7 @@ class Decode:
     the down kernel adds the slices' float32 partial sums (deterministic: no float atomics).
     ``bk_up`` / ``bk_down`` / ``stages``: reduction tiles and pipeline depth; ``fold_combine``: the
     down kernel adds each token's slots itself (arrival counters), no combine launch. The defaults
-    were within 0.5 µs of the best setting tried at k = 8, 4, 2 on the H200
+    were within 0.7 µs of the best setting tried at k = 8, 4, 2 on the H200
     (``benchmarks/results/moe_decode_sweep.md``); splitting the down projection too, or narrowing
     its column tiles to 32, was slower (``moe_decode_sweep_down.md``)."""
 
