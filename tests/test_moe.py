@@ -387,6 +387,8 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     if whole:
         normalized = family in ("mixtral", "qwen3_moe")  # norm_topk_prob (Mixtral: always)
         assert [n.kwargs.get("normalize", False) for n in fast] == [normalized] * len(layers)
+        cast = family in ("qwen2_moe", "qwen3_moe", "olmoe")  # routers that end in `values.to(logits.dtype)`
+        assert [n.kwargs.get("values_dtype") for n in fast] == [torch.float32 if cast else None] * len(layers)
         in_routers = [n for n in gm.graph.nodes if (list((n.meta.get("nn_module_stack") or {"": ("",)})
                                                           .values())[-1][0]).rsplit(".", 1)[-1] == "gate"]
         assert len(in_routers) >= len(layers)
