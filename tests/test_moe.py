@@ -17,6 +17,7 @@ from xquant_fx.moe import (
 from xquant_fx.passes import PassContext, PassFailed, PassReport, run_passes
 from xquant_fx.moe import MoEPlan
 from xquant_fx.passes.prune_moe_router import find_routers, is_router_topk, prune_moe_router
+from xquant_fx.passes.router_topk import router_topk
 
 torch._dynamo.config.cache_size_limit = 64
 
@@ -165,7 +166,7 @@ def _sorted_reference(scores: torch.Tensor, k: int):
     return scores.gather(-1, indices[..., :k]), indices[..., :k]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])  # values exact in each
 @pytest.mark.parametrize("shape, k", [((5, 128), 8), ((2, 3, 64), 6), ((4, 60), 60), ((3, 8), 1)])
 def test_router_topk_kernel_matches_torch(shape, k, dtype, force_kernels):
     torch.manual_seed(k)
@@ -175,6 +176,7 @@ def test_router_topk_kernel_matches_torch(shape, k, dtype, force_kernels):
         scores.view(-1, shape[-1])[1, 3] = float("nan")  # NaN ranks first, as in torch.topk
         scores.view(-1, shape[-1])[2, :] = float("-inf")  # every index still taken once
         scores.view(-1, shape[-1])[2, 5] = 1.0
+    scores.view(-1, shape[-1])[-1, -1] = 1e6 + 1e-3  # between two float32 values: exact only when kept float64
     values, indices = torch.ops.xquant.router_topk(scores, k)
     want_values, want_indices = _sorted_reference(scores, k)
     assert values.dtype == dtype and indices.dtype == torch.int64 and values.shape == (*shape[:-1], k)
@@ -232,7 +234,8 @@ def test_router_op_checks_arguments_and_has_a_fake():
     x, weight = torch.randn(3, 16), torch.randn(8, 16)
     for args, match in (((x, weight[:, :4], 2), r"x must be \[T, H\]"), ((x, weight, 9), "1 <= k <= N"),
                         ((x, weight, 4, 5), "keep=5"), ((x, weight, 4, 2, float("-inf"), 8, True), "normalize"),
-                        ((x.long(), weight, 2), "floating point")):
+                        ((x.long(), weight, 2), "floating point"),
+                        ((x, weight, 2, -1, 0.0, 0, False, torch.bfloat16), "need x and weight in torch.bfloat16")):
         with pytest.raises(ValueError, match=match):
             torch.ops.xquant.router(*args)
     values, indices, logits = torch.ops.xquant.router(x, weight, 4, 2, 0.0, 8, True)
@@ -396,6 +399,53 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     torch.testing.assert_close(logits, pruned_only, atol=1e-4, rtol=1e-4)
 
 
+def test_router_topk_pass_takes_a_float32_gate_in_a_bf16_model():
+    """DeepSeek-V2 keeps its gate weight in float32 (``F.linear(x.float(), w.float())``) while x is bf16."""
+    model = mini_moe_model("deepseek_v2").to(torch.bfloat16)
+    layers = find_moe_layers(model)
+    for layer in layers:
+        gate = model.get_submodule(layer.name).gate
+        gate.weight = torch.nn.Parameter(gate.weight.float())
+    install_experts(model)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    logits, gm, hits = _run_with(model, ids, router_topk)
+    fast = [n for n in gm.graph.nodes if is_router_topk(n)]
+    assert hits == len(fast) == len(layers)
+    assert all(n.target is torch.ops.xquant.router.default and n.kwargs["logits_dtype"] == torch.float32 for n in fast)
+    assert all(n.meta["example_value"][1].dtype == torch.int64 for n in fast)  # fake outputs of the op itself
+    torch.testing.assert_close(logits, want)
+
+
+def test_router_topk_pass_reads_keyword_inputs_and_a_positional_sum_dim():
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, 16))
+
+        def forward(self, x):
+            probs = F.softmax(input=F.linear(x, self.weight), dim=-1, dtype=torch.float32)
+            values, indices = torch.topk(probs, 3, dim=-1)
+            return values / values.sum(-1, keepdim=True), indices
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.gate(x)
+
+    block, x = Block(), torch.randn(5, 16)
+    with torch.no_grad():
+        want = block(x)
+    got, gm, hits = _run_with(block, x, router_topk)
+    (fast,) = [n for n in gm.graph.nodes if is_router_topk(n)]
+    assert hits == 1 and fast.target is torch.ops.xquant.router.default and fast.kwargs["normalize"] is True
+    torch.testing.assert_close(got[0], want[0]) and torch.testing.assert_close(got[1], want[1])
+
+
 @pytest.mark.parametrize("plan", [MoEPlan(spec=2, renormalize=True), MoEPlan(spec=4, min_weight=0.3)],
                          ids=["renormalize", "min_weight"])
 def test_router_topk_pass_keeps_the_prune_node_of_rules_beyond_a_k(plan):
@@ -411,7 +461,6 @@ def test_router_topk_pass_keeps_the_prune_node_of_rules_beyond_a_k(plan):
 
 
 def test_router_topk_pass_leaves_routers_wider_than_its_kernel():
-    from xquant_fx.passes.router_topk import router_topk
 
     class Router(torch.nn.Module):
         def __init__(self, experts):

@@ -236,12 +236,16 @@ def router(
     normalize: bool = False, logits_dtype: Optional[torch.dtype] = None, values_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A softmax router in one op: ``logits = F.linear(x, weight)`` (``x [T, H]``, ``weight [E, H]``;
-    float32 sums rounded to ``logits_dtype``, default ``x.dtype``), ``probs = logits.float().softmax(-1)``,
+    float32 sums rounded to ``logits_dtype``: ``x.dtype`` (the default; ``weight`` in the same
+    dtype) or float32 (any input dtypes, as ``F.linear(x.float(), weight.float())``)),
+    ``probs = logits.float().softmax(-1)`` (on the kernel path to float32 rounding, not bitwise
+    torch's),
     the ``k`` largest (sorted; slots from ``keep`` on dropped as in :func:`router_topk`), divided by
     the kept values' sum if ``normalize``, in ``values_dtype`` (default float32). Returns
-    ``(values, indices, logits)``. The kernel path takes two launches (GEMV over the GPU, then
-    softmax, top-k and normalization in one program per token) where the traced router takes four
-    or five."""
+    ``(values, indices, logits)``. On the kernel path a step of at most 16 tokens takes two
+    launches (GEMV over the GPU, then softmax, top-k and normalization in one program per token)
+    where the traced router takes four or five; larger steps compute the logits with
+    ``torch.matmul``."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"router: x must be [T, H] and weight [E, H]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
@@ -251,6 +255,9 @@ def router(
     if normalize and fill != 0.0:
         raise ValueError(f"router: normalize needs dropped slots to hold 0, not fill={fill}")
     logits_dtype = logits_dtype or x.dtype
+    if logits_dtype != torch.float32 and not x.dtype == weight.dtype == logits_dtype:
+        raise ValueError(f"router: logits in {logits_dtype} need x and weight in {logits_dtype} too (got {x.dtype} and "
+                         f"{weight.dtype}); float32 logits take any input dtypes")
     values_dtype = values_dtype or torch.float32
     if uses_kernels(x):
         from .kernels.moe import router as kernel_router

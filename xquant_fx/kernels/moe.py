@@ -1,5 +1,6 @@
-"""Fused routed experts for decode and small batches: :func:`xquant_fx.moe.experts_reference` in
-two grouped launches.
+"""Fused routed experts for decode and small batches: :func:`xquant_fx.moe.experts_reference` as
+two grouped GEMM launches (up, down), plus a block table and a combine where a step has more than
+:data:`SLOT_BLOCKS_MAX` slots.
 
 The ``S = T * K`` routing slots are sorted by expert; each expert's run of slots is cut into
 blocks of ``BM`` rows, and a program handles one block and one tile of output columns, so each
@@ -248,12 +249,17 @@ def _topk_kernel(X, V, I, N, stride_x, fill, sentinel, K: tl.constexpr, KEEP: tl
         best = tl.max(tl.where(taken, float("-inf"), key), axis=0)
         idx = tl.min(tl.where((key == best) & ~taken, cols, BN), axis=0)
         taken = taken | (cols == idx)
-        value = tl.sum(tl.where(cols == idx, x, 0.0), axis=0)  # x at idx (NaN stays NaN)
-        values = tl.where(slot == i, value, values)
         indices = tl.where(slot == i, idx.to(tl.int64), indices)
-    if NORMALIZE:
-        values = tl.where(slot < KEEP, values / tl.sum(tl.where(slot < KEEP, values, 0.0), axis=0), values)
-    tl.store(V + row * K + slot, values.to(V.dtype.element_ty), mask=slot < K)  # stores convert the dtype
+        if SOFTMAX:  # the float32 probability at idx (NaN stays NaN)
+            values = tl.where(slot == i, tl.sum(tl.where(cols == idx, x, 0.0), axis=0), values)
+        else:  # the score itself, in its own dtype (float64 exact, -0.0 kept)
+            tl.store(V + row * K + i, tl.load(X + row * stride_x + idx))
+    if SOFTMAX:
+        if NORMALIZE:  # dropped slots hold 0: 0 / sum, as the torch code divides every slot
+            values = values / tl.sum(tl.where(slot < KEEP, values, 0.0), axis=0)
+        tl.store(V + row * K + slot, values.to(V.dtype.element_ty), mask=slot < K)
+    else:
+        tl.store(V + row * K + slot, values.to(V.dtype.element_ty), mask=(slot >= KEEP) & (slot < K))
     tl.store(I + row * K + slot, indices, mask=slot < K)
 
 

@@ -9,12 +9,14 @@ Rewrites:
 
 * A softmax router -- the top-k reads ``softmax(F.linear(x, w), dim=-1)`` in float32 and nothing
   else reads the softmax (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2 greedy; casts of the logits,
-  or of ``x`` and ``w`` to float32 as DeepSeek does, looked through) -- becomes
+  or of ``x`` and ``w`` to float32 as DeepSeek does, looked through; logits narrower than float32
+  only from ``x`` and ``w`` of their own dtype, so autocast's linear is left alone) -- becomes
   ``xquant::router(x, w, k, ...)``: linear, softmax and top-k in two launches (a GEMV spread over
   the GPU, then one program per token). The router's own normalization of its values
   (``v /= v.sum(-1, keepdim=True)``, their only other use) and a cast of the values
   (``v.to(dtype)``) go into the same op (``normalize``, ``values_dtype``). Other users of the
-  logits read the op's third output. At batch 1 on the H200 this took the Qwen3-30B-A3B router
+  logits read the op's third output; the op's fake implementation gives the new nodes'
+  ``example_value``. At batch 1 on the H200 this took the Qwen3-30B-A3B router
   from four Inductor launches (cuBLAS GEMV 4.9 µs, softmax, ``torch.topk`` or our top-k,
   normalization) to two (``benchmarks/results/moe_profile.md``).
 * Any other router top-k -> ``xquant::router_topk(scores, k)``: the same experts and values, in
@@ -85,11 +87,10 @@ def router_topk(gm: torch.fx.GraphModule, ctx=None) -> int:
         gm.graph.erase_node(topk)
         if softmax_router is not None:
             _take_router(gm, fast, probs, linear)
-            for key in ("val", "example_value"):  # the top-k's two outputs; the op has three
-                fast.meta.pop(key, None)
             if not drop or drop[1] == 0.0:
                 _take_normalization(gm, fast)
             _take_values_cast(gm, fast)
+            _fake_outputs(fast)
         logger.debug("router_topk: layer %d (k=%d, keep=%s, %s)", layer, k, drop[0] if drop else k,
                      "whole router" if softmax_router else "top-k")
     return len(routers)
@@ -103,6 +104,11 @@ def _is_float32_cast(node) -> bool:
         return len(node.args) == 1 and not node.kwargs
     dtype = node.args[1] if len(node.args) == 2 else node.kwargs.get("dtype")
     return node.target in ("to", "type") and dtype is torch.float32 and len(node.args) + len(node.kwargs) == 2
+
+
+def _input(node: torch.fx.Node):
+    """The tensor a softmax or cast node reads (positional, or ``input=``)."""
+    return node.args[0] if node.args else node.kwargs.get("input")
 
 
 def _meta(node):
@@ -120,7 +126,7 @@ def _softmax_router(topk: torch.fx.Node):
     dim = probs.kwargs.get("dim", probs.args[1] if len(probs.args) > 1 else None)
     if dim not in (-1, out.dim() - 1):
         return None
-    logits = probs.args[0]
+    logits = _input(probs)
     if _is_float32_cast(logits) and len(logits.users) == 1:
         logits = logits.args[0]
     if not (isinstance(logits, torch.fx.Node) and logits.op == "call_function"
@@ -132,12 +138,14 @@ def _softmax_router(topk: torch.fx.Node):
     x, weight = args[:2]
     if _is_float32_cast(x) and _is_float32_cast(weight):  # DeepSeek: F.linear(x.float(), w.float())
         x, weight = x.args[0], weight.args[0]
-    shapes = [_meta(n) for n in (x, weight, logits)]
-    if any(v is None for v in shapes) or shapes[0].dim() != 2 or shapes[1].dim() != 2:
+    metas = [_meta(n) for n in (x, weight, logits)]
+    if any(v is None for v in metas) or metas[0].dim() != 2 or metas[1].dim() != 2 or metas[0].shape[1] != metas[1].shape[1]:
         return None
-    if shapes[0].shape[1] != shapes[1].shape[1] or shapes[0].dtype != shapes[1].dtype:
+    # float32 logits from any inputs (DeepSeek-V2 keeps its gate weight in float32 in a bf16 model);
+    # narrower logits only from inputs of that dtype (not autocast's bf16 linear of float32 inputs)
+    if metas[2].dtype != torch.float32 and not metas[0].dtype == metas[1].dtype == metas[2].dtype:
         return None
-    return x, weight, logits, shapes[2].dtype
+    return x, weight, logits, metas[2].dtype
 
 
 def _take_router(gm: torch.fx.GraphModule, fast: torch.fx.Node, probs: torch.fx.Node, linear: torch.fx.Node) -> None:
@@ -145,7 +153,7 @@ def _take_router(gm: torch.fx.GraphModule, fast: torch.fx.Node, probs: torch.fx.
     of the logits read ``fast``'s third output."""
     chain = [probs]
     while chain[-1] is not linear:
-        chain.append(chain[-1].args[0])
+        chain.append(_input(chain[-1]))
     for node in chain[:-1]:
         if not node.users:
             gm.graph.erase_node(node)
@@ -175,13 +183,36 @@ def _take_normalization(gm: torch.fx.GraphModule, fast: torch.fx.Node) -> None:
                 and u.target in (operator.itruediv, operator.truediv, torch.div)), None)
     if total is None or div is None or div.args[:2] != (values, total) or len(div.args) != 2 or div.kwargs:
         return
-    if list(total.users) != [div] or total.args != (values,) or total.kwargs not in (
+    reduced = {"dim": total.args[1], **total.kwargs} if len(total.args) == 2 else total.kwargs
+    if list(total.users) != [div] or total.args[0] is not values or len(total.args) > 2 or reduced not in (
             {"dim": -1, "keepdim": True}, {"dim": (-1,), "keepdim": True}):
         return
     div.replace_all_uses_with(values)
     gm.graph.erase_node(div)
     gm.graph.erase_node(total)
     fast.update_kwarg("normalize", True)
+
+
+def _fake_outputs(fast: torch.fx.Node) -> None:
+    """``example_value`` of ``fast`` and its items, from the op's fake implementation (the top-k's
+    had two outputs; the op has three, and its values may now be cast); dropped where the inputs
+    carry no fake tensors."""
+    def fake(a):
+        return _meta(a) if isinstance(a, torch.fx.Node) else a
+
+    args, kwargs = [fake(a) for a in fast.args], {k: fake(v) for k, v in fast.kwargs.items()}
+    mode = getattr(args[0], "fake_mode", None)
+    items = [u for u in fast.users if u.op == "call_function" and u.target is operator.getitem]
+    for node in (fast, *items):
+        node.meta.pop("val", None)
+        node.meta.pop("example_value", None)
+    if mode is None or any(a is None for a in args[:2]):
+        return
+    with mode:
+        outputs = fast.target(*args, **kwargs)
+    fast.meta["example_value"] = outputs
+    for item in items:
+        item.meta["example_value"] = outputs[item.args[1]]
 
 
 def _take_values_cast(gm: torch.fx.GraphModule, fast: torch.fx.Node) -> None:
