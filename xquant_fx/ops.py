@@ -199,8 +199,7 @@ def router_topk(
         from .kernels.moe import topk
 
         return topk(scores, k, keep, fill, sentinel)
-    values, indices = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
-    return _drop_slots(values, indices, keep, fill, sentinel)
+    return _topk_reference(scores, k, keep, fill, sentinel)
 
 
 @router_topk.register_fake
@@ -220,9 +219,10 @@ def _check_topk(name: str, n: int, k: int, keep: int) -> int:
     return keep
 
 
-def _drop_slots(values: torch.Tensor, indices: torch.Tensor, keep: int, fill: float, sentinel: int):
-    """Slots ``keep`` and after hold ``fill`` / ``sentinel`` (the reference of a pruned top-k)."""
-    k = values.shape[-1]
+def _topk_reference(scores: torch.Tensor, k: int, keep: int, fill: float, sentinel: int):
+    """``torch.topk(scores, k, sorted=True)`` with slots ``keep`` and after holding ``fill`` /
+    ``sentinel``: the reference of both router ops' top-k."""
+    values, indices = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
     if keep < k:
         values = torch.cat([values[..., :keep], values.new_full((*values.shape[:-1], k - keep), fill)], -1)
         indices = torch.cat([indices[..., :keep], indices.new_full((*indices.shape[:-1], k - keep), sentinel)], -1)
@@ -264,8 +264,7 @@ def router(
 
         return kernel_router(x, weight, k, keep, fill, sentinel, normalize, logits_dtype, values_dtype)
     logits = torch.nn.functional.linear(x.to(logits_dtype), weight.to(logits_dtype))
-    values, indices = torch.topk(logits.float().softmax(-1), k, dim=-1, largest=True, sorted=True)
-    values, indices = _drop_slots(values, indices, keep, fill, sentinel)
+    values, indices = _topk_reference(logits.float().softmax(-1), k, keep, fill, sentinel)
     if normalize:
         values = values / values.sum(-1, keepdim=True)
     return values.to(values_dtype), indices, logits

@@ -41,9 +41,14 @@ def is_router_topk(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and str(node.target).startswith(("xquant.router_topk.", "xquant.router."))
 
 
+def _is_whole_router(node: torch.fx.Node) -> bool:
+    """An ``xquant::router`` node: ``(x, weight, k, ...)``, its width the weight's rows."""
+    return node.op == "call_function" and str(node.target).startswith("xquant.router.")
+
+
 def _k_position(node: torch.fx.Node) -> int:
     """Index of ``k`` in the arguments of an :func:`is_router_topk` node (``keep`` follows it)."""
-    return 2 if str(node.target).startswith("xquant.router.") else 1
+    return 2 if _is_whole_router(node) else 1
 
 
 def _is_topk(node: torch.fx.Node) -> bool:
@@ -77,9 +82,15 @@ def _module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0]
 
 
-def _shape(node) -> tuple[int, ...] | None:
+def meta_value(node) -> torch.Tensor | None:
+    """The example (fake) tensor Dynamo recorded for ``node``, if it is a node with one."""
     value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    value = meta_value(node)
+    return tuple(value.shape) if value is not None else None
 
 
 def _topk_args(node: torch.fx.Node) -> tuple[int, int] | None:
@@ -104,7 +115,7 @@ def find_routers(gm: torch.fx.GraphModule) -> dict[int, tuple[torch.fx.Node, int
         path = _module_path(node)
         args = _topk_args(node)
         shape = _shape(node.args[0])
-        if shape is not None and str(node.target).startswith("xquant.router."):  # (x, weight, k): [E, H] weight
+        if shape is not None and _is_whole_router(node):  # (x, weight, k): [E, H] weight
             weight = _shape(node.args[1])
             shape = weight[:1] if weight else None
         if args is None or shape is None or "gate" not in path.rsplit(".", 1)[-1]:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..moe import prune_routes
-from .prune_moe_router import _is_softmax, find_routers, is_router_topk
+from .prune_moe_router import _is_softmax, find_routers, is_router_topk, meta_value
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +111,13 @@ def _input(node: torch.fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
-def _meta(node):
-    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _softmax_router(topk: torch.fx.Node):
     """``(x, weight, linear node, logits dtype)`` when the top-k reads ``softmax(F.linear(x, weight),
     dim=-1)`` in float32 (the softmax's only use; casts of the logits, ``x`` or ``weight`` to
     float32 looked through) with ``x [T, H]``, ``weight [E, H]``; else ``None``."""
     probs = topk.args[0]
-    if not _is_softmax(probs) or len(probs.users) != 1 or (out := _meta(probs)) is None or out.dtype != torch.float32:
+    out = meta_value(probs)
+    if not _is_softmax(probs) or len(probs.users) != 1 or out is None or out.dtype != torch.float32:
         return None
     dim = probs.kwargs.get("dim", probs.args[1] if len(probs.args) > 1 else None)
     if dim not in (-1, out.dim() - 1):
@@ -138,8 +134,10 @@ def _softmax_router(topk: torch.fx.Node):
     x, weight = args[:2]
     if _is_float32_cast(x) and _is_float32_cast(weight):  # DeepSeek: F.linear(x.float(), w.float())
         x, weight = x.args[0], weight.args[0]
-    metas = [_meta(n) for n in (x, weight, logits)]
-    if any(v is None for v in metas) or metas[0].dim() != 2 or metas[1].dim() != 2 or metas[0].shape[1] != metas[1].shape[1]:
+    metas = [meta_value(n) for n in (x, weight, logits)]
+    if any(v is None for v in metas) or metas[0].dim() != 2 or metas[1].dim() != 2:
+        return None
+    if metas[0].shape[1] != metas[1].shape[1]:
         return None
     # float32 logits from any inputs (DeepSeek-V2 keeps its gate weight in float32 in a bf16 model);
     # narrower logits only from inputs of that dtype (not autocast's bf16 linear of float32 inputs)
@@ -198,7 +196,7 @@ def _fake_outputs(fast: torch.fx.Node) -> None:
     had two outputs; the op has three, and its values may now be cast); dropped where the inputs
     carry no fake tensors."""
     def fake(a):
-        return _meta(a) if isinstance(a, torch.fx.Node) else a
+        return meta_value(a) if isinstance(a, torch.fx.Node) else a
 
     args, kwargs = [fake(a) for a in fast.args], {k: fake(v) for k, v in fast.kwargs.items()}
     mode = getattr(args[0], "fake_mode", None)
