@@ -159,14 +159,8 @@ def _moe_down_kernel(
         t = b // K_TOP
         tl.debug_barrier()  # every thread's row stored before the arrival is counted (released)
         arrived = tl.atomic_add(Arrivals + t * tl.num_programs(1) + nt, 1, sem="acq_rel", scope="gpu")
-        if arrived == K_TOP - 1:
-            y = tl.zeros([BN], dtype=tl.float32)
-            for k in range(K_TOP):
-                slot = t * K_TOP + k
-                valid = tl.load(BlockExpert + slot) < E  # sentinel rows hold garbage: select, do not multiply
-                row = tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                y += tl.where(valid, row, 0.0)
-            tl.store(Y + t.to(tl.int64) * stride_yt + cols, y.to(Y.dtype.element_ty), mask=cmask)
+        if arrived == K_TOP - 1:  # the other slots' rows come from other SMs: read them from L2 (.cg)
+            _token_sum(Out, BlockExpert, Y, t, cols, cmask, stride_os, stride_yt, E, K_TOP, ".cg")
 
 
 @triton.jit
@@ -210,18 +204,25 @@ def _moe_align_kernel(
 
 
 @triton.jit
+def _token_sum(Out, Ids, Y, t, cols, cmask, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
+               CACHE: tl.constexpr):
+    """``y[t, cols] = sum_k out[t * K + k, cols]`` over the token's non-sentinel slots, in slot order."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for k in range(K_TOP):
+        slot = t * K_TOP + k
+        valid = tl.load(Ids + slot) < E  # sentinel rows hold garbage: select, do not multiply
+        row = tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0, cache_modifier=CACHE)
+        acc += tl.where(valid, row, 0.0)
+    tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
 def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
                         HID: tl.constexpr, BH: tl.constexpr):
     """``y[t] = sum_k out[t * K + k]`` over the token's non-sentinel slots, in slot order."""
     t = tl.program_id(0)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
-    cmask = cols < HID
-    acc = tl.zeros([BH], dtype=tl.float32)
-    for k in range(K_TOP):
-        slot = t * K_TOP + k
-        valid = tl.load(Ids + slot) < E  # sentinel rows hold garbage: select, do not multiply
-        acc += tl.where(valid, tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0), 0.0)
-    tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
+    _token_sum(Out, Ids, Y, t, cols, cols < HID, stride_os, stride_yt, E, K_TOP, "")
 
 
 @triton.jit(do_not_specialize=["fill", "sentinel"])
@@ -265,24 +266,21 @@ def _topk_kernel(X, V, I, N, stride_x, fill, sentinel, K: tl.constexpr, KEEP: tl
 
 @triton.jit
 def _router_logits_kernel(X, Wt, L, T, stride_xt, stride_we, stride_lt,
-                          E: tl.constexpr, HID: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    """``L[t, e] = x[t] . w[e]`` (float32 sums, stored in ``L``'s dtype) for ``BT`` tokens and ``BE``
-    experts per program: a router's GEMV spread over the GPU (``E / BE`` programs per token block)."""
-    es = tl.program_id(0) * BE + tl.arange(0, BE)
-    ts = tl.program_id(1) * BT + tl.arange(0, BT)
-    emask = es < E
+                          HID: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """``L[t, e] = x[t] . w[e]`` (float32 sums, stored in ``L``'s dtype) for expert ``e`` = the
+    program and the step's ``T <= BT`` tokens: a router's GEMV spread over one program per expert."""
+    e = tl.program_id(0).to(tl.int64)
+    ts = tl.arange(0, BT)
     tmask = ts < T
-    acc = tl.zeros([BT, BE], dtype=tl.float32)
+    acc = tl.zeros([BT], dtype=tl.float32)
     for k0 in range(0, HID, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < HID
         xt = tl.load(X + ts[:, None].to(tl.int64) * stride_xt + ks[None, :], mask=tmask[:, None] & kmask[None, :],
                      other=0.0).to(tl.float32)
-        w = tl.load(Wt + es[:, None].to(tl.int64) * stride_we + ks[None, :], mask=emask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(xt[:, None, :] * w[None, :, :], axis=2)
-    tl.store(L + ts[:, None].to(tl.int64) * stride_lt + es[None, :], acc.to(L.dtype.element_ty),
-             mask=tmask[:, None] & emask[None, :])
+        w = tl.load(Wt + e * stride_we + ks, mask=kmask, other=0.0).to(tl.float32)
+        acc += tl.sum(xt * w[None, :], axis=1)
+    tl.store(L + ts.to(tl.int64) * stride_lt + e, acc.to(L.dtype.element_ty), mask=tmask)
 
 
 def topk(scores: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.0, sentinel: int = 0,
@@ -309,7 +307,7 @@ def topk(scores: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.
 
 
 #: Routers of steps with at most this many tokens compute their logits in
-#: :func:`_router_logits_kernel` (one program per expert and token block); larger steps use
+#: :func:`_router_logits_kernel` (one program per expert); larger steps use
 #: ``torch.matmul`` (cuBLAS). At batch 1 cuBLAS ran a 2048 x 128 bf16 GEMV on a couple of SMs in
 #: ~5 µs (``benchmarks/results/moe_profile.md``).
 ROUTER_GEMV_MAX_TOKENS = 16
@@ -331,9 +329,9 @@ def router(x: torch.Tensor, weight: torch.Tensor, k: int, keep: int | None = Non
         bt = triton.next_power_of_2(max(t, 1))
         bk = max(32, min(triton.next_power_of_2(hid), 2048 // bt))
         if t:
-            launch(_router_logits_kernel)[(e, 1)](
-                x, weight, logits, t, x.stride(0), weight.stride(0), logits.stride(0),
-                E=e, HID=hid, BT=bt, BE=1, BK=bk, num_warps=4,
+            launch(_router_logits_kernel)[(e,)](
+                x, weight, logits, t, x.stride(0), weight.stride(0), logits.stride(0), HID=hid, BT=bt, BK=bk,
+                num_warps=4,
             )
     else:
         logits = torch.matmul(x.to(logits_dtype), weight.to(logits_dtype).t())
