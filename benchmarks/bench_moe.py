@@ -354,11 +354,11 @@ def write(rows, check, out: Path, header: str) -> None:
     (out / "moe.md").write_text("\n".join(lines) + "\n")
 
 
-def header(args, started: float) -> str:
+def header(args, command: str, started: float) -> str:
     return (f"# MoE decode: activated experts vs time\n\n{torch.cuda.get_device_name()}, {datetime.date.today()}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}, xquant_fx {xquant_fx.__version__}; "
             f"bf16, random weights, CUDA graphs; model part: {args.model_layers} decoder layers, bf16 StaticCache of "
-            f"{args.context} tokens. `python benchmarks/bench_moe.py {' '.join(sys.argv[1:])}` "
+            f"{args.context} tokens. `{command}` "
             f"({time.time() - started:.0f} s).")
 
 
@@ -404,16 +404,16 @@ def main(argv=None) -> int:
         importlib.import_module("xquant_fx.passes.router_topk").WHOLE_ROUTER = False  # the module, not the pass
     rows, check, failures = [], [], []
     started = time.time()
+    command = "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     profile_lines = [f"# MoE layer step: kernel breakdown\n\n{torch.cuda.get_device_name()}, {datetime.date.today()}, "
                      f"torch {torch.__version__}, transformers {transformers.__version__}, xquant_fx "
-                     f"{xquant_fx.__version__}; bf16, random weights, Inductor-compiled layer at batch 1. "
-                     f"`python benchmarks/bench_moe.py {' '.join(argv if argv is not None else sys.argv[1:])}`."]
+                     f"{xquant_fx.__version__}; bf16, random weights, Inductor-compiled layer at batch 1. `{command}`."]
     for name in args.shapes:
         ks = args.ks or (SHAPES[name][::2] if args.quick else SHAPES[name])
         batches = args.batches[:2] if args.quick else args.batches
         model = build(name, 2, "cuda", torch.bfloat16)  # DeepSeek's layer 0 is dense: layer 1 is MoE
         def flush():  # after each batch: a cut-short run keeps what it measured
-            write(rows, check, args.out, header(args, started))
+            write(rows, check, args.out, header(args, command, started))
 
         if args.profile or args.profile_only:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """How a batch-1 MoE step should spread over the GPU: ``xquant::moe_experts`` kernels at several
 :class:`xquant_fx.kernels.moe.Decode` settings (split-K target of the up projection, reduction
-tiles, pipeline stages, the combine folded into the down kernel), and the softmax router op against torch's linear + softmax + top-k.
+tiles, pipeline stages, the combine folded into the down kernel), and the softmax router op
+against torch's linear + softmax + top-k.
 
 A script, not a test (random weights: speed only). Qwen3-30B-A3B shapes (128 experts, hidden 2048,
 expert intermediate 768, bf16), batch 1, each setting checked against
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
             err = ((got - ref).abs().max() / ref.abs().max()).item()
             worst = max(worst, err)
             us = graph_time(lambda: kernels.moe_experts(x, ids, w, gate_up, down), args.iters) * 1e6
-            lines.append(f"| {k} | {' | '.join(map(str, setting))} | {us:.1f} | {k * expert_bytes / COPY_BW * 1e6:.1f} | {err:.1e} |")
+            floor = k * expert_bytes / COPY_BW * 1e6
+            lines.append(f"| {k} | {' | '.join(map(str, setting))} | {us:.1f} | {floor:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     kernels.DECODE = kernels.Decode()
 
