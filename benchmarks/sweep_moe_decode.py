@@ -1,8 +1,7 @@
 """How a batch-1 MoE step should spread over the GPU: ``xquant::moe_experts`` kernels at several
 :class:`xquant_fx.kernels.moe.Decode` settings (split-K target of the up projection, reduction
 tiles, pipeline stages, the combine folded into the down kernel), and the softmax router op
-against torch's linear + softmax + top-k, and the router with its experts as two ops (four
-launches) against ``xquant::moe``'s two launches (:func:`xquant_fx.kernels.moe.moe_decode`).
+against torch's linear + softmax + top-k.
 
 A script, not a test (random weights: speed only). Qwen3-30B-A3B shapes (128 experts, hidden 2048,
 expert intermediate 768, bf16), batch 1, each setting checked against
@@ -43,9 +42,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ks", nargs="+", type=int, default=[8, 4, 2])
     p.add_argument("--iters", type=int, default=500)
-    p.add_argument("--fused-only", action="store_true", help="only the router + experts section")
-    p.add_argument("--fused-programs", nargs="+", type=int, default=[384],
-                   help="Decode.up_programs settings of the fused step")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     assert torch.cuda.is_available(), "sweep_moe_decode.py times CUDA graphs: run it on a GPU"
@@ -63,7 +59,7 @@ def main(argv=None) -> int:
              "| k | up programs | up BK | down BK | stages | fold combine | µs | floor µs | rel. error |",
              "|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
-    for k in [] if args.fused_only else args.ks:
+    for k in args.ks:
         ids = torch.randperm(e, device=dev)[:k].view(1, k)
         w = torch.rand(1, k, device=dev).to(bf16)
         ref = experts_reference(x, ids, w, gate_up, down).float()
@@ -77,36 +73,6 @@ def main(argv=None) -> int:
             lines.append(f"| {k} | {' | '.join(map(str, setting))} | {us:.1f} | {floor:.1f} | {err:.1e} |")
             print(lines[-1], flush=True)
     kernels.DECODE = kernels.Decode()
-
-    lines += ["", "Router and experts at batch 1 (normalized, bf16 values): `xquant::router` then "
-              "`xquant::moe_experts` (four launches) against `xquant::moe` (router GEMV, then one kernel for top-k, "
-              "up, down and combine), checked against the torch reference of both.", "",
-              "| k | up programs | two ops µs | xquant::moe µs | rel. error |", "|---|---|---|---|---|"]
-    for k in args.ks:
-        def two_ops():
-            values, ids, _ = kernels.router(x, router_w, k, normalize=True, values_dtype=bf16)
-            return kernels.moe_experts(x, ids, values, gate_up, down)
-
-        def fused():
-            return kernels.moe_decode(x, router_w, gate_up, down, k, normalize=True, values_dtype=bf16)[0]
-
-        values, ids, _ = kernels.router(x, router_w, k, normalize=True, values_dtype=bf16)
-        ref = experts_reference(x, ids, values, gate_up, down).float()
-        for programs in args.fused_programs:
-            kernels.DECODE = kernels.Decode(up_programs=programs)
-            got = fused()
-            assert torch.equal(got, fused()), "xquant::moe is not deterministic"
-            err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
-            worst = max(worst, err)
-            base, ours = (graph_time(fn, args.iters) * 1e6 for fn in (two_ops, fused))
-            lines.append(f"| {k} | {programs} | {base:.1f} | {ours:.1f} | {err:.1e} |")
-            print(lines[-1], flush=True)
-    kernels.DECODE = kernels.Decode()
-    if args.fused_only:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "moe_decode_fused.md").write_text("\n".join(lines) + "\n")
-        print(f"worst relative error {worst:.1e}")
-        return 0 if worst < 1e-2 else 1
 
     lines += ["", "Router at batch 1 (128 experts, k=8, normalized): `xquant::router`'s kernels against torch's "
               "linear, softmax and top-k (eager, graph-captured).", "", "| router | µs |", "|---|---|"]

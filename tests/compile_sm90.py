@@ -88,11 +88,6 @@ def scenarios():
     w = torch.zeros(128, hid, dtype=bf16)
     yield "router bf16, normalized", lambda: moe.router(torch.zeros(1, hid, dtype=bf16), w, 8, 4, 0.0, 128, True,
                                                          bf16, bf16)
-    for tokens, k, keep in ((1, 8, 8), (2, 8, 5)):
-        yield f"moe_decode {tokens}x{k}", lambda tokens=tokens, k=k, keep=keep: moe.moe_decode(
-            torch.zeros(tokens, hid, dtype=bf16), w, gate_up, down, k, keep, True, None, bf16)
-    yield "moe_decode 1x2 fp32 logits", lambda: moe.moe_decode(torch.zeros(1, hid, dtype=bf16), w, gate_up, down, 2,
-                                                               2, False, torch.float32, torch.float32)
     yield "router fp32 logits", lambda: moe.router(torch.zeros(3, hid, dtype=bf16), w, 6, 6, 0.0, 128, False,
                                                     torch.float32, torch.float32)
 

@@ -62,37 +62,6 @@ def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: t
 
 
 @triton.jit
-def _up_block(X, GateUp, Hbuf, e, rows, rmask, slots, nt, sk, stride_xt, stride_ge, stride_gn, stride_hs, stride_hr,
-              K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr, SPLIT: tl.constexpr):
-    """Column tile ``nt`` of expert ``e``'s up projection for the block's rows, over the ``sk``-th of
-    ``SPLIT`` slices of the hidden dimension, stored in ``Hbuf`` (see :func:`_moe_up_kernel`)."""
-    tok = (slots // K_TOP).to(tl.int64)
-    cols = nt * BN + tl.arange(0, BN)
-    cmask = cols < INTER
-    w_base = GateUp + e.to(tl.int64) * stride_ge
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    k_per: tl.constexpr = ((HID + BK - 1) // BK + SPLIT - 1) // SPLIT * BK
-    for k0 in range(sk * k_per, tl.minimum(sk * k_per + k_per, HID), BK):
-        ks = k0 + tl.arange(0, BK)
-        kmask = ks < HID
-        xt = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wmask = kmask[:, None] & cmask[None, :]
-        wg = tl.load(w_base + cols[None, :] * stride_gn + ks[:, None], mask=wmask, other=0.0)
-        wu = tl.load(w_base + (cols[None, :] + INTER) * stride_gn + ks[:, None], mask=wmask, other=0.0)
-        acc_g = tl.dot(xt, wg, acc_g)
-        acc_u = tl.dot(xt, wu, acc_u)
-    hmask = rmask[:, None] & cmask[None, :]
-    h_ptr = Hbuf + sk * stride_hs + rows[:, None].to(tl.int64) * stride_hr + cols[None, :]
-    if SPLIT == 1:
-        tl.store(h_ptr, (acc_g * tl.sigmoid(acc_g) * acc_u).to(Hbuf.dtype.element_ty), mask=hmask)
-    else:
-        tl.store(h_ptr, acc_g, mask=hmask)
-        tl.store(h_ptr + INTER, acc_u, mask=hmask)
-
-
-@triton.jit
 def _moe_up_kernel(
     X, GateUp, Hbuf, Order, BlockExpert, BlockRow, BlockEnd, Arrivals, num_arrivals,
     stride_xt, stride_ge, stride_gn, stride_hs, stride_hr,
@@ -112,40 +81,32 @@ def _moe_up_kernel(
         if (b == 0) & (nt == 0) & (tl.program_id(2) == 0):
             tl.store(Arrivals + tl.arange(0, BA), tl.zeros([BA], dtype=tl.int32), mask=tl.arange(0, BA) < num_arrivals)
     e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
-    if e < E:
-        _up_block(X, GateUp, Hbuf, e, rows, rmask, slots, nt, tl.program_id(2), stride_xt, stride_ge, stride_gn,
-                  stride_hs, stride_hr, K_TOP, HID, INTER, BM, BN, BK, SPLIT)
-
-
-@triton.jit
-def _down_block(X, Hbuf, Down, e, b, rows, rmask, nt, stride_hs, stride_hr, stride_de, stride_dn,
-                HID: tl.constexpr, INTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                SPLIT_UP: tl.constexpr, CACHE: tl.constexpr):
-    """``h[r] @ down[e]^T`` (float32) for the block's rows and column tile ``nt``; ``h`` read with
-    cache modifier ``CACHE`` (see :func:`_moe_down_kernel`)."""
+    if e >= E:
+        return
+    tok = (slots // K_TOP).to(tl.int64)
     cols = nt * BN + tl.arange(0, BN)
-    cmask = cols < HID
-    w_base = Down + e.to(tl.int64) * stride_de
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    h_rows = Hbuf + rows[:, None].to(tl.int64) * stride_hr
-    for k0 in range(0, INTER, BK):
+    cmask = cols < INTER
+    w_base = GateUp + e.to(tl.int64) * stride_ge
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    sk = tl.program_id(2)
+    k_per: tl.constexpr = ((HID + BK - 1) // BK + SPLIT - 1) // SPLIT * BK
+    for k0 in range(sk * k_per, tl.minimum(sk * k_per + k_per, HID), BK):
         ks = k0 + tl.arange(0, BK)
-        kmask = ks < INTER
-        if SPLIT_UP == 1:
-            a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0, cache_modifier=CACHE)
-        else:  # slot blocks (the host splits no other step): one row, ``b``; vectors keep shared memory small
-            g = tl.zeros((BK,), dtype=tl.float32)
-            u = tl.zeros((BK,), dtype=tl.float32)
-            h_row = Hbuf + b.to(tl.int64) * stride_hr + ks
-            for p in tl.static_range(SPLIT_UP):
-                g += tl.load(h_row + p * stride_hs, mask=kmask, other=0.0, cache_modifier=CACHE)
-                u += tl.load(h_row + p * stride_hs + INTER, mask=kmask, other=0.0, cache_modifier=CACHE)
-            act = (g * tl.sigmoid(g) * u).to(X.dtype.element_ty)
-            a = tl.where(rmask[:, None], act[None, :], tl.zeros((BM, BK), dtype=X.dtype.element_ty))
-        wd = tl.load(w_base + cols[None, :] * stride_dn + ks[:, None], mask=kmask[:, None] & cmask[None, :],
-                     other=0.0)
-        acc = tl.dot(a, wd, acc)
-    return acc
+        kmask = ks < HID
+        xt = tl.load(X + tok[:, None] * stride_xt + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & cmask[None, :]
+        wg = tl.load(w_base + cols[None, :] * stride_gn + ks[:, None], mask=wmask, other=0.0)
+        wu = tl.load(w_base + (cols[None, :] + INTER) * stride_gn + ks[:, None], mask=wmask, other=0.0)
+        acc_g = tl.dot(xt, wg, acc_g)
+        acc_u = tl.dot(xt, wu, acc_u)
+    hmask = rmask[:, None] & cmask[None, :]
+    h_ptr = Hbuf + sk * stride_hs + rows[:, None].to(tl.int64) * stride_hr + cols[None, :]
+    if SPLIT == 1:
+        tl.store(h_ptr, (acc_g * tl.sigmoid(acc_g) * acc_u).to(Hbuf.dtype.element_ty), mask=hmask)
+    else:
+        tl.store(h_ptr, acc_g, mask=hmask)
+        tl.store(h_ptr + INTER, acc_u, mask=hmask)
 
 
 @triton.jit
@@ -170,153 +131,36 @@ def _moe_down_kernel(
     cols = nt * BN + tl.arange(0, BN)
     cmask = cols < HID
     if e < E:
-        acc = _down_block(X, Hbuf, Down, e, b, rows, rmask, nt, stride_hs, stride_hr, stride_de, stride_dn,
-                          HID, INTER, BM, BN, BK, SPLIT_UP, "")
+        w_base = Down + e.to(tl.int64) * stride_de
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        h_rows = Hbuf + rows[:, None].to(tl.int64) * stride_hr
+        for k0 in range(0, INTER, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < INTER
+            if SPLIT_UP == 1:
+                a = tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            else:  # slot blocks (the host splits no other step): one row, ``b``; vectors keep shared memory small
+                g = tl.zeros((BK,), dtype=tl.float32)
+                u = tl.zeros((BK,), dtype=tl.float32)
+                h_row = Hbuf + b.to(tl.int64) * stride_hr + ks
+                for p in tl.static_range(SPLIT_UP):
+                    g += tl.load(h_row + p * stride_hs, mask=kmask, other=0.0)
+                    u += tl.load(h_row + p * stride_hs + INTER, mask=kmask, other=0.0)
+                act = (g * tl.sigmoid(g) * u).to(X.dtype.element_ty)
+                a = tl.where(rmask[:, None], act[None, :], tl.zeros((BM, BK), dtype=X.dtype.element_ty))
+            wd = tl.load(w_base + cols[None, :] * stride_dn + ks[:, None], mask=kmask[:, None] & cmask[None, :],
+                         other=0.0)
+            acc = tl.dot(a, wd, acc)
         wt = tl.load(W + slots, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * wt[:, None]
         tl.store(Out + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc,
                  mask=rmask[:, None] & cmask[None, :])
     if FOLD:
-        _fold(Out, BlockExpert, Y, Arrivals, b // K_TOP, nt, tl.num_programs(1), cols, cmask, stride_os, stride_yt,
-              E, K_TOP)
-
-
-@triton.jit
-def _fold(Out, Ids, Y, Arrivals, t, nt, tiles, cols, cmask, stride_os, stride_yt, E: tl.constexpr,
-          K_TOP: tl.constexpr):
-    """Count this program's arrival at token ``t``'s column tile ``nt`` (of ``tiles``); the ``K``-th
-    to arrive adds the token's rows (:func:`_token_sum`) and stores ``y[t]``."""
-    tl.debug_barrier()  # every thread's row stored before the arrival is counted (released)
-    arrived = tl.atomic_add(Arrivals + t * tiles + nt, 1, sem="acq_rel", scope="gpu")
-    if arrived == K_TOP - 1:  # the other slots' rows come from other SMs: read them from L2 (.cg)
-        _token_sum(Out, Ids, Y, t, cols, cmask, stride_os, stride_yt, E, K_TOP, ".cg")
-
-
-@triton.jit
-def _route(L, stride_lt, t, r, E: tl.constexpr, EP: tl.constexpr, KEEP: tl.constexpr, NORMALIZE: tl.constexpr):
-    """Expert and float32 routing weight of token ``t``'s slot ``r`` from its router logits, as
-    :func:`_topk_kernel` with ``SOFTMAX`` ranks them (ties to the lower index, NaN first), but
-    without a loop over the slots: expert ``i``'s rank is the number of experts before it."""
-    cols = tl.arange(0, EP)
-    inb = cols < E
-    x = tl.load(L + t.to(tl.int64) * stride_lt + cols, mask=inb, other=0.0).to(tl.float32)
-    p = tl.exp(x - tl.max(tl.where(inb, x, float("-inf")), axis=0))
-    p = tl.where(inb, p, 0.0)
-    p = p / tl.sum(p, axis=0)
-    key = tl.where(inb, tl.where(p != p, float("inf"), p), float("-inf"))
-    ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (cols[None, :] < cols[:, None]))
-    rank = tl.sum(ahead.to(tl.int32), axis=1)
-    e = tl.sum(tl.where(rank == r, cols, 0), axis=0)
-    w = tl.sum(tl.where(rank == r, p, 0.0), axis=0)
-    if NORMALIZE:
-        w = w / tl.sum(tl.where(rank < KEEP, p, 0.0), axis=0)
-    return e, w
-
-
-@triton.jit
-def _route_sort(L, stride_lt, t, r, E: tl.constexpr, EP: tl.constexpr, KEEP: tl.constexpr, NORMALIZE: tl.constexpr):
-    cols = tl.arange(0, EP)
-    inb = cols < E
-    x = tl.load(L + t.to(tl.int64) * stride_lt + cols, mask=inb, other=0.0).to(tl.float32)
-    p = tl.exp(x - tl.max(tl.where(inb, x, float("-inf")), axis=0))
-    p = tl.where(inb, p, 0.0)
-    p = p / tl.sum(p, axis=0)
-    key = tl.where(p != p, float("inf"), p)
-    bits = key.to(tl.int32, bitcast=True).to(tl.int64)
-    packed = tl.where(inb, (bits << 32) | (EP - 1 - cols).to(tl.int64), -1)
-    ranked = tl.sort(packed, descending=True)
-    pos = tl.arange(0, EP)
-    pick = tl.sum(tl.where(pos == r, ranked, 0), axis=0)
-    e = (EP - 1 - (pick & 0xFFFFFFFF)).to(tl.int32)
-    w = tl.sum(tl.where(cols == e, p, 0.0), axis=0)
-    if NORMALIZE:
-        kept = tl.sum(tl.where(pos < KEEP, ranked >> 32, 0).to(tl.int32).to(tl.float32, bitcast=True), axis=0)
-        w = w / kept
-    return e, w
-
-
-@triton.jit
-def _moe_decode_kernel(
-    X, L, GateUp, Down, Hbuf, Out, Y, Ids, Wts, Counters,
-    stride_xt, stride_lt, stride_ge, stride_gn, stride_de, stride_dn, stride_hs, stride_hr, stride_os, stride_yt,
-    E: tl.constexpr, EP: tl.constexpr, K_TOP: tl.constexpr, KEEP: tl.constexpr, NORMALIZE: tl.constexpr,
-    S: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr, BN_UP: tl.constexpr, BK_UP: tl.constexpr,
-    SPLIT: tl.constexpr, BN_DOWN: tl.constexpr, BK_DOWN: tl.constexpr,
-    ROUTE: tl.constexpr = 0, POLL: tl.constexpr = 0, TICKET: tl.constexpr = 1,
-):
-    """A decode step's routed experts in one launch, from the router logits ``L``: the top-k,
-    :func:`_moe_up_kernel` and :func:`_moe_down_kernel` with the combine folded in.
-
-    Work items are handed out in order by a ticket counter: first the ``S x up tiles x SPLIT`` up
-    items, then the ``S x down tiles`` down items. Each program ranks its token's experts itself
-    (:func:`_route`); an up item counts its completion at its slot (``Ready[slot]``, released),
-    and a down item waits for all of its slot's up items before it reads ``h``. A waiting down
-    item only waits on items handed out before its own, to programs already running that wait on
-    nothing: the launch cannot deadlock, whatever the GPU schedules. The first up item of each
-    slot also stores the slot's expert (``Ids``; ``E`` past ``KEEP``) and weight (``Wts``, in its
-    dtype, which the down items round to as well). ``Counters`` (ticket, ``Ready[S]``,
-    ``Arrivals[T x down tiles]``) must be zero at launch: the router GEMV launched just before
-    zeroes them."""
-    UP_TILES: tl.constexpr = (INTER + BN_UP - 1) // BN_UP
-    DOWN_TILES: tl.constexpr = (HID + BN_DOWN - 1) // BN_DOWN
-    UP_ITEMS: tl.constexpr = S * UP_TILES * SPLIT
-    BM: tl.constexpr = 16  # tl.dot's smallest tile: one real row (the slot), 15 masked
-    if TICKET:
-        ticket = tl.atomic_add(Counters, 1, sem="relaxed", scope="gpu")
-    else:
-        ticket = tl.program_id(0)
-    Ready = Counters + 1
-    Arrivals = Counters + 1 + S
-    up = ticket < UP_ITEMS
-    if up:
-        slot = ticket // (UP_TILES * SPLIT)
-        nt = ticket % (UP_TILES * SPLIT) // SPLIT
-        sk = ticket % SPLIT
-    else:
-        slot = (ticket - UP_ITEMS) // DOWN_TILES
-        nt = (ticket - UP_ITEMS) % DOWN_TILES
-        sk = ticket * 0
-    t = slot // K_TOP
-    r = slot % K_TOP
-    if ROUTE == 0:
-        e, w = _route(L, stride_lt, t, r, E, EP, KEEP, NORMALIZE)
-    elif ROUTE == 1:
-        e = tl.load(Ids + slot).to(tl.int32)
-        w = tl.load(Wts + slot).to(tl.float32)
-    else:
-        e, w = _route_sort(L, stride_lt, t, r, E, EP, KEEP, NORMALIZE)
-    e = tl.where(r < KEEP, e, E)
-    w = tl.where(r < KEEP, w, 0.0).to(Wts.dtype.element_ty)
-    rows = slot + tl.arange(0, BM)
-    rmask = tl.arange(0, BM) == 0
-    if up:
-        if (nt == 0) & (sk == 0) & (ROUTE != 1):
-            tl.store(Ids + slot, e.to(tl.int64))
-            tl.store(Wts + slot, w)
-        if e < E:
-            _up_block(X, GateUp, Hbuf, e, rows, rmask, rows, nt, sk, stride_xt, stride_ge, stride_gn, stride_hs,
-                      stride_hr, K_TOP, HID, INTER, BM, BN_UP, BK_UP, SPLIT)
-        tl.debug_barrier()  # every thread's part of h stored before the completion is counted (released)
-        tl.atomic_add(Ready + slot, 1, sem="release", scope="gpu")
-    else:
-        if POLL == 0:
-            done = tl.atomic_add(Ready + slot, 0, sem="acquire", scope="gpu")
-            while done < UP_TILES * SPLIT:
-                done = tl.atomic_add(Ready + slot, 0, sem="acquire", scope="gpu")
-        else:
-            done = tl.load(Ready + slot, volatile=True)
-            while done < UP_TILES * SPLIT:
-                done = tl.load(Ready + slot, volatile=True)
-            done = tl.atomic_add(Ready + slot, 0, sem="acquire", scope="gpu")
-        cols = nt * BN_DOWN + tl.arange(0, BN_DOWN)
-        cmask = cols < HID
-        if e < E:  # h written on other SMs during this launch: read from L2 (.cg)
-            acc = _down_block(X, Hbuf, Down, e, slot, rows, rmask, nt, stride_hs, stride_hr, stride_de, stride_dn,
-                              HID, INTER, BM, BN_DOWN, BK_DOWN, SPLIT, ".cg")
-            acc = acc * w.to(tl.float32)
-            tl.store(Out + rows[:, None].to(tl.int64) * stride_os + cols[None, :], acc,
-                     mask=rmask[:, None] & cmask[None, :])
-        _fold(Out, Ids, Y, Arrivals, t, nt, DOWN_TILES, cols, cmask, stride_os, stride_yt, E, K_TOP)
+        t = b // K_TOP
+        tl.debug_barrier()  # every thread's row stored before the arrival is counted (released)
+        arrived = tl.atomic_add(Arrivals + t * tl.num_programs(1) + nt, 1, sem="acq_rel", scope="gpu")
+        if arrived == K_TOP - 1:  # the other slots' rows come from other SMs: read them from L2 (.cg)
+            _token_sum(Out, BlockExpert, Y, t, cols, cmask, stride_os, stride_yt, E, K_TOP, ".cg")
 
 
 @triton.jit
@@ -421,16 +265,11 @@ def _topk_kernel(X, V, I, N, stride_x, fill, sentinel, K: tl.constexpr, KEEP: tl
 
 
 @triton.jit
-def _router_logits_kernel(X, Wt, L, Zero, T, num_zero, stride_xt, stride_we, stride_lt,
-                          HID: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BZ: tl.constexpr):
+def _router_logits_kernel(X, Wt, L, T, stride_xt, stride_we, stride_lt,
+                          HID: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """``L[t, e] = x[t] . w[e]`` (float32 sums, stored in ``L``'s dtype) for expert ``e`` = the
-    program and the step's ``T <= BT`` tokens: a router's GEMV spread over one program per expert.
-    With ``BZ > 0`` the first program also zeroes ``Zero[:num_zero]`` (the counters of
-    :func:`_moe_decode_kernel`, launched next)."""
+    program and the step's ``T <= BT`` tokens: a router's GEMV spread over one program per expert."""
     e = tl.program_id(0).to(tl.int64)
-    if BZ > 0:
-        if e == 0:
-            tl.store(Zero + tl.arange(0, BZ), tl.zeros([BZ], dtype=tl.int32), mask=tl.arange(0, BZ) < num_zero)
     ts = tl.arange(0, BT)
     tmask = ts < T
     acc = tl.zeros([BT], dtype=tl.float32)
@@ -474,38 +313,28 @@ def topk(scores: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.
 ROUTER_GEMV_MAX_TOKENS = 16
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor, logits_dtype: torch.dtype,
-                  zero: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight^T`` (float32 sums) in ``logits_dtype``: :func:`_router_logits_kernel` for steps
-    of at most :data:`ROUTER_GEMV_MAX_TOKENS` tokens (which also zeroes the int32 ``zero``), else
-    ``torch.matmul``."""
-    t, hid = x.shape
-    e = weight.shape[0]
-    if t > ROUTER_GEMV_MAX_TOKENS:
-        assert zero is None, "the counters are zeroed by the GEMV kernel only"
-        return torch.matmul(x.to(logits_dtype), weight.to(logits_dtype).t())
-    logits = torch.empty((t, e), dtype=logits_dtype, device=x.device)
-    bt = triton.next_power_of_2(max(t, 1))
-    bk = max(32, min(triton.next_power_of_2(hid), 2048 // bt))
-    nz = 0 if zero is None else zero.numel()
-    if t:
-        launch(_router_logits_kernel)[(e,)](
-            x, weight, logits, zero, t, nz, x.stride(0), weight.stride(0), logits.stride(0), HID=hid, BT=bt, BK=bk,
-            BZ=triton.next_power_of_2(nz) if nz else 0, num_warps=4,
-        )
-    return logits
-
-
 def router(x: torch.Tensor, weight: torch.Tensor, k: int, keep: int | None = None, fill: float = 0.0,
            sentinel: int = 0, normalize: bool = False, logits_dtype: torch.dtype | None = None,
            values_dtype: torch.dtype | None = None):
     """A softmax router: ``logits = x @ weight^T`` (float32 sums, rounded to ``logits_dtype``,
     default ``x.dtype``), then :func:`topk` of their softmax. Two launches; returns
     ``(values, indices, logits)``."""
+    t, hid = x.shape
+    e = weight.shape[0]
     logits_dtype = logits_dtype or x.dtype
     x = x.contiguous()
     weight = weight.contiguous()
-    logits = router_logits(x, weight, logits_dtype)
+    if t <= ROUTER_GEMV_MAX_TOKENS:
+        logits = torch.empty((t, e), dtype=logits_dtype, device=x.device)
+        bt = triton.next_power_of_2(max(t, 1))
+        bk = max(32, min(triton.next_power_of_2(hid), 2048 // bt))
+        if t:
+            launch(_router_logits_kernel)[(e,)](
+                x, weight, logits, t, x.stride(0), weight.stride(0), logits.stride(0), HID=hid, BT=bt, BK=bk,
+                num_warps=4,
+            )
+    else:
+        logits = torch.matmul(x.to(logits_dtype), weight.to(logits_dtype).t())
     values, indices = topk(logits, k, keep, fill, sentinel, softmax=True, normalize=normalize,
                            values_dtype=values_dtype)
     return values, indices, logits
@@ -630,62 +459,3 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
             out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, num_warps=4,
         )
     return y
-
-
-#: Routers of at most this many experts can run fused with their experts (:func:`moe_decode`): each
-#: program ranks a token's experts with an ``E x E`` comparison.
-DECODE_MAX_EXPERTS = 128
-
-
-def decode_fuses(tokens: int, k: int, num_experts: int) -> bool:
-    """Whether :func:`moe_decode` runs a step of ``tokens`` tokens in its two launches (else the
-    router and experts kernels, as separate ops would)."""
-    return 0 < tokens * k <= SLOT_BLOCKS_MAX and num_experts <= DECODE_MAX_EXPERTS
-
-
-def moe_decode(x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, k: int,
-               keep: int | None = None, normalize: bool = False, logits_dtype: torch.dtype | None = None,
-               values_dtype: torch.dtype | None = None, variant=None, routes=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A softmax router and its routed experts (``xquant::moe``): :func:`router` (with
-    ``fill=0``, sentinel ``E``), then :func:`moe_experts`; returns ``(y, logits)``. Decode steps
-    (:func:`decode_fuses`) take two launches: the router GEMV, then :func:`_moe_decode_kernel`."""
-    t, hid = x.shape
-    e, two_i, _ = gate_up.shape
-    keep = k if keep is None else keep
-    logits_dtype = logits_dtype or x.dtype
-    values_dtype = values_dtype or torch.float32
-    if not decode_fuses(t, k, e):
-        values, ids, logits = router(x, weight, k, keep, 0.0, e, normalize, logits_dtype, values_dtype)
-        return moe_experts(x, ids, values, gate_up, down), logits
-    inter = two_i // 2
-    s = t * k
-    x = x.contiguous()
-    weight = weight.contiguous()
-    gate_up = gate_up.contiguous()
-    down = down.contiguous()
-    _, bn_up, _, bn_down, _ = _tiles(s, e)
-    bk_up, bk_down = DECODE.bk_up, DECODE.bk_down
-    up_tiles, down_tiles = triton.cdiv(inter, bn_up), triton.cdiv(hid, bn_down)
-    split = _split(s * up_tiles, triton.cdiv(hid, bk_up), DECODE.up_programs)
-    if split == 1:
-        hbuf = torch.empty((1, s, inter), dtype=x.dtype, device=x.device)
-    else:
-        hbuf = torch.empty((split, s, 2 * inter), dtype=torch.float32, device=x.device)
-    counters = torch.empty(1 + s + t * down_tiles, dtype=torch.int32, device=x.device)
-    logits = router_logits(x, weight, logits_dtype, zero=counters)
-    out = torch.empty((s, hid), dtype=torch.float32, device=x.device)
-    if routes is None:
-        ids = torch.empty(s, dtype=torch.int64, device=x.device)
-        wts = torch.empty(s, dtype=values_dtype, device=x.device)
-    else:
-        ids, wts = routes
-    y = torch.empty_like(x)
-    launch(_moe_decode_kernel)[(s * (up_tiles * split + down_tiles),)](
-        x, logits, gate_up, down, hbuf, out, y, ids, wts, counters,
-        x.stride(0), logits.stride(0), gate_up.stride(0), gate_up.stride(1), down.stride(0), down.stride(1),
-        hbuf.stride(0), hbuf.stride(1), out.stride(0), y.stride(0),
-        E=e, EP=triton.next_power_of_2(e), K_TOP=k, KEEP=keep, NORMALIZE=normalize, S=s, HID=hid, INTER=inter,
-        BN_UP=bn_up, BK_UP=bk_up, SPLIT=split, BN_DOWN=bn_down, BK_DOWN=bk_down, num_warps=4,
-        num_stages=DECODE.stages, **(variant or {}),
-    )
-    return y, logits
