@@ -156,7 +156,45 @@ def test_moe_experts_op_checks_shapes_and_has_a_fake():
         torch.ops.xquant.moe_experts(x, ids, w, gate_up, torch.randn(4, 16, 5))
     with pytest.raises(ValueError, match=r"ids/weights \[T, K\]"):
         torch.ops.xquant.moe_experts(x, ids, w[:, :1], gate_up, down)
+    for keep in (0, 3, -2):
+        with pytest.raises(ValueError, match=f"keep={keep} must be in 1..K=2"):
+            torch.ops.xquant.moe_experts(x, ids, w, gate_up, down, keep)
     torch.library.opcheck(torch.ops.xquant.moe_experts.default, (x, ids, w, gate_up, down))
+    torch.library.opcheck(torch.ops.xquant.moe_experts.default, (x, ids, w, gate_up, down, 1))
+
+
+# 1 x 8 and 2 x 8 slots kept to 4 / 6: slot blocks (with split-K, which sizes itself by the kept
+# slots; one token's read in place); 5 x 8 kept to 4: the block table over the kept slots, copied
+# out of the [T, K] tensors; 3 x 8 kept to 1: [T, 1] slices, whose flat view would be strided
+@pytest.mark.parametrize("tokens, keep", [(1, 4), (2, 6), (5, 4), (3, 1)])
+def test_moe_experts_keep_reads_only_the_kept_slots(tokens, keep, force_kernels, monkeypatch):
+    from xquant_fx.kernels import moe as moe_kernels
+
+    grids = {}
+    launch = moe_kernels.launch
+
+    def recording(kernel):
+        def at(grid):
+            grids[kernel.__name__] = grid
+            return launch(kernel)[grid]
+        return type("Launch", (), {"__getitem__": lambda self, grid: at(grid)})()
+
+    monkeypatch.setattr(moe_kernels, "launch", recording)
+    torch.manual_seed(tokens)
+    experts, k, hid, inter = 16, 8, 640, 64
+    x = torch.randn(tokens, hid)
+    gate_up, down = torch.randn(experts, 2 * inter, hid) * 0.05, torch.randn(experts, hid, inter) * 0.05
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])  # every slot a real expert
+    w = torch.rand(tokens, k)
+    want = experts_reference(x, ids[:, :keep], w[:, :keep], gate_up, down)
+    assert (want - experts_reference(x, ids, w, gate_up, down)).abs().max() > 1e-3  # the other slots count
+    torch.testing.assert_close(torch.ops.xquant.moe_experts(x, ids, w, gate_up, down, keep), want,
+                               atol=1e-4, rtol=1e-4)
+    if tokens * keep <= moe_kernels.SLOT_BLOCKS_MAX:  # one block per kept slot, none for the others
+        assert grids["_moe_up_kernel"][0] == grids["_moe_down_kernel"][0] == tokens * keep
+    with torch.device("meta"):  # the fake keeps the shape
+        assert torch.ops.xquant.moe_experts(x.to("meta"), ids.to("meta"), w.to("meta"), gate_up.to("meta"),
+                                            down.to("meta"), keep).shape == x.shape
 
 
 # --------------------------------------------------------------------------- router top-k
@@ -343,6 +381,8 @@ def test_pass_prunes_each_router_like_a_hand_written_router(family):
     logits, gm, hits = _run_with_pass(model, ids, plan)
     assert hits == len(layers)  # once per MoE layer (DeepSeek: the final of its top-k calls)
     assert [n.args[3] for n in gm.graph.nodes if n.target is prune_routes] == keeps  # intended k per layer
+    # the experts read only the kept slots (the rest are sentinels)
+    assert [n.kwargs.get("keep") for n in gm.graph.nodes if "xquant.moe_experts" in str(n.target)] == keeps
     assert prune_moe_router(gm, PassContext(moe=plan)) == 0  # idempotent
     with torch.no_grad():
         expected = _with_reference_routers(model, family, keeps)(ids).logits

@@ -12,7 +12,9 @@ Three pieces, each small and testable on its own:
   :mod:`xquant_fx.ops`): ``sum_k w[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` over the
   slots of each token, skipping sentinel slots. The reference is plain torch with static shapes
   (traceable, no host synchronisation); the Triton kernel of :mod:`xquant_fx.kernels.moe` groups
-  slots by expert and reads each selected expert's weights once.
+  slots by expert and reads each selected expert's weights once. Where the pass knows that each
+  token's slots from ``keep`` on are sentinels (sorted, pruned slots), it passes ``keep`` to the
+  op, whose kernels then launch work for the kept slots only.
 * **Model plumbing** (:func:`find_moe_layers`, :func:`install_experts`, :class:`MoEPlan`):
   transformers 5 routes every MoE family's experts through one interface
   (``ExpertsInterface``); :func:`install_experts` registers ``"xquant"`` there and selects it, so

@@ -27,8 +27,8 @@ clamped to +-448 and rounded, read as float32, on both paths alike)::
     xquant::read_keys(Tensor codes, Tensor scale, Tensor zero, Tensor window, Tensor n,
         int bits, int group, int length) -> Tensor          # quant.read_keys, plain torch
     xquant::read_values(...same...) -> Tensor                 # quant.read_values, plain torch
-    xquant::moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down)
-        -> Tensor                                            # moe.experts_reference
+    xquant::moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, int keep=-1)
+        -> Tensor                                            # moe.experts_reference; slots >= keep unread
     xquant::router_topk(Tensor scores, int k, int keep=-1, float fill=0., int sentinel=0)
         -> (Tensor, Tensor)                                  # torch.topk, sorted; slots >= keep dropped
     xquant::router(Tensor x, Tensor weight, int k, int keep=-1, float fill=0., int sentinel=0,
@@ -149,17 +149,24 @@ def _read_values_fake(codes, scale, zero, window, n, bits, group, length):
 # --------------------------------------------------------------------------- moe_experts
 @triton_op("xquant::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
+                down: torch.Tensor, keep: int = -1) -> torch.Tensor:
     """Routed experts of tokens ``x [T, H]`` over slots ``ids``/``weights [T, K]`` (``ids >= E``:
     sentinel, skipped), ``gate_up [E, 2I, H]``, ``down [E, H, I]``, SiLU gating:
-    :func:`xquant_fx.moe.experts_reference`."""
+    :func:`xquant_fx.moe.experts_reference`. With ``0 < keep < K`` only each token's first ``keep``
+    slots are read, as if the others were sentinels: the router pass sets it where a router drops
+    the slots from ``keep`` on itself (static pruning), so that the kernels size their launches
+    for the slots that do work (at batch 1, a step pruned from 8 experts to 4 splits the up
+    projection 4 ways instead of 2, and launches no programs for the dropped slots)."""
     from .moe import experts_reference
 
-    if x.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
+    if x.dim() != 2 or ids.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(
             f"moe_experts: x must be [T, H] and ids/weights [T, K]; got x {tuple(x.shape)}, ids {tuple(ids.shape)}, "
             f"weights {tuple(weights.shape)}"
         )
+    if keep != -1 and not 1 <= keep <= ids.shape[1]:
+        raise ValueError(f"moe_experts: keep={keep} must be in 1..K={ids.shape[1]} (or -1: every slot)")
+
     e, two_i, hid = gate_up.shape
     if hid != x.shape[1] or down.shape != (e, hid, two_i // 2):
         raise ValueError(
@@ -169,12 +176,14 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     if uses_kernels(x):
         from .kernels.moe import moe_experts as kernel_moe
 
-        return kernel_moe(x, ids, weights, gate_up, down)
+        return kernel_moe(x, ids, weights, gate_up, down, keep)
+    if keep != -1:
+        ids, weights = ids[:, :keep], weights[:, :keep]
     return experts_reference(x, ids, weights, gate_up, down)
 
 
 @moe_experts.register_fake
-def _moe_experts_fake(x, ids, weights, gate_up, down) -> torch.Tensor:
+def _moe_experts_fake(x, ids, weights, gate_up, down, keep=-1) -> torch.Tensor:
     return torch.empty_like(x)
 
 

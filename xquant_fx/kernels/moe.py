@@ -411,14 +411,21 @@ def _split(programs: int, chunks: int, target: int) -> int:
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
-    """:func:`xquant_fx.moe.experts_reference` with the kernels above."""
+                down: torch.Tensor, keep: int = -1) -> torch.Tensor:
+    """:func:`xquant_fx.moe.experts_reference` with the kernels above, over each token's first
+    ``keep`` slots (``-1``: all)."""
     t, hid = x.shape
     e, two_i, _ = gate_up.shape
     inter = two_i // 2
     k = ids.shape[-1]
+    if 0 < keep < k:
+        if t > 1 or keep > SLOT_BLOCKS_MAX:  # (one token's slot blocks read its first slots in place: no copy)
+            ids, weights = ids[:, :keep], weights[:, :keep]
+        k = keep
     s = t * k
     x = x.contiguous()
+    ids = ids.contiguous()
+    weights = weights.contiguous()
     gate_up = gate_up.contiguous()
     down = down.contiguous()
     w = weights.reshape(-1)

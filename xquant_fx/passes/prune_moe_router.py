@@ -12,7 +12,9 @@ slots per the plan (static ``k`` per layer, dynamic ``min_weight`` / ``top_p``, 
 renormalization); every user of the indices and values reads the pruned ones. Shapes do not
 change: dropped slots hold the sentinel expert ``num_experts`` with value 0 (``-inf`` if the
 values feed a softmax), so the router's own normalization and scaling run as traced. A ``gather``
-of weights by the indices (DeepSeek-V3) becomes :func:`xquant_fx.moe.prune_gather`.
+of weights by the indices (DeepSeek-V3) becomes :func:`xquant_fx.moe.prune_gather`. Since the
+slots are sorted, every slot from the layer's ``keep`` on is a sentinel: an ``xquant::moe_experts``
+node that reads the pruned indices is told so (``keep``), and launches no work for them.
 
 Declines (0 hits) when the backend was given no MoE options, on graphs without a router top-k
 (dense models), and on layers whose plan keeps every slot. Refuses (raises) when a pruned layer's
@@ -242,6 +244,10 @@ def prune_moe_router(gm: torch.fx.GraphModule, ctx=None) -> int:
                 user.replace_input_with(values, new_values)
         for node in (routed, new_values, new_indices):
             node.meta["nn_module_stack"] = dict(topk.meta.get("nn_module_stack", {}))
+        if keep[layer] < k:  # slots from keep on are sentinels: the experts need not launch work for them
+            for user in list(new_indices.users):
+                if _is_experts(user) and (user.args[1:2] or (user.kwargs.get("ids"),))[0] is new_indices:
+                    user.update_kwarg("keep", keep[layer])
         hits += 1
         logger.debug("prune_moe_router: layer %d keeps %d of %d experts", layer, keep[layer], k)
     return hits
