@@ -31,7 +31,8 @@ top-6, 2 shared experts), in bf16 on one GPU.
 
     python benchmarks/bench_moe.py --out benchmarks/results [--quick] [--profile]
 
-``--ours-only`` leaves transformers' variants out of the layer part. For A/B runs:
+``--ours-only`` leaves transformers' variants out of the layer part, ``--model-impls`` picks
+transformers' experts timed in the model part. For A/B runs:
 ``--slot-blocks-max N`` overrides when the kernel skips its block table (``0``: never),
 ``--decode-programs N`` how far decode steps split the up projection (``0``: no split-K), and
 ``--topk-only-router`` keeps the routers' linear and softmax (only their top-k rewritten).
@@ -293,7 +294,8 @@ def profile_layer(name, model, ks, iters, out: Path, lines: list[str]) -> None:
     set_top_k(model, model_k)
 
 
-def bench_model(name, model, batches, ks, context, iters, rows, flush, inductor=False):
+def bench_model(name, model, batches, ks, context, iters, rows, flush, inductor=False,
+                impls=("grouped_mm", "batched_mm")):
     model_k = find_moe_layers(model)[0].top_k
     arg = cache_argument(model)
     for batch in batches:
@@ -311,7 +313,7 @@ def bench_model(name, model, batches, ks, context, iters, rows, flush, inductor=
         def step(fn):
             return lambda: fn(token, cache_position=pos, **{arg: cache})
 
-        variants = [(f"transformers {impl}", impl, k) for k in ks for impl in ("grouped_mm", "batched_mm")]
+        variants = [(f"transformers {impl}", impl, k) for k in ks for impl in impls]
         for label, impl, k in variants:
             set_top_k(model, k)
             model.set_experts_implementation(impl)
@@ -376,6 +378,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-inductor", action="store_true", help="compile the model part with Inductor, as optimize does")
     p.add_argument("--model-ks", nargs="+", type=int, help="k of the model part (default: K, about K/2, 2)")
     p.add_argument("--ours-only", action="store_true", help="layer part: leave out transformers' experts")
+    p.add_argument("--model-impls", nargs="*", default=["grouped_mm", "batched_mm"],
+                   help="transformers' experts timed in the model part (none: ours only)")
     p.add_argument("--inductor-only", action="store_true", help="layer part: at --inductor-batches, Inductor only")
     p.add_argument("--slot-blocks-max", type=int,
                    help="override xquant_fx.kernels.moe.SLOT_BLOCKS_MAX (0: always the block table)")
@@ -430,7 +434,7 @@ def main(argv=None) -> int:
             try:
                 model_ks = args.model_ks or [ks[0], ks[len(ks) // 2], ks[-2]]
                 bench_model(name, model, args.model_batches, model_ks, args.context, args.iters // 4, rows, flush,
-                            args.model_inductor)
+                            args.model_inductor, args.model_impls)
             except Exception as err:  # noqa: BLE001  (the layer rows above stay valid)
                 print(f"model part of {name} failed: {type(err).__name__}: {err}", flush=True)
                 failures.append(f"{name}: {type(err).__name__}: {str(err)[:200]}")
