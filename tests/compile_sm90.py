@@ -78,6 +78,11 @@ def scenarios():
         ids = torch.zeros(tokens, k, dtype=torch.int64)
         yield f"moe_experts {tokens}x{k}", lambda x=x, ids=ids: moe.moe_experts(
             x, ids, torch.zeros(ids.shape, dtype=bf16), gate_up, down)
+    for tokens, keep in ((1, 4), (2, 6)):  # kept slots: in place at one token (K_TOP < the ids' length), else copied
+        x = torch.zeros(tokens, hid, dtype=bf16)
+        ids = torch.zeros(tokens, 8, dtype=torch.int64)
+        yield f"moe_experts {tokens}x8 keep {keep}", lambda x=x, ids=ids, keep=keep: moe.moe_experts(
+            x, ids, torch.zeros(ids.shape, dtype=bf16), gate_up, down, keep)
     e, hid, inter = 16, 1024, 256  # batch 1, k=2: the up projection split 8 ways
     gate_up, down = torch.zeros(e, 2 * inter, hid, dtype=bf16), torch.zeros(e, hid, inter, dtype=bf16)
     yield "moe_experts 1x2", lambda: moe.moe_experts(torch.zeros(1, hid, dtype=bf16), torch.zeros(1, 2, dtype=torch.int64),

@@ -161,13 +161,16 @@ def test_moe_experts_op_checks_shapes_and_has_a_fake():
             torch.ops.xquant.moe_experts(x, ids, w, gate_up, down, keep)
     torch.library.opcheck(torch.ops.xquant.moe_experts.default, (x, ids, w, gate_up, down))
     torch.library.opcheck(torch.ops.xquant.moe_experts.default, (x, ids, w, gate_up, down, 1))
+    torch.library.opcheck(torch.ops.xquant.moe_experts.default, (torch.randn(16, 2).t(), ids, w, gate_up, down))
 
 
-# 1 x 8 and 2 x 8 slots kept to 4 / 6: slot blocks (with split-K, which sizes itself by the kept
-# slots; one token's read in place); 5 x 8 kept to 4: the block table over the kept slots, copied
-# out of the [T, K] tensors; 3 x 8 kept to 1: [T, 1] slices, whose flat view would be strided
-@pytest.mark.parametrize("tokens, keep", [(1, 4), (2, 6), (5, 4), (3, 1)])
-def test_moe_experts_keep_reads_only_the_kept_slots(tokens, keep, force_kernels, monkeypatch):
+# one token's slot blocks read its first slots in place (8 kept to 4; the combine folded or not);
+# 2 x 8 kept to 6: slot blocks of the copied-out kept slots; 5 x 8 kept to 4: the block table over
+# them; 3 x 8 kept to 1: [T, 1] slices, whose flat view would be strided; 1 x 32 kept to 20: one
+# token's slots past SLOT_BLOCKS_MAX, copied out for the block table
+@pytest.mark.parametrize("tokens, k, keep, fold", [(1, 8, 4, True), (1, 8, 4, False), (2, 8, 6, True), (5, 8, 4, True),
+                                                   (3, 8, 1, True), (1, 32, 20, True)])
+def test_moe_experts_keep_reads_only_the_kept_slots(tokens, k, keep, fold, force_kernels, monkeypatch):
     from xquant_fx.kernels import moe as moe_kernels
 
     grids = {}
@@ -180,12 +183,17 @@ def test_moe_experts_keep_reads_only_the_kept_slots(tokens, keep, force_kernels,
         return type("Launch", (), {"__getitem__": lambda self, grid: at(grid)})()
 
     monkeypatch.setattr(moe_kernels, "launch", recording)
-    torch.manual_seed(tokens)
-    experts, k, hid, inter = 16, 8, 640, 64
+    monkeypatch.setattr(moe_kernels, "DECODE", moe_kernels.Decode(fold_combine=fold))
+    torch.manual_seed(tokens * k + keep)
+    experts, hid, inter = 40, 640, 64
     x = torch.randn(tokens, hid)
     gate_up, down = torch.randn(experts, 2 * inter, hid) * 0.05, torch.randn(experts, hid, inter) * 0.05
-    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])  # every slot a real expert
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])  # the dropped slots: real experts
+    ids[:, 0][torch.rand(tokens) < 0.4] = experts  # and some sentinels among the kept ones
     w = torch.rand(tokens, k)
+    # non-contiguous inputs (every other column of a wider tensor)
+    ids, w = torch.stack([ids, ids], -1).flatten(1)[:, ::2], torch.stack([w, w], -1).flatten(1)[:, ::2]
+    assert not ids.is_contiguous() and not w.is_contiguous()
     want = experts_reference(x, ids[:, :keep], w[:, :keep], gate_up, down)
     assert (want - experts_reference(x, ids, w, gate_up, down)).abs().max() > 1e-3  # the other slots count
     torch.testing.assert_close(torch.ops.xquant.moe_experts(x, ids, w, gate_up, down, keep), want,
@@ -427,6 +435,8 @@ def test_router_topk_pass_takes_each_router_top_k_and_changes_no_output(family, 
     folded = family != "deepseek_v3"  # V3 gathers weights by the unpruned indices: its prune node stays
     assert [n.args[at + 1:] for n in fast] == ([(plan.spec, fill, 8) for fill in fills] if folded else [()] * len(layers))
     assert sum(n.target is prune_routes for n in gm.graph.nodes) == (0 if folded else len(layers))
+    assert [n.kwargs.get("keep") for n in gm.graph.nodes if "xquant.moe_experts" in str(n.target)] == (
+        [plan.spec] * len(layers))  # still told after the router op replaced the prune node
     if whole:
         normalized = family in ("mixtral", "qwen3_moe")  # norm_topk_prob (Mixtral: always)
         assert [n.kwargs.get("normalize", False) for n in fast] == [normalized] * len(layers)

@@ -184,7 +184,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
 
 @moe_experts.register_fake
 def _moe_experts_fake(x, ids, weights, gate_up, down, keep=-1) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as both real paths return it (empty_like keeps x's strides)
 
 
 # --------------------------------------------------------------------------- router_topk
