@@ -78,7 +78,7 @@ def scenarios():
         ids = torch.zeros(tokens, k, dtype=torch.int64)
         yield f"moe_experts {tokens}x{k}", lambda x=x, ids=ids: moe.moe_experts(
             x, ids, torch.zeros(ids.shape, dtype=bf16), gate_up, down)
-    for tokens, keep in ((1, 4), (2, 6)):  # kept slots: in place at one token (K_TOP < the ids' length), else copied
+    for tokens, keep in ((1, 4), (2, 6), (4, 6)):  # kept slots read in place (K_TOP < K_ROW): slot blocks, table
         x = torch.zeros(tokens, hid, dtype=bf16)
         ids = torch.zeros(tokens, 8, dtype=torch.int64)
         yield f"moe_experts {tokens}x8 keep {keep}", lambda x=x, ids=ids, keep=keep: moe.moe_experts(

@@ -164,10 +164,8 @@ def test_moe_experts_op_checks_shapes_and_has_a_fake():
     torch.library.opcheck(torch.ops.xquant.moe_experts.default, (torch.randn(16, 2).t(), ids, w, gate_up, down))
 
 
-# one token's slot blocks read its first slots in place (8 kept to 4; the combine folded or not);
-# 2 x 8 kept to 6: slot blocks of the copied-out kept slots; 5 x 8 kept to 4: the block table over
-# them; 3 x 8 kept to 1: [T, 1] slices, whose flat view would be strided; 1 x 32 kept to 20: one
-# token's slots past SLOT_BLOCKS_MAX, copied out for the block table
+# the kernels read the kept slots in place: slot blocks (1 x 8 kept to 4, the combine folded or not;
+# 2 x 8 kept to 6; 3 x 8 kept to 1) and the block table (5 x 8 kept to 4; one token's 20 of 32)
 @pytest.mark.parametrize("tokens, k, keep, fold", [(1, 8, 4, True), (1, 8, 4, False), (2, 8, 6, True), (5, 8, 4, True),
                                                    (3, 8, 1, True), (1, 32, 20, True)])
 def test_moe_experts_keep_reads_only_the_kept_slots(tokens, k, keep, fold, force_kernels, monkeypatch):

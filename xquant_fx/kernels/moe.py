@@ -20,6 +20,10 @@ step can be captured in a CUDA graph. Blocks past the last one, and sentinel slo
 (``id >= E``), do no work. (The order of slots *within* one expert's run depends on atomics; each
 slot's result does not, so the output is deterministic.)
 
+With ``keep`` (:func:`moe_experts`; static expert pruning) only each token's first ``keep`` slots
+count: ``K`` is ``keep`` throughout, and the kernels find a slot's expert and weight in the
+``[T, K_ROW]`` routing tensors in place (:func:`_slot_at`).
+
 Decode steps of at most :data:`SLOT_BLOCKS_MAX` slots skip the table: every slot is its own block
 (``SLOTS``). On the H200 this took the Qwen3-30B-A3B experts at batch 1, k=8 from 32.2 to 28.3 µs
 (``benchmarks/NOTES.md``, runs 13-14). These steps also split the up projection's reduction over
@@ -46,10 +50,24 @@ from .common import launch
 
 
 @triton.jit
-def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: tl.constexpr):
+def _slot_at(slot, K_TOP: tl.constexpr, K_ROW: tl.constexpr):
+    """Where slot ``slot`` is in the routing tensors (ids, weights ``[T, K_ROW]``), of which each
+    token's first ``K_TOP`` slots are read (``xquant::moe_experts``' ``keep``)."""
+    if K_TOP == K_ROW:
+        return slot
+    else:
+        return slot // K_TOP * K_ROW + slot % K_TOP
+
+
+@triton.jit
+def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: tl.constexpr, K_TOP: tl.constexpr,
+           K_ROW: tl.constexpr):
     """Block ``b``'s expert, its ``BM`` row indices into the slot order, their mask and their slots.
     With ``SLOTS`` every slot is its own block (``BlockExpert`` is then the slot ids, row = slot)."""
-    e = tl.load(BlockExpert + b).to(tl.int32)
+    if SLOTS:
+        e = tl.load(BlockExpert + _slot_at(b, K_TOP, K_ROW)).to(tl.int32)
+    else:
+        e = tl.load(BlockExpert + b).to(tl.int32)
     if SLOTS:
         rows = b + tl.arange(0, BM)
         rmask = tl.arange(0, BM) == 0
@@ -67,7 +85,7 @@ def _moe_up_kernel(
     stride_xt, stride_ge, stride_gn, stride_hs, stride_hr,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr,
-    BA: tl.constexpr,
+    BA: tl.constexpr, K_ROW: tl.constexpr,
 ):
     """``SPLIT == 1``: ``h = silu(gate) * up`` in ``Hbuf.dtype``. ``SPLIT > 1`` (split-K): program
     ``(b, n, s)`` sums the ``s``-th of ``SPLIT`` slices of the hidden dimension and stores the
@@ -80,7 +98,7 @@ def _moe_up_kernel(
     if BA > 0:
         if (b == 0) & (nt == 0) & (tl.program_id(2) == 0):
             tl.store(Arrivals + tl.arange(0, BA), tl.zeros([BA], dtype=tl.int32), mask=tl.arange(0, BA) < num_arrivals)
-    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
+    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS, K_TOP, K_ROW)
     if e >= E:
         return
     tok = (slots // K_TOP).to(tl.int64)
@@ -115,7 +133,7 @@ def _moe_down_kernel(
     stride_hs, stride_hr, stride_de, stride_dn, stride_os, stride_yt,
     E: tl.constexpr, K_TOP: tl.constexpr, HID: tl.constexpr, INTER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SLOTS: tl.constexpr, SPLIT_UP: tl.constexpr,
-    FOLD: tl.constexpr,
+    FOLD: tl.constexpr, K_ROW: tl.constexpr,
 ):
     """``Out[slot] = w[slot] * (h[r] @ down[e]^T)`` in float32. With ``SPLIT_UP > 1`` ``h`` is made
     here from the up kernel's partial pre-activations, rounded to ``X.dtype`` as the one-pass up
@@ -127,7 +145,7 @@ def _moe_down_kernel(
     :func:`_moe_combine_kernel`, whichever program is last) and stores ``y[t]``."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
-    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS)
+    e, rows, rmask, slots = _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM, SLOTS, K_TOP, K_ROW)
     cols = nt * BN + tl.arange(0, BN)
     cmask = cols < HID
     if e < E:
@@ -151,7 +169,7 @@ def _moe_down_kernel(
             wd = tl.load(w_base + cols[None, :] * stride_dn + ks[:, None], mask=kmask[:, None] & cmask[None, :],
                          other=0.0)
             acc = tl.dot(a, wd, acc)
-        wt = tl.load(W + slots, mask=rmask, other=0.0).to(tl.float32)
+        wt = tl.load(W + _slot_at(slots, K_TOP, K_ROW), mask=rmask, other=0.0).to(tl.float32)
         acc = acc * wt[:, None]
         tl.store(Out + slots[:, None].to(tl.int64) * stride_os + cols[None, :], acc,
                  mask=rmask[:, None] & cmask[None, :])
@@ -160,20 +178,21 @@ def _moe_down_kernel(
         tl.debug_barrier()  # every thread's row stored before the arrival is counted (released)
         arrived = tl.atomic_add(Arrivals + t * tl.num_programs(1) + nt, 1, sem="acq_rel", scope="gpu")
         if arrived == K_TOP - 1:  # the other slots' rows come from other SMs: read them from L2 (.cg)
-            _token_sum(Out, BlockExpert, Y, t, cols, cmask, stride_os, stride_yt, E, K_TOP, ".cg")
+            _token_sum(Out, BlockExpert, Y, t, cols, cmask, stride_os, stride_yt, E, K_TOP, K_ROW, ".cg")
 
 
 @triton.jit
 def _moe_align_kernel(
     Ids, Order, BlockExpert, BlockRow, BlockEnd, Scratch, S, NUM_BLOCKS,
-    E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BB: tl.constexpr,
+    E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, BB: tl.constexpr, K_TOP: tl.constexpr,
+    K_ROW: tl.constexpr,
 ):
     """One program: slot order and block table of the ``S`` slot ids (``EP >= E + 1``, a power of 2)."""
     bins = tl.arange(0, EP)
     counts = tl.zeros([EP], dtype=tl.int32)
     for s0 in range(0, S, BS):
         offs = s0 + tl.arange(0, BS)
-        ids = tl.minimum(tl.load(Ids + offs, mask=offs < S, other=E), E).to(tl.int32)
+        ids = tl.minimum(tl.load(Ids + _slot_at(offs, K_TOP, K_ROW), mask=offs < S, other=E), E).to(tl.int32)
         counts += tl.histogram(ids, EP)
     counts = tl.where(bins < E, counts, 0)
     nblk = (counts + BM - 1) // BM
@@ -197,7 +216,7 @@ def _moe_align_kernel(
         tl.store(BlockEnd + b, row1, mask=bmask)
     for s0 in range(0, S, BS):
         offs = s0 + tl.arange(0, BS)
-        ids = tl.minimum(tl.load(Ids + offs, mask=offs < S, other=E), E).to(tl.int32)
+        ids = tl.minimum(tl.load(Ids + _slot_at(offs, K_TOP, K_ROW), mask=offs < S, other=E), E).to(tl.int32)
         valid = (offs < S) & (ids < E)
         pos = tl.atomic_add(Scratch + 3 * EP + ids, 1, mask=valid)
         tl.store(Order + pos, offs, mask=valid)
@@ -205,12 +224,12 @@ def _moe_align_kernel(
 
 @triton.jit
 def _token_sum(Out, Ids, Y, t, cols, cmask, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
-               CACHE: tl.constexpr):
+               K_ROW: tl.constexpr, CACHE: tl.constexpr):
     """``y[t, cols] = sum_k out[t * K + k, cols]`` over the token's non-sentinel slots, in slot order."""
     acc = tl.zeros(cols.shape, dtype=tl.float32)
     for k in range(K_TOP):
         slot = t * K_TOP + k
-        valid = tl.load(Ids + slot) < E  # sentinel rows hold garbage: select, do not multiply
+        valid = tl.load(Ids + _slot_at(slot, K_TOP, K_ROW)) < E  # sentinel rows hold garbage: select, do not multiply
         row = tl.load(Out + slot.to(tl.int64) * stride_os + cols, mask=cmask, other=0.0, cache_modifier=CACHE)
         acc += tl.where(valid, row, 0.0)
     tl.store(Y + t.to(tl.int64) * stride_yt + cols, acc.to(Y.dtype.element_ty), mask=cmask)
@@ -218,11 +237,11 @@ def _token_sum(Out, Ids, Y, t, cols, cmask, stride_os, stride_yt, E: tl.constexp
 
 @triton.jit
 def _moe_combine_kernel(Out, Ids, Y, stride_os, stride_yt, E: tl.constexpr, K_TOP: tl.constexpr,
-                        HID: tl.constexpr, BH: tl.constexpr):
+                        HID: tl.constexpr, BH: tl.constexpr, K_ROW: tl.constexpr):
     """``y[t] = sum_k out[t * K + k]`` over the token's non-sentinel slots, in slot order."""
     t = tl.program_id(0)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
-    _token_sum(Out, Ids, Y, t, cols, cols < HID, stride_os, stride_yt, E, K_TOP, "")
+    _token_sum(Out, Ids, Y, t, cols, cols < HID, stride_os, stride_yt, E, K_TOP, K_ROW, "")
 
 
 @triton.jit(do_not_specialize=["fill", "sentinel"])
@@ -340,11 +359,14 @@ def router(x: torch.Tensor, weight: torch.Tensor, k: int, keep: int | None = Non
     return values, indices, logits
 
 
-def block_table(ids: torch.Tensor, num_experts: int, bm: int):
-    """Slot order and per-block ``(expert, first row, row end)`` for slots ``ids [T, K]`` (one
-    launch); blocks past the last real one get expert ``num_experts``."""
+def block_table(ids: torch.Tensor, num_experts: int, bm: int, k_top: int | None = None):
+    """Slot order and per-block ``(expert, first row, row end)`` for the first ``k_top`` (default:
+    all) slots of each token of contiguous ``ids [T, K]`` (one launch); blocks past the last real
+    one get expert ``num_experts``."""
     flat = ids.reshape(-1)
-    s = flat.numel()
+    k_row = ids.shape[-1]
+    k_top = k_row if k_top is None else k_top
+    s = ids.shape[0] * k_top
     num_blocks = s // bm + min(s, num_experts)
     ep = triton.next_power_of_2(num_experts + 1)
     dev = ids.device
@@ -355,7 +377,8 @@ def block_table(ids: torch.Tensor, num_experts: int, bm: int):
     scratch = torch.empty(4 * ep, dtype=torch.int32, device=dev)
     launch(_moe_align_kernel)[(1,)](
         flat, order, expert, row0, row1, scratch, s, num_blocks,
-        E=num_experts, EP=ep, BM=bm, BS=min(1024, triton.next_power_of_2(s)), BB=32, num_warps=4,
+        E=num_experts, EP=ep, BM=bm, BS=min(1024, triton.next_power_of_2(s)), BB=32, K_TOP=k_top, K_ROW=k_row,
+        num_warps=4,
     )
     return order, expert, row0, row1, num_blocks
 
@@ -417,11 +440,8 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     t, hid = x.shape
     e, two_i, _ = gate_up.shape
     inter = two_i // 2
-    k = ids.shape[-1]
-    if 0 < keep < k:
-        if t > 1 or keep > SLOT_BLOCKS_MAX:  # (one token's slot blocks read its first slots in place: no copy)
-            ids, weights = ids[:, :keep], weights[:, :keep]
-        k = keep
+    k_row = ids.shape[-1]
+    k = keep if 0 < keep < k_row else k_row  # slots read per token: the first k of the k_row in ids / weights
     s = t * k
     x = x.contiguous()
     ids = ids.contiguous()
@@ -436,7 +456,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         order, expert, row0, row1, num_blocks = None, ids.reshape(-1), None, None, s
         bk_up, bk_down, stages = DECODE.bk_up, DECODE.bk_down, DECODE.stages
     else:
-        order, expert, row0, row1, num_blocks = block_table(ids, e, bm)
+        order, expert, row0, row1, num_blocks = block_table(ids, e, bm, k)
     up_tiles = triton.cdiv(inter, bn_up)
     split = _split(num_blocks * up_tiles, triton.cdiv(hid, bk_up), DECODE.up_programs) if slot_blocks else 1
     if split == 1:
@@ -452,17 +472,18 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         x, gate_up, hbuf, order, expert, row0, row1, arrivals, t * down_tiles,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), hbuf.stride(0), hbuf.stride(1),
         E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_up, BK=bk_up, SLOTS=slot_blocks, SPLIT=split,
-        BA=triton.next_power_of_2(t * down_tiles) if fold else 0, num_warps=4, num_stages=stages,
+        BA=triton.next_power_of_2(t * down_tiles) if fold else 0, K_ROW=k_row, num_warps=4, num_stages=stages,
     )
     launch(_moe_down_kernel)[(num_blocks, down_tiles)](
         x, hbuf, down, w, out, y, arrivals, order, expert, row0, row1,
         hbuf.stride(0), hbuf.stride(1), down.stride(0), down.stride(1), out.stride(0), y.stride(0),
         E=e, K_TOP=k, HID=hid, INTER=inter, BM=bm, BN=bn_down, BK=bk_down, SLOTS=slot_blocks, SPLIT_UP=split,
-        FOLD=fold, num_warps=4, num_stages=stages,
+        FOLD=fold, K_ROW=k_row, num_warps=4, num_stages=stages,
     )
     if not fold:
         bh = min(1024, triton.next_power_of_2(hid))
         launch(_moe_combine_kernel)[(t, triton.cdiv(hid, bh))](
-            out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, num_warps=4,
+            out, ids.reshape(-1), y, out.stride(0), y.stride(0), E=e, K_TOP=k, HID=hid, BH=bh, K_ROW=k_row,
+            num_warps=4,
         )
     return y
