@@ -174,13 +174,15 @@ def test_moe_experts_keep_reads_only_the_kept_slots(tokens, k, keep, fold, force
     grids = {}
     launch = moe_kernels.launch
 
-    def recording(kernel):
-        def at(grid):
-            grids[kernel.__name__] = grid
-            return launch(kernel)[grid]
-        return type("Launch", (), {"__getitem__": lambda self, grid: at(grid)})()
+    class Recording:  # launches as before, noting each kernel's grid
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    monkeypatch.setattr(moe_kernels, "launch", recording)
+        def __getitem__(self, grid):
+            grids[self.kernel.__name__] = grid
+            return launch(self.kernel)[grid]
+
+    monkeypatch.setattr(moe_kernels, "launch", Recording)
     monkeypatch.setattr(moe_kernels, "DECODE", moe_kernels.Decode(fold_combine=fold))
     torch.manual_seed(tokens * k + keep)
     experts, hid, inter = 40, 640, 64

@@ -166,7 +166,6 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         )
     if keep != -1 and not 1 <= keep <= ids.shape[1]:
         raise ValueError(f"moe_experts: keep={keep} must be in 1..K={ids.shape[1]} (or -1: every slot)")
-
     e, two_i, hid = gate_up.shape
     if hid != x.shape[1] or down.shape != (e, hid, two_i // 2):
         raise ValueError(

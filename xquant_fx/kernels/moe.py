@@ -66,13 +66,11 @@ def _block(BlockExpert, BlockRow, BlockEnd, Order, b, BM: tl.constexpr, SLOTS: t
     With ``SLOTS`` every slot is its own block (``BlockExpert`` is then the slot ids, row = slot)."""
     if SLOTS:
         e = tl.load(BlockExpert + _slot_at(b, K_TOP, K_ROW)).to(tl.int32)
-    else:
-        e = tl.load(BlockExpert + b).to(tl.int32)
-    if SLOTS:
         rows = b + tl.arange(0, BM)
         rmask = tl.arange(0, BM) == 0
         slots = rows
     else:
+        e = tl.load(BlockExpert + b).to(tl.int32)
         rows = tl.load(BlockRow + b).to(tl.int32) + tl.arange(0, BM)
         rmask = rows < tl.load(BlockEnd + b)
         slots = tl.load(Order + rows, mask=rmask, other=0).to(tl.int32)
@@ -359,13 +357,12 @@ def router(x: torch.Tensor, weight: torch.Tensor, k: int, keep: int | None = Non
     return values, indices, logits
 
 
-def block_table(ids: torch.Tensor, num_experts: int, bm: int, k_top: int | None = None):
-    """Slot order and per-block ``(expert, first row, row end)`` for the first ``k_top`` (default:
-    all) slots of each token of contiguous ``ids [T, K]`` (one launch); blocks past the last real
-    one get expert ``num_experts``."""
+def block_table(ids: torch.Tensor, num_experts: int, bm: int, k_top: int):
+    """Slot order and per-block ``(expert, first row, row end)`` for the first ``k_top`` slots of
+    each token of contiguous ``ids [T, K]`` (one launch); blocks past the last real one get expert
+    ``num_experts``."""
     flat = ids.reshape(-1)
     k_row = ids.shape[-1]
-    k_top = k_row if k_top is None else k_top
     s = ids.shape[0] * k_top
     num_blocks = s // bm + min(s, num_experts)
     ep = triton.next_power_of_2(num_experts + 1)

@@ -246,7 +246,8 @@ def prune_moe_router(gm: torch.fx.GraphModule, ctx=None) -> int:
             node.meta["nn_module_stack"] = dict(topk.meta.get("nn_module_stack", {}))
         if keep[layer] < k:  # slots from keep on are sentinels: the experts need not launch work for them
             for user in list(new_indices.users):
-                if _is_experts(user) and (user.args[1:2] or (user.kwargs.get("ids"),))[0] is new_indices:
+                ids = user.args[1] if len(user.args) > 1 else user.kwargs.get("ids")
+                if _is_experts(user) and ids is new_indices:
                     user.update_kwarg("keep", keep[layer])
         hits += 1
         logger.debug("prune_moe_router: layer %d keeps %d of %d experts", layer, keep[layer], k)
