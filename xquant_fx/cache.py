@@ -31,6 +31,19 @@ Prefill (more than one new token) attends over the new tokens in full precision 
 cache as stored, then stores the new tokens with the same rule, so a prompt prefilled at once and
 one fed token by token leave the same storage.
 
+What attention sees (and the mask size, :meth:`XQuantLayer.get_mask_sizes`, which transformers
+may take before the forward runs, eagerly, for a forward that is then compiled): a decode step
+(one new token) sees all ``max_cache_len`` positions, static shapes for compiled steps and CUDA
+graphs; compiled, the graph pass fuses that read into ``xquant::attend``, which reads only the
+stored positions. A prefill of ``L > 1`` tokens sees only the ``p0`` positions stored before it
+and its own: its memory follows the prompt, not the capacity, and a long prompt prefilled in
+chunks (``generate(prefill_chunk_size=...)``) needs no more than one chunk's. Eager reads
+dequantize :data:`READ_BLOCK` positions at a time into the cache dtype
+(:meth:`XQuantLayer.read_stored`), never the whole capacity in float32.
+
+A cache no longer than the residual window (``max_cache_len <= residual_length``) never quantizes
+a token, so it keeps its layers in full precision and costs what a 16-bit cache costs.
+
 Sliding-window layers (Mistral, Gemma 2/3 local layers) keep transformers' own full-precision
 ``StaticSlidingWindowLayer``: they hold at most ``sliding_window`` tokens, and the memory report
 counts them at 16 bits.
@@ -42,6 +55,7 @@ above, ``memory_report()`` included, is per rank.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -52,6 +66,8 @@ from .config import FULL_PRECISION, LayerPlan, XQuantConfig
 from .distributed import config_tensor_parallel_size, split_kv_heads
 
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+#: Positions an eager read dequantizes at once (a multiple of every group size and code word).
+READ_BLOCK = 4096
 
 
 def _ops():
@@ -172,6 +188,9 @@ class XQuantLayer(StaticLayer):
             name: torch.zeros(shape, dtype=dt, device=self.device)
             for name, (shape, dt) in self.storage_spec(heads, k_dim, v_dim, dtype).items()
         }
+        # "cuda" allocates on the current device, "cuda:0" names it: keep the concrete device the
+        # storage landed on, which is what every key/value tensor reports
+        self.device = next(iter(self.storage.values())).device
         for name, tensor in self.storage.items():
             setattr(self, name, tensor)
         self.cumulative_length = self.cumulative_length.to(self.device)
@@ -208,10 +227,14 @@ class XQuantLayer(StaticLayer):
             self.lazy_initialization(key_states, value_states)
         self._check(key_states, value_states)
         if key_states.shape[-2] == 1:
-            if not torch.compiler.is_compiling():
-                self._check_room(int(self.cumulative_length), 1)
+            if torch.compiler.is_compiling():
+                self._append_one(key_states, value_states)
+                return self.read(key_states.shape[0], self.cumulative_length)
+            stored = int(self.cumulative_length)
+            self._check_room(stored, 1)
             self._append_one(key_states, value_states)
-            return self.read(key_states.shape[0], self.cumulative_length)
+            b, n = key_states.shape[0], stored + 1
+            return self.read_stored("k", b, n, self.max_cache_len), self.read_stored("v", b, n, self.max_cache_len)
         return self._prefill(key_states, value_states)
 
     def _check_room(self, stored: int, new: int) -> None:
@@ -251,16 +274,14 @@ class XQuantLayer(StaticLayer):
         self.cumulative_length.add_(1)
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor):
-        """Store L > 1 new tokens (host-side positions); return what attention must see."""
+        """Store L > 1 new tokens (host-side positions); return what attention must see: the
+        ``p0`` stored positions and the new ones (every capacity position when compiling)."""
         b, L = k.shape[0], k.shape[-2]
         p0 = int(self.cumulative_length)
         self._check_room(p0, L)
         n = p0 + L
-        out_k, out_v = self.read(b, p0)
-        out_k = out_k.clone() if self.plan.k_bits == FULL_PRECISION else out_k
-        out_v = out_v.clone() if self.plan.v_bits == FULL_PRECISION else out_v
-        out_k[:, :, p0:n] = k
-        out_v[:, :, p0:n] = v
+        out_k = torch.cat([self.read_stored("k", b, p0), k], dim=2)
+        out_v = torch.cat([self.read_stored("v", b, p0), v], dim=2)
         self._store_many("k", k, p0)
         self._store_many("v", v, p0)
         self.cumulative_length.add_(L)
@@ -319,9 +340,44 @@ class XQuantLayer(StaticLayer):
             n, bits, self.G, self.max_cache_len,
         )
 
+    def read_stored(self, kind: str, b: int, n: int, length: int | None = None) -> torch.Tensor:
+        """``[b, H, length or n, D]`` in the cache dtype: ``read(b, n)``'s first ``n`` positions,
+        exactly, dequantized :data:`READ_BLOCK` positions at a time (eager reads; module
+        docstring), then zeros up to ``length``."""
+        bits = self.plan.k_bits if kind == "k" else self.plan.v_bits
+        length = n if length is None else length
+        if bits == FULL_PRECISION:
+            return getattr(self, "keys" if kind == "k" else "values")[:b, :, :length]
+        G, R = self.G, self.R
+        window = getattr(self, f"{kind}_window")[:b]
+        codes = self._src_codes(kind)[:b]
+        scale, zero = getattr(self, f"{kind}_scale")[:b], getattr(self, f"{kind}_zero")[:b]
+        out = window.new_empty(*window.shape[:2], length, window.shape[-1])
+        out[:, :, n:] = 0
+        # keys: the boundary is a multiple of G, and a group holds whole code words (G * bits % 32 == 0)
+        boundary = quant.key_boundary(n, R, G) if kind == "k" else quant.value_boundary(n, R)
+        for s in range(0, boundary, READ_BLOCK):
+            e = min(boundary, s + READ_BLOCK)
+            if kind == "k":
+                out[:, :, s:e] = quant.dequantize_keys(quant.unpack(codes[:, :, s * bits // 32 : e * bits // 32], bits, -2),
+                                                       scale[:, :, s // G : e // G], zero[:, :, s // G : e // G], G)
+            else:
+                out[:, :, s:e] = quant.dequantize_values(quant.unpack(codes[:, :, s:e], bits, -1),
+                                                         scale[:, :, s:e], zero[:, :, s:e], G)
+        ring = torch.arange(boundary, n, device=window.device) % R
+        out[:, :, boundary:n] = window.index_select(2, ring)
+        return out
+
     # ------------------------------------------------------------------ misc Cache API
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        return self.max_cache_len, 0
+        """``(kv_length, 0)``, what :meth:`update` returns: ``max_cache_len`` for a decode step,
+        the positions stored plus the new ones for a prefill (module docstring). The argument is
+        the query length (transformers >= 5.2x) or the new tokens' ``cache_position``."""
+        new = args[0] if args else next(iter(kwargs.values()))
+        new = new.shape[0] if isinstance(new, torch.Tensor) else int(new)
+        if new == 1:
+            return self.max_cache_len, 0
+        return int(self.cumulative_length) + new, 0
 
     def reset(self) -> None:
         if self.is_initialized:
@@ -372,9 +428,14 @@ class XQuantCache(Cache):
         tp_size: int = 1,
     ):
         xquant_config = XQuantConfig.coerce(xquant_config, what="xquant_config")
-        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{type(model_config).__name__} is an encoder-decoder config: XQuantCache holds a decoder-only "
+                "model's self-attention cache (generate would also append cross-attention keys to it)"
+            )
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"XQuantCache needs max_cache_len, a positive int (prompt + new tokens); got {max_cache_len!r}")
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         num_layers, heads, k_dim, v_dim = kv_geometry(model_config)
         types = layer_types(model_config)
@@ -387,6 +448,10 @@ class XQuantCache(Cache):
         sliding = [t in _SLIDING_TYPES and window is not None and window < max_cache_len for t in types]
         self.xquant_config = xquant_config
         self.plans = xquant_config.resolve(num_layers, sliding)
+        if max_cache_len <= xquant_config.residual_length:  # nothing would ever leave the window
+            self.plans = [p if p.sliding else dataclasses.replace(p, k_bits=FULL_PRECISION, v_bits=FULL_PRECISION,
+                                                                    k_shares=False, v_shares=False)
+                          for p in self.plans]
         self._batch_capacity, self._length_capacity = max_batch_size, max_cache_len
         self.geometry = (heads, k_dim, v_dim)
         layers: list = []

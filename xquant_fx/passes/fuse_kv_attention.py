@@ -15,7 +15,7 @@ reading it again. The reads are erased when nothing else uses them.
 Declines (logged at DEBUG) when: the key/value chain is anything but the GQA repeat above (any
 other reshaping could reorder heads), keys and values come from different ``n``, dropout is on,
 ``is_causal`` is set, the query has more than ``MAX_QUERY_LEN`` rows (prefill stays on SDPA),
-or shapes are not static.
+or the query's heads, length or head_dim are not static (the batch may be dynamic).
 """
 
 from __future__ import annotations
@@ -34,14 +34,18 @@ _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_d
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def _shape(node) -> tuple[int, ...] | None:
+def _shape(node) -> tuple | None:
+    """The example shape of ``node``: ints, and ``SymInt`` s where Dynamo made a dimension dynamic
+    (the batch of a decode step that serves several batch sizes). Never ``int()`` a ``SymInt``
+    here: that would specialize the compiled step to the example's size."""
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     if value is None or not hasattr(value, "shape"):
         return None
-    try:
-        return tuple(int(s) for s in value.shape)
-    except TypeError:  # symbolic
-        return None
+    return tuple(value.shape)
+
+
+def _static(*dims) -> bool:
+    return all(isinstance(d, int) for d in dims)
 
 
 def _is_call(node, overload) -> bool:
@@ -86,7 +90,7 @@ def _source_of_repeat(node, hq: int):
     if not ok or src_shape is None or len(src_shape) != 4:
         return None
     b, hkv, t, d = src_shape
-    if hq % hkv or _shape(expand) != (b, hkv, hq // hkv, t, d) or _shape(node) != (b, hq, t, d):
+    if not _static(hkv, d) or hq % hkv or _shape(expand) != (b, hkv, hq // hkv, t, d) or _shape(node) != (b, hq, t, d):
         return None
     return src
 
@@ -119,8 +123,8 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
             continue
         a = _sdpa_args(node)
         q_shape = _shape(a["query"])
-        if q_shape is None or len(q_shape) != 4:
-            logger.debug("fuse_kv_attention: %s declined, query shape not static", node.name)
+        if q_shape is None or len(q_shape) != 4 or not _static(*q_shape[1:]):
+            logger.debug("fuse_kv_attention: %s declined, query heads / length / head_dim not static", node.name)
             continue
         b, hq, lq, dk = q_shape
         if lq > MAX_QUERY_LEN or a.get("dropout_p", 0.0) or a.get("is_causal", False):
