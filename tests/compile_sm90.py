@@ -1,4 +1,4 @@
-"""Compile every MoE Triton kernel for an sm_90 GPU, with the argument types its host code
+"""Compile every MoE Triton kernel, and the decode-attention kernels of the ``mma`` variant, for an sm_90 GPU, with the argument types its host code
 launches it with, on a machine without a GPU (run by ``test_kernels_compile.py`` in a process
 without ``TRITON_INTERPRET``).
 
@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from xquant_fx.kernels import moe
+from xquant_fx.kernels import attend, moe
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # per block, opt-in maximum of H100 / H200
@@ -64,6 +64,35 @@ def compile_launch(kernel, args, kwargs) -> None:
     # the launch-time check the interpreter never makes (Triton raises OutOfResources on the GPU)
     assert compiled.metadata.shared <= SM90_SHARED_BYTES, (
         f"{kernel.__name__} {constexprs}: {compiled.metadata.shared} bytes of shared memory, sm_90 has {SM90_SHARED_BYTES}")
+    regs, spills = _ptxas_resources(compiled.asm["ptx"])
+    # an attention kernel that spills runs its loop from local memory: fail here, not on the device
+    assert spills <= 64 or not kernel.__name__.startswith("_attend"), f"{kernel.__name__} {constexprs}: {spills} bytes spilled"
+    return regs, spills
+
+
+def _ptxas_resources(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) that Triton's ``ptxas`` reports for ``ptx``."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas()
+    except TypeError:  # newer Triton: per architecture
+        ptxas = get_ptxas(90)
+    ptxas = getattr(ptxas, "path", ptxas)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        done = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", src, "-o", f"{tmp}/k.cubin"], capture_output=True,
+                              text=True, check=True)
+    report = done.stdout + done.stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return regs, spills
 
 
 def scenarios():
@@ -97,10 +126,35 @@ def scenarios():
                                                     torch.float32, torch.float32)
 
 
+def attend_scenarios():
+    """The ``mma`` variant of decode attention (stage 1 on raw codes, then the tail and merge
+    kernels) at the layouts it takes: K2/V1 and K2/V2 in bf16 and fp16, float8 metadata, 1-bit
+    keys, head_dim 64, GQA 1 and 8, Lq 2. Prints each stage-1 compile's registers and spills."""
+    import math
+
+    def storage(b, h, d, kb, vb, dtype, meta=None, T=4096, G=32, R=128):
+        tq = math.ceil((T - R) / G) * G
+        meta = meta or dtype
+        return [torch.zeros(b, h, tq * kb // 32, d, dtype=torch.int32), torch.zeros(b, h, tq // G, d, dtype=meta),
+                torch.zeros(b, h, tq // G, d, dtype=meta), torch.zeros(b, h, R, d, dtype=dtype),
+                torch.zeros(b, h, tq, d * vb // 32, dtype=torch.int32), torch.zeros(b, h, tq, d // G, dtype=meta),
+                torch.zeros(b, h, tq, d // G, dtype=meta), torch.zeros(b, h, R, d, dtype=dtype)]
+
+    bf16, fp16 = torch.bfloat16, torch.float16
+    for kb, vb, dtype, meta, d, gqa, lq in ((2, 1, bf16, None, 128, 4, 1), (2, 2, bf16, None, 128, 4, 1),
+                                            (2, 1, fp16, None, 128, 8, 1), (2, 1, bf16, torch.float8_e4m3fn, 128, 4, 1),
+                                            (1, 2, bf16, None, 64, 1, 1), (2, 1, fp16, None, 64, 2, 2)):
+        q = torch.zeros(2, 8 * gqa, lq, d, dtype=dtype)
+        yield (f"attend mma K{kb}/V{vb} {dtype} meta {meta} d{d} gqa{gqa} lq{lq}",
+               lambda q=q, st=storage(2, 8, d, kb, vb, dtype, meta), kb=kb, vb=vb: attend.attend(
+                   q, *st, torch.tensor(3000), kb, vb, 32, 0.1, variant="mma", splits=3))
+
+
 def main() -> int:
     launches: list = []
     moe.launch = record(launches)
-    for name, call in scenarios():
+    attend.launch = record(launches)
+    for name, call in (*scenarios(), *attend_scenarios()):
         before = len(launches)
         call()
         assert len(launches) > before, f"{name}: no kernel launched"
@@ -111,8 +165,9 @@ def main() -> int:
         if key in seen:
             continue
         seen.add(key)
-        compile_launch(kernel, args, kwargs)
-        print("compiled", kernel.__name__, {k: v for k, v in kwargs.items() if k.isupper()}, flush=True)
+        regs, spills = compile_launch(kernel, args, kwargs)
+        print("compiled", kernel.__name__, {k: v for k, v in kwargs.items() if k.isupper() and k != "INTERPRET"},
+              f"{regs} regs, {spills} spills", flush=True)
     return 0
 
 

@@ -44,7 +44,9 @@ def kernels():
 
     if not isinstance(append._append_token_kernel, InterpretedFunction):
         # Imported earlier in this process while TRITON_INTERPRET was unset: decorate again.
-        for module in (common, append, attend):
+        from xquant_fx.kernels import attend_mma
+
+        for module in (common, append, attend_mma, attend):
             importlib.reload(module)
     return SimpleNamespace(append=append, attend=attend)
 
@@ -228,6 +230,34 @@ def test_attend_variants(kernels, monkeypatch, variant, n, lq, gqa, kb, vb, G, d
     ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
     poison_workspace(kernels, monkeypatch)
     got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=2, variant=variant)
+    assert_close_rel(got, ref, TOL[dtype])
+
+
+MMA_CASES = [
+    # n, Lq, gqa, dk, dv, kb, vb, dtype, shared, metadata
+    pytest.param(230, 1, 4, 64, 64, 2, 1, torch.bfloat16, True, None, id="bf16-k2v1-shared"),
+    pytest.param(171, 2, 4, 64, 64, 1, 2, torch.float16, False, torch.float8_e4m3fn, id="fp16-k1v2-lq2-fp8"),
+]
+
+
+@pytest.mark.parametrize("n,lq,gqa,dk,dv,kb,vb,dtype,shared,metadata", MMA_CASES)
+def test_attend_mma_variant(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, vb, dtype, shared, metadata):
+    """The ``mma`` variant (raw codes in mma fragments, scales folded into q and P; its PTX
+    emulated here): ragged n with a partly used last split, 1/2-bit keys and values, GQA x Lq of
+    4 and 8 rows, a sharing layer, float8 metadata."""
+    B, hkv, G, R, T = 2, 2, 32, 64, 256
+    st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n)
+    if metadata is not None:
+        for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
+            st[name] = quant.to_metadata(st[name].float(), metadata)
+    k_codes, v_codes = st["k_codes"], st["v_codes"]
+    if shared:
+        partner = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n + 1)
+        k_codes, v_codes = partner["k_codes"], partner["v_codes"]
+    q = torch.randn(B, hkv * gqa, lq, dk, generator=torch.Generator().manual_seed(5)).to(dtype)
+    ref = reference_attend(q, st, k_codes, v_codes, n, kb, vb, G, dk**-0.5)
+    poison_workspace(kernels, monkeypatch)
+    got = run_attend(kernels, q, st, k_codes, v_codes, n, kb, vb, G, dk**-0.5, splits=2, variant="mma")
     assert_close_rel(got, ref, TOL[dtype])
 
 

@@ -1,4 +1,4 @@
-"""The MoE kernels compile for sm_90 as launched (see ``compile_sm90.py``: the interpreter that
+"""The MoE kernels and the ``mma`` attention variant compile for sm_90 as launched (see ``compile_sm90.py``: the interpreter that
 runs the other kernel tests does not type-check)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-def test_moe_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     here = Path(__file__).resolve().parent
     env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
@@ -19,7 +19,9 @@ def test_moe_kernels_compile_for_sm90():
     compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled")]
     names = {line.split()[1] for line in compiled}
     assert names == {"_moe_align_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_combine_kernel",
-                     "_topk_kernel", "_router_logits_kernel"}, done.stdout
+                     "_topk_kernel", "_router_logits_kernel", "_attend_mma_kernel", "_attend_tail_kernel",
+                     "_attend_merge_kernel"}, done.stdout
+    assert any("_attend_mma_kernel" in line and "'META16': False" in line for line in compiled)
     assert any("'SLOTS': True" in line for line in compiled) and any("'SLOTS': False" in line for line in compiled)
     assert any("'KEEP': 3" in line for line in compiled)
     assert any("'FOLD': True" in line for line in compiled) and any("'FOLD': False" in line for line in compiled)

@@ -24,6 +24,13 @@ batch size or split count does not recompile):
 Variants of stage 1 (``attend(..., variant=)``, :data:`VARIANTS`; the default is ``warps-t`` for
 16-bit caches with at most 16 query rows per KV head, ``packed`` above, ``generic`` for float32):
 
+* ``mma`` (:mod:`~xquant_fx.kernels.attend_mma`, opt-in): raw codes straight into ``mma.sync``
+  register fragments (``prmt`` + ``lop3``, no dequantizing multiply, no shared-memory transpose),
+  key scales folded into ``q``, value scales into ``P``, one partial per warp; 16-bit caches,
+  G = 32, 1-2 bit codes, at most 8 query rows, no mask. Correct on the H200 but not faster than
+  ``warps-t`` at 32 positions per warp beyond 4k tokens (run 35 in ``benchmarks/NOTES.md``:
+  batch 8, 128k 685 against 618 µs; batch 1 and 8 at 4k it is 5-11% faster), so not a default.
+
 * ``warps-t`` / ``warps``: each of the ``W`` warps takes its own sub-block of ``BLOCK_N / W``
   positions with its own running max / sum / accumulator (a leading batch axis of size ``W``,
   which Triton maps one batch per warp in a 3-d ``tl.dot``), combined once at the end. Nothing
@@ -86,6 +93,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attend_mma
 from .common import (check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, interpreting, launch,
                      pair_order, pair_slot_constants, round_to)
 
@@ -97,7 +105,7 @@ MAX_QUERY_LEN = 16
 #: instruction (float16 / bfloat16 caches), each warp on its own positions (``warps``) or all
 #: warps on one block (``packed``); ``generic``: one element at a time in float32 (any dtype; the
 #: float32 path). ``-t``: the transposed product orientation.
-VARIANTS = ("warps", "warps-t", "packed", "packed-t", "generic", "generic-t")
+VARIANTS = ("mma", "warps", "warps-t", "packed", "packed-t", "generic", "generic-t")
 #: Most query rows (``Hq / Hkv * Lq``, padded) the ``warps`` variants take: every warp holds its
 #: own accumulator of that many rows.
 WARPS_MAX_ROWS = 16
@@ -922,9 +930,11 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(2) if t.stride(3) == 1 and 0 < t.stride(2) <= 64 else 0
 
 
-def default_variant(dtype: torch.dtype, block_m: int = 16) -> str:
+def default_variant(dtype: torch.dtype, block_m: int = 16, mma_ok: bool = False) -> str:
     """The variant :func:`attend` runs for a cache of ``dtype`` and ``block_m`` padded query
-    rows."""
+    rows; ``mma_ok``: the layer and call fit :mod:`~xquant_fx.kernels.attend_mma`."""
+    if mma_ok:
+        return "mma"
     if dtype == torch.float32:
         return "generic"
     return "warps-t" if block_m <= WARPS_MAX_ROWS else "packed"
@@ -935,11 +945,14 @@ def block_config(variant: str, block_m: int, dk: int, dv: int, k_bits: int = 2) 
     the key width (a warp's sub-block holds whole key words: ``>= 32 / k_bits`` positions).
 
     Register counts are from offline sm_90 compiles with Triton 3.6 (K2/V1, head_dim 128, GQA 4):
-    ``warps-t`` 162 at 16 positions per warp, 227 at 32; ``warps`` 226 / 254; ``packed`` 162 at
-    64 positions; ``generic`` 168.
+    ``warps-t`` 162 at 16 positions per warp, 227 at 32 (the default up to head_dim 128 and 8 rows);
+    ``warps`` 226 / 254; ``packed`` 162 at 64 positions; ``generic`` 168.
     """
     if variant.startswith("warps"):
-        per_warp = max(16, 32 // k_bits)
+        # 32 positions per warp measured faster than 16 at every benchmarked shape (run 35: batch 8,
+        # 128k 618 against 714 µs) where the accumulator is small (head_dim <= 128, <= 8 rows).
+        wide = variant == "warps-t" and max(dk, dv) <= 128 and block_m <= 8
+        per_warp = 32 if wide else max(16, 32 // k_bits)
         big = per_warp > 16 or max(dk, dv) > 128 or block_m > 8 or variant == "warps"
         return AttendConfig(block_n=4 * per_warp, num_warps=4, num_stages=4, ctas_per_sm=2 if big else 3)
     if variant.startswith("packed"):
@@ -1001,9 +1014,19 @@ def attend(
         raise ValueError(f"{lq} query tokens exceed the residual window R={R}")
     group_rows = hq // hkv * lq
     block_m = max(16, triton.next_power_of_2(group_rows))
-    variant = variant or default_variant(q.dtype, block_m)
+    mma_ok = attend_mma.supports(
+        q.dtype, k_bits, v_bits, group, dk, dv, group_rows,
+        q.stride(3) == 1 and k_codes.stride(3) == 1 and k_scale.stride(3) == 1 and v_codes.stride(3) == 1
+        and v_scale.stride(3) == 1)
+    variant = variant or default_variant(q.dtype, block_m, mma_ok and mask is None)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    if variant == "mma":
+        if not mma_ok or mask is not None:
+            raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, head dims multiple of "
+                             "32, at most 8 query rows per KV head, unit channel strides, and no mask")
+        return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
+                           k_bits, v_bits, group, scale, splits, out)
     packed = not variant.startswith("generic")
     if packed and q.dtype == torch.float32:
         raise ValueError(f"variant {variant!r} decodes into 16-bit floats; a float32 cache runs 'generic'")
@@ -1075,3 +1098,61 @@ def attend(
         num_warps=4,
     )
     return out
+
+
+#: Stage-1 programs of the ``mma`` variant resident per multiprocessor (offline sm_90 compile).
+MMA_CTAS_PER_SM = 2
+
+
+def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
+                k_bits, v_bits, group, scale, splits, out):
+    """The ``mma`` variant: stage 1 of :mod:`~xquant_fx.kernels.attend_mma` (one partial per warp),
+    then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge."""
+    b, hq, lq, dk = q.shape
+    hkv, R, dv = v_window.shape[1], v_window.shape[2], v_window.shape[3]
+    group_rows = hq // hkv * lq
+    capacity = v_scale.shape[2] + R
+    splits = splits or num_splits(b * hkv, capacity, q.device, MMA_CTAS_PER_SM)
+    warps = attend_mma.WARPS
+    fast_block = attend_mma.GROUP_TOKENS
+    tail_parts = math.ceil((R + fast_block) / TAIL_BLOCK_N)
+    parts = splits * warps + tail_parts
+    if out is None:
+        out = torch.empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
+    part_acc = _workspace((b * hkv, parts, group_rows, dv), q.device)
+    part_ml = _workspace((b * hkv, parts, 2, group_rows), q.device)
+    qk_scale = scale * _LOG2E
+    interpret = interpreting()
+    launch(attend_mma._attend_mma_kernel)[(b * hkv, splits)](
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n, part_acc, part_ml,
+        *q.stride()[:3], *k_codes.stride()[:3], *k_scale.stride()[:3], *v_codes.stride()[:3], *v_scale.stride()[:3],
+        hkv, splits, qk_scale,
+        LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, R=R, DK=dk, DV=dv, TAIL_PARTS=tail_parts,
+        META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
+        VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), INTERPRET=interpret,
+        num_warps=warps, num_stages=MMA_STAGES,
+    )
+    dot_dtype = _TL_DTYPES[torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype]
+    mask_arg = q
+    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg)
+    storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
+                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), 0, 0, 0, 0)
+    launch(_attend_tail_kernel)[(b * hkv, tail_parts)](
+        *storage, part_acc, part_ml,
+        *q.stride(), *storage_strides,
+        hkv, splits * warps, qk_scale, 0,
+        LQ=lq, GROUP=hq // hkv, BLOCK_M=max(16, triton.next_power_of_2(group_rows)), KB=k_bits, VB=v_bits, G=group,
+        R=R, DK=dk, DV=dv, FAST_BLOCK=fast_block, BLOCK_N=TAIL_BLOCK_N, PACKED=True, HAS_MASK=False,
+        MASK_BOOL=False, MASK_SHARED=False, DOT_DTYPE=dot_dtype, DOT_PRECISION=None, INTERPRET=interpret,
+        num_warps=4, num_stages=1,
+    )
+    launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
+        out, part_acc, part_ml, *out.stride(), hkv, parts,
+        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_POW2=triton.next_power_of_2(parts),
+        num_warps=4,
+    )
+    return out
+
+
+#: Software-pipelining stages of the ``mma`` stage-1 loop.
+MMA_STAGES = 2

@@ -1,0 +1,590 @@
+"""Stage 1 of the decode attention (:mod:`xquant_fx.kernels.attend`) on raw codes: ``mma.sync``
+fragments built in registers, the scales folded into the other operand.
+
+Layout and grid
+---------------
+Grid ``(b * Hkv, S)``, ``W = 4`` warps per program. Program ``(bh, s)`` takes the whole key groups
+(``G = 32`` tokens) of its slice of ``[0, F)``, ``F = Nv // 32 * 32``; warp ``w`` takes groups
+``w, w + W, ...`` of the slice with its own online softmax and writes its own partial
+(``s * W + w``), which the merge kernel combines with the others. All of a warp's data lives in
+``mma.sync.m16n8k16`` fragments: lane ``(g, t)`` (``lane = 4 g + t``) holds rows ``g``, ``g + 8``
+and columns ``2t, 2t + 1`` (``+ 8``) of each tile. Each tensor here is ``[32 * W]``, one element
+per thread, so each Triton value is one register of each lane.
+
+Keys, ``S^T = K q^T`` (M: 16 tokens, N: the ``GROUP * Lq <= 8`` query rows, K: 16 channels):
+key ``K = c * s + z`` with ``s, z`` per (group, channel), so over a group
+``K q^T = c (q * s)^T + z q^T``: the codes multiply ``q' = q * s`` (one packed multiply per
+channel pair and group, rounded to the cache dtype) and ``z q^T`` is one more short product. A
+code becomes a 16-bit float without arithmetic: ``prmt`` puts the byte of channel ``c`` and of
+``c + 1`` that this lane needs in the two halves of a register, and one ``lop3`` masks the code
+and ORs in the bit pattern of ``2^(MANT - k)`` (code at mantissa bit ``k``): the half is then
+``off + code`` exactly, ``off = 2^(MANT - k)``. The offsets are taken out with ``off * sum(q')``
+(a product of ``q'`` with ones) in the accumulator's initial value. Each lane takes four tokens
+of a group, the four codes of one byte of a code word (2-bit keys: byte ``g // 2`` of word row
+``g % 2``; 1-bit: nibble ``g``), so a word serves four tiles: ~1.5 instructions per register of
+two codes, no shared memory, no dequantizing multiply.
+
+Values, ``O^T = V^T P^T`` (M: 16 channels of one value group, N: query rows, K: 16 tokens):
+``V = c * s + z`` with ``s, z`` per (token, channel group), so
+``V^T P^T = c^T (P * s)^T + z^T P^T`` per group: the codes multiply ``P' = P * s`` (one packed
+multiply per token pair and group), and ``z^T P^T`` and the offsets' ``s^T P^T`` come from one
+more product per group with ``z`` in rows 0-7 and ``s`` in rows 8-15. ``P`` leaves the score
+accumulator as bfloat16 pairs and is transposed into the B operand by ``movmatrix``. The token
+order of the value tiles follows the score tiles; the channel order (lane ``g`` takes byte
+``g // 2`` or nibble ``g`` of its word) is undone when the partial is stored.
+
+Counted per (position, KV head) at K2/V1, head_dim 128 (warp instructions): key codes 3
+(prmt + shift + 4 lop3 per 4 registers), value codes 3, products 1.6 (``mma``), scale folds 1.2,
+softmax ~2.5, loads ~1.5: ~13, against ~29 for the ``warps-t`` variant, and no shared-memory
+traffic for the decoded tiles (that variant stores and reloads ~1 KB per position).
+
+Requirements (else :mod:`xquant_fx.kernels.attend` runs its other variants): 16-bit cache,
+``G == 32``, 1- or 2-bit codes, head dims multiples of 32, at most 8 query rows per KV head,
+channel strides 1. Under Triton's interpreter the PTX (``prmt``, ``mma``, ``movmatrix``, packed
+multiplies) is emulated on whole tensors with the same fragment layouts.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import round_to
+
+#: Warps per program; each takes its own key groups and writes its own partial.
+WARPS = 4
+#: Tokens of one key group, the only group size this stage takes.
+GROUP_TOKENS = 32
+
+
+# ------------------------------------------------------------------------------------ bit helpers
+@triton.jit
+def _half_bits(x):
+    """16-bit float (or int16) ``x`` -> its bit pattern in the low half of an int32."""
+    return x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _pack(lo, hi):
+    """Two 16-bit floats -> one int32 register (``lo`` in bits 0-15)."""
+    return _half_bits(lo) | (_half_bits(hi) << 16)
+
+
+@triton.jit
+def _unpack(x, KV_DTYPE: tl.constexpr):
+    """int32 register -> its two 16-bit floats as float32 (low half first)."""
+    lo = (x & 0xFFFF).to(tl.int16).to(KV_DTYPE, bitcast=True).to(tl.float32)
+    hi = ((x >> 16) & 0xFFFF).to(tl.int16).to(KV_DTYPE, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _pack_f32(lo, hi, KV_DTYPE: tl.constexpr):
+    """Two float32 values rounded to ``KV_DTYPE`` (to nearest even) and packed."""
+    return _pack(round_to(lo, KV_DTYPE), round_to(hi, KV_DTYPE))
+
+
+@triton.jit
+def _cvt_pack(lo, hi, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """:func:`_pack_f32` in one instruction on the GPU (``cvt.rn.bf16x2.f32`` / ``.f16x2``)."""
+    if INTERPRET:
+        return _pack_f32(lo, hi, KV_DTYPE)
+    elif KV_DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _prmt(a, b, sel, INTERPRET: tl.constexpr):
+    """PTX ``prmt.b32``: byte ``i`` of the result is byte ``sel[4i + 3 : 4i] & 7`` of ``{b, a}``."""
+    if INTERPRET:
+        out = tl.zeros_like(a)
+        for i in tl.static_range(4):
+            n = (sel >> (4 * i)) & 7
+            src = tl.where(n < 4, a, b)
+            out = out | (((src >> (8 * (n & 3))) & 0xFF) << (8 * i))
+        return out
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mul2(x, y, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Packed multiply of two registers of 16-bit floats, rounded to ``KV_DTYPE``."""
+    if INTERPRET:
+        xl, xh = _unpack(x, KV_DTYPE)
+        yl, yh = _unpack(y, KV_DTYPE)
+        return _pack_f32(xl * yl, xh * yh, KV_DTYPE)
+    elif KV_DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, y],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [x, y],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+# ------------------------------------------------------------------------------------ fragments
+@triton.jit
+def _lanes(NT: tl.constexpr):
+    """``(g, t)`` of each thread: ``lane = 4 g + t``."""
+    lane = tl.arange(0, NT) % 32
+    return lane // 4, lane % 4
+
+
+@triton.jit
+def _to_warps(x, NT: tl.constexpr):
+    """``[NT]`` -> ``[W, 8, 4]`` (warp, g, t): a relabelling, no data moves."""
+    return tl.reshape(x, (NT // 32, 8, 4))
+
+
+@triton.jit
+def _unpack_tile(r0, r1, NT: tl.constexpr, KV_DTYPE: tl.constexpr):
+    """Interpreter: two registers holding an 8x16 slab (``r0``: columns ``2t, 2t + 1``, ``r1``: the
+    same plus 8, row ``g``) -> float32 ``[W, 8, 16]``."""
+    W: tl.constexpr = NT // 32
+    a_lo, a_hi = _unpack(_to_warps(r0, NT), KV_DTYPE)
+    b_lo, b_hi = _unpack(_to_warps(r1, NT), KV_DTYPE)
+    left = tl.reshape(tl.join(a_lo, a_hi), (W, 8, 8))
+    right = tl.reshape(tl.join(b_lo, b_hi), (W, 8, 8))
+    return tl.reshape(tl.permute(tl.join(left, right), (0, 1, 3, 2)), (W, 8, 16))
+
+
+@triton.jit
+def _rows_to_lanes(d, NT: tl.constexpr):
+    """Interpreter: float32 ``[W, 8, 8]`` (row ``g``, column ``2t + e``) -> the two registers
+    ``e = 0, 1`` of each lane."""
+    W: tl.constexpr = NT // 32
+    lo, hi = tl.split(tl.reshape(d, (W, 8, 4, 2)))
+    return tl.reshape(lo, (NT,)), tl.reshape(hi, (NT,))
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3,
+         NT: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """``D = A B + C``, ``mma.sync.aligned.m16n8k16`` with float32 accumulation (A 16x16 and B 16x8
+    as 16-bit float registers, C / D 16x8 float32), each argument one register per lane in the
+    PTX fragment layout."""
+    if INTERPRET:
+        W: tl.constexpr = NT // 32
+        top = _unpack_tile(a0, a2, NT, KV_DTYPE)  # rows g
+        bottom = _unpack_tile(a1, a3, NT, KV_DTYPE)  # rows g + 8
+        a = tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (W, 16, 16))
+        # B: register b0 of lane (g, t) holds B[2t + e, g], b1 holds B[8 + 2t + e, g]
+        bt = _unpack_tile(b0, b1, NT, KV_DTYPE)  # [W, 8 (n = g), 16 (k)]
+        b = tl.permute(bt, (0, 2, 1))
+        d = tl.dot(a, b, input_precision="ieee")  # [W, 16, 8]
+        d_top, d_bottom = tl.split(tl.permute(tl.reshape(d, (W, 2, 8, 8)), (0, 2, 3, 1)))
+        d0, d1 = _rows_to_lanes(d_top, NT)
+        d2, d3 = _rows_to_lanes(d_bottom, NT)
+        return d0 + c0, d1 + c1, d2 + c2, d3 + c3
+    elif KV_DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+            "{$10,$11,$12,$13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+            "{$10,$11,$12,$13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _transpose8(x, NT: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """``movmatrix.sync.aligned.m8n8.trans.b16``: lane ``(g, t)`` holding ``X[g, 2t + e]`` gets
+    ``X[2t + e, g]``."""
+    if INTERPRET:
+        W: tl.constexpr = NT // 32
+        lo, hi = _unpack(_to_warps(x, NT), KV_DTYPE)
+        m = tl.reshape(tl.join(lo, hi), (W, 8, 8))
+        mt = tl.reshape(tl.permute(m, (0, 2, 1)), (W, 8, 4, 2))
+        a, b = tl.split(mt)
+        return tl.reshape(_pack_f32(a, b, KV_DTYPE), (NT,))
+    else:
+        return tl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [x],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _codes4(x, sh, BITS: tl.constexpr, KV_DTYPE: tl.constexpr):
+    """The four codes of the byte (or nibble at bit ``sh``) that ``x`` holds in each half (see
+    :func:`_byte_pairs`), as four registers of two 16-bit floats ``off_j + code``; the offsets are
+    :func:`_offset` ``(j)``. 2-bit: codes at bits 0, 2, 4, 6 (the last shifted to bit 4: bit 7 is
+    bfloat16's exponent); 1-bit: bits ``sh .. sh + 3``."""
+    if KV_DTYPE == tl.float16:
+        MANT: tl.constexpr = 10
+        BIAS: tl.constexpr = 15
+    else:
+        MANT: tl.constexpr = 7
+        BIAS: tl.constexpr = 127
+    if BITS == 2:
+        r0 = (x & 0x00030003) | (((BIAS + MANT) << MANT) * 0x10001)
+        r1 = (x & 0x000C000C) | (((BIAS + MANT - 2) << MANT) * 0x10001)
+        r2 = (x & 0x00300030) | (((BIAS + MANT - 4) << MANT) * 0x10001)
+        r3 = ((x >> 2) & 0x00300030) | (((BIAS + MANT - 4) << MANT) * 0x10001)
+    else:
+        y = x >> sh
+        r0 = (y & 0x00010001) | (((BIAS + MANT) << MANT) * 0x10001)
+        r1 = (y & 0x00020002) | (((BIAS + MANT - 1) << MANT) * 0x10001)
+        r2 = (y & 0x00040004) | (((BIAS + MANT - 2) << MANT) * 0x10001)
+        r3 = (y & 0x00080008) | (((BIAS + MANT - 3) << MANT) * 0x10001)
+    return r0, r1, r2, r3
+
+
+@triton.jit
+def _offset(j: tl.constexpr, BITS: tl.constexpr, KV_DTYPE: tl.constexpr):
+    """The constant ``off_j`` that :func:`_codes4` adds to code ``j`` of a byte."""
+    if KV_DTYPE == tl.float16:
+        MANT: tl.constexpr = 10
+    else:
+        MANT: tl.constexpr = 7
+    if BITS == 2:
+        K: tl.constexpr = 4 if j == 3 else 2 * j
+    else:
+        K: tl.constexpr = j
+    return float(2 ** (MANT - K))
+
+
+@triton.jit
+def _split4(x, NT: tl.constexpr):
+    """``[NT, 4]`` -> its four columns, each ``[NT]``."""
+    a, b = tl.split(tl.reshape(x, (NT, 2, 2)))  # a: columns 0, 2; b: 1, 3
+    x0, x2 = tl.split(a)
+    x1, x3 = tl.split(b)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _load4(base, off, NT: tl.constexpr):
+    """Four consecutive elements at ``base + off`` per lane (one vector load), as four ``[NT]``."""
+    return _split4(tl.load(base + off[:, None] + tl.arange(0, 4)[None, :]), NT)
+
+
+@triton.jit
+def _byte_sel(byte):
+    """``prmt`` selector that puts byte ``byte`` of ``a`` in bits 0-7 and of ``b`` in bits 16-23."""
+    return byte | ((byte + 4) << 8)
+
+
+# ------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _key_group(
+    kc_base, ks_base, kz_base, group, valid, qb, g, t,
+    s_kct, s_kst,
+    KB: tl.constexpr, DK: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr,
+    KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Scores of one key group per warp: ``((S00, S01, S02, S03), (S10, ...))``, the accumulators
+    of the two 16-token tiles (rows ``g`` / ``g + 8``: tokens :func:`_token` ``(g, 2m)`` /
+    ``(g, 2m + 1)``, columns: query rows ``2t, 2t + 1``), unscaled ``q . k``.
+
+    ``qb``: the query's B fragments (``2 * DK / 16`` registers: channels ``16 k + 4 t + (0, 1)``
+    and ``+ (2, 3)`` of query row ``g``). ``valid``: whether this warp's group exists (else any
+    group is read: the scores are dropped)."""
+    NCH: tl.constexpr = DK // 16
+    grp = tl.where(valid, group, 0).to(tl.int64)
+    if KB == 2:
+        row = 2 * grp + g % 2
+        sel = _byte_sel(g // 2)
+        sh = g * 0
+    else:
+        row = grp
+        sel = _byte_sel(g // 2)
+        sh = 4 * (g % 2)
+    ones = tl.full((NT,), 1.0, tl.float32)
+    one2 = _pack_f32(ones, ones, KV_DTYPE)
+    zero = tl.zeros((NT,), tl.float32)
+    zq0, zq1 = zero, zero
+    qs0, qs1 = zero, zero
+    s00, s01, s02, s03 = zero, zero, zero, zero
+    s10, s11, s12, s13 = zero, zero, zero, zero
+    frags = ()
+    for k in tl.static_range(NCH):
+        ch = 16 * k + 4 * t  # the lane's 4 channels of this chunk
+        w0, w1, w2, w3 = _load4(kc_base, row * s_kct + ch, NT)
+        if META16:
+            s01_, s23_ = tl.split(tl.reshape(tl.load(ks_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch)[:, None] // 2
+                                                     + tl.arange(0, 2)[None, :]), (NT, 2)))
+            z01_, z23_ = tl.split(tl.reshape(tl.load(kz_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch)[:, None] // 2
+                                                     + tl.arange(0, 2)[None, :]), (NT, 2)))
+        else:
+            sa, sb, sc, sd = _load4(ks_base, grp * s_kst + ch, NT)
+            za, zb, zc, zd = _load4(kz_base, grp * s_kst + ch, NT)
+            s01_ = _pack(sa.to(KV_DTYPE), sb.to(KV_DTYPE))
+            s23_ = _pack(sc.to(KV_DTYPE), sd.to(KV_DTYPE))
+            z01_ = _pack(za.to(KV_DTYPE), zb.to(KV_DTYPE))
+            z23_ = _pack(zc.to(KV_DTYPE), zd.to(KV_DTYPE))
+        q0 = qb[2 * k]
+        q1 = qb[2 * k + 1]
+        p0 = _mul2(q0, s01_, KV_DTYPE, INTERPRET)
+        p1 = _mul2(q1, s23_, KV_DTYPE, INTERPRET)
+        # z q^T (rows all equal) and the sum of q' (for the code offsets)
+        zq0, zq1, _, _ = _mma(z01_, z01_, z23_, z23_, q0, q1, zq0, zq1, zero, zero, NT, KV_DTYPE, INTERPRET)
+        qs0, qs1, _, _ = _mma(one2, one2, one2, one2, p0, p1, qs0, qs1, zero, zero, NT, KV_DTYPE, INTERPRET)
+        frags = frags + ((_prmt(w0, w1, sel, INTERPRET), _prmt(w2, w3, sel, INTERPRET), p0, p1),)
+    # Initial accumulators: z q^T minus the offsets' share, row half h of tile m holding code j = 2m + h.
+    s00 = zq0 - _offset(0, KB, KV_DTYPE) * qs0
+    s01 = zq1 - _offset(0, KB, KV_DTYPE) * qs1
+    s02 = zq0 - _offset(1, KB, KV_DTYPE) * qs0
+    s03 = zq1 - _offset(1, KB, KV_DTYPE) * qs1
+    s10 = zq0 - _offset(2, KB, KV_DTYPE) * qs0
+    s11 = zq1 - _offset(2, KB, KV_DTYPE) * qs1
+    s12 = zq0 - _offset(3, KB, KV_DTYPE) * qs0
+    s13 = zq1 - _offset(3, KB, KV_DTYPE) * qs1
+    for k in tl.static_range(NCH):
+        x01, x23, p0, p1 = frags[k]
+        c0, c1, c2, c3 = _codes4(x01, sh, KB, KV_DTYPE)  # channels (0, 1) of the chunk, codes j = 0..3
+        d0, d1, d2, d3 = _codes4(x23, sh, KB, KV_DTYPE)  # channels (2, 3)
+        s00, s01, s02, s03 = _mma(c0, c1, d0, d1, p0, p1, s00, s01, s02, s03, NT, KV_DTYPE, INTERPRET)
+        s10, s11, s12, s13 = _mma(c2, c3, d2, d3, p0, p1, s10, s11, s12, s13, NT, KV_DTYPE, INTERPRET)
+    return (s00, s01, s02, s03), (s10, s11, s12, s13)
+
+
+@triton.jit
+def _token(r, j, KB: tl.constexpr):
+    """Token (within its group) of code ``j`` of lane row ``r``: byte ``r // 2`` of word row
+    ``r % 2`` (2-bit keys) or nibble ``r`` (1-bit)."""
+    if KB == 2:
+        return 16 * (r % 2) + 4 * (r // 2) + j
+    else:
+        return 4 * r + j
+
+
+@triton.jit
+def _value_rows(vc_base, vs_base, vz_base, tok, g, s_vct, s_vst,
+                VB: tl.constexpr, DV: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr,
+                KV_DTYPE: tl.constexpr):
+    """Of token ``tok``: the word of each value group this lane reads (byte ``g // 2``), and the
+    group scales and zero points as 16-bit patterns, each a tuple over the ``DV / 32`` groups."""
+    NG: tl.constexpr = DV // 32
+    VW: tl.constexpr = DV * VB // 32
+    words = ()
+    for q in tl.static_range(VW // 4):
+        w0, w1, w2, w3 = _load4(vc_base, tok * s_vct + 4 * q, NT)
+        if VB == 1:
+            words = words + (w0, w1, w2, w3)
+        else:  # two words per group: this lane's is the odd one for odd g
+            words = words + (tl.where(g % 2 == 1, w1, w0), tl.where(g % 2 == 1, w3, w2))
+    if VW < 4:  # head_dim 64 at 1 bit: two words
+        w = tl.load(vc_base + tok[:, None] * s_vct + tl.arange(0, 2)[None, :])
+        w0, w1 = tl.split(w)
+        if VB == 1:
+            words = (w0, w1)
+        else:
+            words = (tl.where(g % 2 == 1, w1, w0),)
+    scales = ()
+    zeros = ()
+    for q in tl.static_range(NG):
+        s = tl.load(vs_base + tok * s_vst + q)
+        z = tl.load(vz_base + tok * s_vst + q)
+        scales = scales + (_half_bits(s.to(KV_DTYPE)),)
+        zeros = zeros + (_half_bits(z.to(KV_DTYPE)),)
+    return words, scales, zeros
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "num_splits"])
+def _attend_mma_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n_ptr,
+    part_acc_ptr, part_ml_ptr,
+    s_qb, s_qh, s_ql,
+    s_kcb, s_kch, s_kct,
+    s_ksb, s_ksh, s_kst,
+    s_vcb, s_vch, s_vct,
+    s_vsb, s_vsh, s_vst,
+    num_kv_heads, num_splits, qk_scale,
+    LQ: tl.constexpr, GROUP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, TAIL_PARTS: tl.constexpr, META16: tl.constexpr,
+    VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Stage 1 on raw codes, grid ``(b * Hkv, S)`` (see the module docstring). Writes partials
+    ``s * W + w`` of ``part_acc [b * Hkv, S * W + T, GROUP * Lq, DV]`` /
+    ``part_ml [.., 2, GROUP * Lq]`` as the other stage-1 kernels do (max in log2 units)."""
+    W: tl.constexpr = 4
+    NT: tl.constexpr = 32 * W
+    NG: tl.constexpr = DV // 32
+    M: tl.constexpr = GROUP * LQ
+    KV_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    bi = (pid_bh // num_kv_heads).to(tl.int64)
+    hi = (pid_bh % num_kv_heads).to(tl.int64)
+    # Value rows are a few words long: their lengths as constants let Triton load them as vectors.
+    if VC_ROW > 0:
+        s_vct = VC_ROW
+    if VS_ROW > 0:
+        s_vst = VS_ROW
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    n = tl.load(n_ptr).to(tl.int32)
+    groups = tl.maximum(n - R, 0) // 32  # whole key groups below Nv
+    per_split = tl.cdiv(groups, num_splits)
+    g_lo = split * per_split
+    g_hi = tl.minimum(g_lo + per_split, groups)
+
+    warp = tl.arange(0, NT) // 32
+    g, t = _lanes(NT)
+    # Query B fragments: row g (zero past the M rows), channels 16k + 4t + (0, 1) | (2, 3).
+    row_ok = g < M
+    head = hi * GROUP + g // LQ
+    q_row = q_ptr + bi * s_qb + head * s_qh + (g % LQ) * s_ql
+    qb = ()
+    for kq in tl.static_range(DK // 16):
+        qx = tl.load(q_row[:, None] + (16 * kq + 4 * t)[:, None] + tl.arange(0, 4)[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        x0, x1, x2, x3 = _split4(qx, NT)
+        qb = qb + (_pack(x0, x1), _pack(x2, x3))
+
+    kc_base = kc_ptr + bi * s_kcb + hi * s_kch
+    ks_base = ks_ptr + bi * s_ksb + hi * s_ksh
+    kz_base = kz_ptr + bi * s_ksb + hi * s_ksh
+    vc_base = vc_ptr + bi * s_vcb + hi * s_vch
+    vs_base = vs_ptr + bi * s_vsb + hi * s_vsh
+    vz_base = vz_ptr + bi * s_vsb + hi * s_vsh
+
+    zero = tl.zeros((NT,), tl.float32)
+    m0 = tl.full((NT,), float("-inf"), tl.float32)  # running max of query rows 2t, 2t + 1
+    m1 = m0
+    l0, l1 = zero, zero
+    acc = ()
+    for _ in tl.static_range(4 * 2 * NG + 4 * NG):  # 2 tiles of 16 channels per group, then z / s terms
+        acc = acc + (zero,)
+    if KB == 2:
+        tok_a = 4 * t  # tokens of B rows 2t (a) and 2t + 1 (b) in tile half h, code j = 2m + h
+        tok_b = 16 + 4 * t
+    else:
+        tok_a = 8 * t
+        tok_b = 8 * t + 4
+    sh_v = 4 * (g % 2) if VB == 1 else g * 0
+    sel_v = _byte_sel(g // 2)
+    one2 = _pack_f32(tl.full((NT,), 1.0, tl.float32), tl.full((NT,), 1.0, tl.float32), KV_DTYPE)
+    nil = one2 * 0
+    for r in range(0, tl.cdiv(g_hi - g_lo, W)):
+        group = g_lo + r * W + warp
+        valid = group < g_hi
+        s0, s1 = _key_group(kc_base, ks_base, kz_base, group, valid, qb, g, t, s_kct, s_kst,
+                            KB, DK, NT, META16, KV_DTYPE, INTERPRET)
+        x = (s0[0] * qk_scale, s0[1] * qk_scale, s0[2] * qk_scale, s0[3] * qk_scale,
+             s1[0] * qk_scale, s1[1] * qk_scale, s1[2] * qk_scale, s1[3] * qk_scale)
+        # x[4m + 2h + e]: token _token(g + 8h ... ) code j = 2m + h, query row 2t + e
+        bx0 = tl.maximum(tl.maximum(x[0], x[2]), tl.maximum(x[4], x[6]))
+        bx1 = tl.maximum(tl.maximum(x[1], x[3]), tl.maximum(x[5], x[7]))
+        bx0 = tl.where(valid, bx0, float("-inf"))
+        bx1 = tl.where(valid, bx1, float("-inf"))
+        bx0 = tl.reshape(tl.broadcast_to(tl.max(_to_warps(bx0, NT), axis=1, keep_dims=True), (W, 8, 4)), (NT,))
+        bx1 = tl.reshape(tl.broadcast_to(tl.max(_to_warps(bx1, NT), axis=1, keep_dims=True), (W, 8, 4)), (NT,))
+        n0 = tl.maximum(m0, bx0)
+        n1 = tl.maximum(m1, bx1)
+        r0 = tl.where(n0 == float("-inf"), 0.0, n0)
+        r1 = tl.where(n1 == float("-inf"), 0.0, n1)
+        a0 = tl.math.exp2(m0 - r0)
+        a1 = tl.math.exp2(m1 - r1)
+        m0, m1 = n0, n1
+        p = ()
+        for i in tl.static_range(8):
+            pe = tl.math.exp2(x[i] - (r0 if i % 2 == 0 else r1))
+            p = p + (tl.where(valid, pe, 0.0),)
+        l0 = l0 * a0 + (p[0] + p[2] + p[4] + p[6])
+        l1 = l1 * a1 + (p[1] + p[3] + p[5] + p[7])
+        # P^T as B fragments: block (m, h) holds tokens of code j = 2m + h at rows g; transposed,
+        # lane (g, t) holds query row g of tokens rows 2t, 2t + 1 (tok_a + j, tok_b + j).
+        pb = ()
+        for i in tl.static_range(4):
+            pb = pb + (_transpose8(_cvt_pack(p[2 * i], p[2 * i + 1], KV_DTYPE, INTERPRET), NT, KV_DTYPE, INTERPRET),)
+        gbase = tl.where(valid, group, 0).to(tl.int64) * 32
+        vw = ()
+        vs = ()
+        vz = ()
+        for j in tl.static_range(4):
+            wa, sa, zra = _value_rows(vc_base, vs_base, vz_base, gbase + tok_a + j, g, s_vct, s_vst,
+                                     VB, DV, NT, META16, KV_DTYPE)
+            wb, sb, zrb = _value_rows(vc_base, vs_base, vz_base, gbase + tok_b + j, g, s_vct, s_vst,
+                                     VB, DV, NT, META16, KV_DTYPE)
+            vw = vw + ((wa, wb),)
+            vs = vs + ((sa, sb),)
+            vz = vz + ((zra, zrb),)
+        out = ()
+        zacc = ()
+        for gr in tl.static_range(NG):
+            # the running state rescaled to the new max (columns 2t: a0, 2t + 1: a1)
+            t0 = (acc[8 * gr] * a0, acc[8 * gr + 1] * a1, acc[8 * gr + 2] * a0, acc[8 * gr + 3] * a1)
+            t1 = (acc[8 * gr + 4] * a0, acc[8 * gr + 5] * a1, acc[8 * gr + 6] * a0, acc[8 * gr + 7] * a1)
+            zt = (acc[8 * NG + 4 * gr] * a0, acc[8 * NG + 4 * gr + 1] * a1, acc[8 * NG + 4 * gr + 2] * a0, acc[8 * NG + 4 * gr + 3] * a1)
+            # k-chunk c: B rows 0-7 hold code j = 2c (tokens tok_a / tok_b + 2c), rows 8-15 j = 2c + 1
+            for c in tl.static_range(2):
+                wa0, wb0 = vw[2 * c]
+                wa1, wb1 = vw[2 * c + 1]
+                e0, e1, e2, e3 = _codes4(_prmt(wa0[gr], wb0[gr], sel_v, INTERPRET), sh_v, VB, KV_DTYPE)
+                f0, f1, f2, f3 = _codes4(_prmt(wa1[gr], wb1[gr], sel_v, INTERPRET), sh_v, VB, KV_DTYPE)
+                sa0, sb0 = vs[2 * c]
+                sa1, sb1 = vs[2 * c + 1]
+                za0, zb0 = vz[2 * c]
+                za1, zb1 = vz[2 * c + 1]
+                s_lo = sa0[gr] | (sb0[gr] << 16)
+                s_hi = sa1[gr] | (sb1[gr] << 16)
+                z_lo = za0[gr] | (zb0[gr] << 16)
+                z_hi = za1[gr] | (zb1[gr] << 16)
+                p_lo = _mul2(pb[2 * c], s_lo, KV_DTYPE, INTERPRET)
+                p_hi = _mul2(pb[2 * c + 1], s_hi, KV_DTYPE, INTERPRET)
+                # channel tiles of the group: rows g / g + 8 hold channel codes i = 0 / 1 (t0), 2 / 3 (t1)
+                t0 = _mma(e0, e1, f0, f1, p_lo, p_hi, t0[0], t0[1], t0[2], t0[3], NT, KV_DTYPE, INTERPRET)
+                t1 = _mma(e2, e3, f2, f3, p_lo, p_hi, t1[0], t1[1], t1[2], t1[3], NT, KV_DTYPE, INTERPRET)
+                # rows 0-7: z^T P^T; rows 8-15: the sums of P' (the code offsets' share, over the
+                # rounded P' the codes were multiplied with)
+                zt = _mma(z_lo, nil, z_hi, nil, pb[2 * c], pb[2 * c + 1], zt[0], zt[1], zt[2], zt[3],
+                          NT, KV_DTYPE, INTERPRET)
+                zt = _mma(nil, one2, nil, one2, p_lo, p_hi, zt[0], zt[1], zt[2], zt[3], NT, KV_DTYPE, INTERPRET)
+            out = out + t0 + t1
+            zacc = zacc + zt
+        acc = out + zacc
+    _store_warp_partials(part_acc_ptr, part_ml_ptr, pid_bh, split, num_splits, warp, g, t, acc, m0, m1, l0, l1,
+                         M, NG, VB, DV, NT, TAIL_PARTS, KV_DTYPE)
+
+
+@triton.jit
+def _row_sum(x, NT: tl.constexpr):
+    """Sum over the 8 lanes ``g`` that share ``t`` (a query row's share of a warp), broadcast back."""
+    W: tl.constexpr = NT // 32
+    return tl.reshape(tl.broadcast_to(tl.sum(_to_warps(x, NT), axis=1, keep_dims=True), (W, 8, 4)), (NT,))
+
+
+@triton.jit
+def _store_warp_partials(part_acc_ptr, part_ml_ptr, pid_bh, split, num_splits, warp, g, t, acc, m0, m1, l0, l1,
+                         M: tl.constexpr, NG: tl.constexpr, VB: tl.constexpr, DV: tl.constexpr, NT: tl.constexpr,
+                         TAIL_PARTS: tl.constexpr, KV_DTYPE: tl.constexpr):
+    """Each warp's partial ``split * W + warp``: running max and sum of query rows ``2t, 2t + 1``
+    (from lanes ``g = 0``), and the output columns with the value-code offsets and zero points
+    applied (``acc + z^T P^T - off_i * s^T P^T``), channels in order."""
+    W: tl.constexpr = NT // 32
+    part = pid_bh.to(tl.int64) * (num_splits * W + TAIL_PARTS) + split * W + warp
+    l0 = _row_sum(l0, NT)
+    l1 = _row_sum(l1, NT)
+    first = g == 0
+    for e in tl.static_range(2):
+        row = 2 * t + e
+        ok = row < M
+        tl.store(part_ml_ptr + part * 2 * M + row, m0 if e == 0 else m1, mask=ok & first)
+        tl.store(part_ml_ptr + part * 2 * M + M + row, l0 if e == 0 else l1, mask=ok & first)
+        for gr in tl.static_range(NG):
+            zz = acc[8 * NG + 4 * gr + e]
+            zs = acc[8 * NG + 4 * gr + 2 + e]
+            for i in tl.static_range(4):
+                if VB == 1:
+                    ch = 32 * gr + 4 * g + i
+                else:
+                    ch = 32 * gr + 16 * (g % 2) + 4 * (g // 2) + i
+                val = acc[8 * gr + 4 * (i // 2) + 2 * (i % 2) + e] + zz - _offset(i, VB, KV_DTYPE) * zs
+                tl.store(part_acc_ptr + (part * M + row) * DV + ch, val, mask=ok)
+
+
+def supports(dtype, k_bits: int, v_bits: int, group: int, dk: int, dv: int, rows: int, strides_ok: bool) -> bool:
+    """Whether :func:`_attend_mma_kernel` takes a layer of this shape (see the module docstring)."""
+    import torch
+
+    return (dtype in (torch.float16, torch.bfloat16) and group == GROUP_TOKENS and k_bits in (1, 2)
+            and v_bits in (1, 2) and dk % 32 == 0 and dv % 32 == 0 and dv >= 64 and dk >= 32 and rows <= 8
+            and strides_ok)
