@@ -36,7 +36,8 @@ may take before the forward runs, eagerly, for a forward that is then compiled):
 (one new token) sees all ``max_cache_len`` positions, static shapes for compiled steps and CUDA
 graphs; compiled, the graph pass fuses that read into ``xquant::attend``, which reads only the
 stored positions. A prefill of ``L > 1`` tokens sees only the ``p0`` positions stored before it
-and its own: its memory follows the prompt, not the capacity, and a long prompt prefilled in
+and its own (except in ``torch.export``, whose prefill program reads every cache tensor it shares
+with the decode program, :mod:`xquant_fx.aoti`): its memory follows the prompt, not the capacity, and a long prompt prefilled in
 chunks (``generate(prefill_chunk_size=...)``) needs no more than one chunk's. Eager reads
 dequantize :data:`READ_BLOCK` positions at a time into the cache dtype
 (:meth:`XQuantLayer.read_stored`), never the whole capacity in float32.
@@ -280,8 +281,15 @@ class XQuantLayer(StaticLayer):
         p0 = int(self.cumulative_length)
         self._check_room(p0, L)
         n = p0 + L
-        out_k = torch.cat([self.read_stored("k", b, p0), k], dim=2)
-        out_v = torch.cat([self.read_stored("v", b, p0), v], dim=2)
+        if torch.compiler.is_exporting():
+            out_k, out_v = self.read(b, p0)
+            out_k = out_k.clone() if self.plan.k_bits == FULL_PRECISION else out_k
+            out_v = out_v.clone() if self.plan.v_bits == FULL_PRECISION else out_v
+            out_k[:, :, p0:n] = k
+            out_v[:, :, p0:n] = v
+        else:
+            out_k = torch.cat([self.read_stored("k", b, p0), k], dim=2)
+            out_v = torch.cat([self.read_stored("v", b, p0), v], dim=2)
         self._store_many("k", k, p0)
         self._store_many("v", v, p0)
         self.cumulative_length.add_(L)
@@ -375,7 +383,7 @@ class XQuantLayer(StaticLayer):
         the query length (transformers >= 5.2x) or the new tokens' ``cache_position``."""
         new = args[0] if args else next(iter(kwargs.values()))
         new = new.shape[0] if isinstance(new, torch.Tensor) else int(new)
-        if new == 1:
+        if new == 1 or torch.compiler.is_exporting():
             return self.max_cache_len, 0
         return int(self.cumulative_length) + new, 0
 
