@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,107 @@ def test_with_layers_cuts_a_config_and_its_per_layer_fields():
     assert with_layers(config, 4) is config
     assert config.num_hidden_layers == 4 and config.layer_types == ["full_attention"] * 4
     assert config.mlp_only_layers == [0, 3]  # layer indices, not per-layer entries
+
+
+# ------------------------------------------------------------------ bad configs, CLI errors
+def _config_file(tmp_path, **changes):
+    data = json.loads((CONFIG_DIR / "smollm2-135m.json").read_text())
+    data.update(changes)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        # 0 or negative layers used to end in a ZeroDivisionError traceback.
+        (dict(num_hidden_layers=0), "num_hidden_layers=0, must be a positive int"),
+        (dict(num_hidden_layers=-3), "num_hidden_layers=-3, must be a positive int"),
+        (dict(num_key_value_heads=0), "num_key_value_heads=0, must be a positive int"),
+        (dict(num_attention_heads=0), "num_attention_heads"),
+    ],
+)
+def test_degenerate_configs_are_refused_in_one_line(tmp_path, capsys, changes, message):
+    from xquant_fx.cli import main as cli_main
+
+    assert cli_main(["memory", "--config", _config_file(tmp_path, **changes), "--gpu-memory", "80GB"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith(("python -m xquant_fx memory: error:", "pytest memory: error:"))
+    with pytest.raises(ValueError, match=message):
+        plan(_config_file(tmp_path, **changes), "kivi-2", "80GB")
+
+
+def test_lengths_beyond_the_search_cap_are_refused(capsys):
+    assert main(["--config", "smollm2-135m", "--gpu-memory", "80GB", "--max-cache-len", str(10**20)]) == 2
+    assert "max_cache_len=100,000,000,000,000,000,000 is beyond what the planner sizes" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_size=2,199,023,255,553 is beyond"):
+        plan("smollm2-135m", "kivi-2", "80GB", batch_size=2**41 + 1)
+
+
+def test_share_start_past_the_model_is_refused(capsys):
+    assert main(["--config", "smollm2-135m", "--preset", "kivi-2:v_share_from=100", "--gpu-memory", "80GB"]) == 2
+    err = capsys.readouterr().err
+    assert "v_share_from=100: the model has 30 layers" in err and err.startswith("python -m xquant_fx.memory: error:")
+
+
+def _site_without(tmp_path, hidden):
+    """A directory of links to everything in this environment's site-packages but ``hidden``
+    (and .pth files, whose editable finders would bring the package back): with ``python -S`` and
+    it on PYTHONPATH, a process sees the environment as if ``hidden`` had never been installed."""
+    import sysconfig
+
+    site = tmp_path / "site"
+    site.mkdir()
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    for root in roots:
+        for entry in Path(root).iterdir():
+            top = entry.name.split("-")[0].split(".")[0].lower()
+            if top in hidden or entry.suffix == ".pth" or (site / entry.name).exists():
+                continue
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def test_cpu_commands_need_neither_triton_nor_torchao(tmp_path):
+    """pyproject leaves triton to the `test`/`triton` extras and torchao out: importing the package
+    and running a CPU command must not need them, and print nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    import xquant_fx
+
+    site = _site_without(tmp_path, {"triton", "torchao"})
+    repo = Path(xquant_fx.__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{repo}")
+    env.pop("TRITON_INTERPRET", None)
+
+    def python(*args):
+        return subprocess.run([sys.executable, "-S", *args], capture_output=True, text=True, env=env, timeout=300,
+                              cwd=tmp_path)
+
+    done = python("-m", "xquant_fx", "memory", "--config", "smollm2-135m", "--preset", "xquant-1.38",
+                  "--gpu-memory", "24GB")
+    assert done.returncode == 0, done.stderr
+    assert "xquant-1.38" in done.stdout and "max batch" in done.stdout
+    assert done.stderr == ""
+    # The ops (imported with the first quantized cache) register through torch.library.triton_op,
+    # which logs a notice per op without triton; the commands drop that notice, and only it.
+    script = """
+import importlib.util, logging, sys
+assert importlib.util.find_spec("triton") is None, "the set-up did not hide triton"
+import xquant_fx
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("triton", "torchao")))
+import torch._library.triton
+torch._library.triton.get_inner_triton_kernels(lambda: None)  # the notice, once, before the filter
+from xquant_fx import cli
+cli.quiet_missing_triton()
+import xquant_fx.ops
+logging.getLogger("torch._library.triton").warning("kept")
+"""
+    done = python("-c", script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert done.stderr.count("Triton not available") == 1 and "kept" in done.stderr

@@ -1,35 +1,75 @@
-"""Command line: ``python -m xquant_fx demo | eval | memory``."""
+"""Command line: ``python -m xquant_fx demo | eval | memory`` (also installed as ``xquant``)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
 from . import demo, memory
 from .config import METADATA_DTYPES, XQuantConfig
 
+#: The program name when run as ``python -m xquant_fx`` (``__main__`` passes it).
+MODULE_PROG = "python -m xquant_fx"
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xquant_fx", description=__doc__)
+
+def _prog_name() -> str:
+    """How this process was invoked: ``xquant`` from the console script, else the module form."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return MODULE_PROG if name in ("", "-", "-c", "-m", "__main__.py", "cli.py") else name
+
+
+class _TritonAbsentNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Triton not available")
+
+
+def quiet_missing_triton() -> None:
+    """Without triton installed (a CPU torch: pyproject leaves it to the ``test``/``triton``
+    extras), ``torch.library.triton_op`` logs "Triton not available" once for each op that
+    ``xquant_fx.ops`` registers, in the middle of a command's output. Off CUDA the ops run their
+    torch reference, so nothing is missing: the commands drop that one message."""
+    if importlib.util.find_spec("triton") is None:
+        logger = logging.getLogger("torch._library.triton")
+        if not any(isinstance(f, _TritonAbsentNotice) for f in logger.filters):
+            logger.addFilter(_TritonAbsentNotice())
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or _prog_name(),
+        description="xquant_fx: a 1-2 bit KV cache for Hugging Face transformers causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(sub.add_parser("demo", help="real SmolLM2: answers, speed and memory, full vs quantized cache"))
+    demo.add_arguments(sub.add_parser("demo", help="real SmolLM2: answers, quality and memory, full vs quantized cache"))
     memory.add_arguments(sub.add_parser("memory", help="how many tokens / what batch fits on a GPU, for any HF config"))
     add_eval_arguments(sub.add_parser("eval", help="perplexity, agreement and retrieval of presets (and searched configs) on a real model"))
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run one command; returns the exit code. Usage errors exit through argparse (code 2); a bad
+    value found after parsing (a missing file, a config the model cannot hold) prints one
+    ``PROG COMMAND: error: ...`` line and returns 2, as argparse would."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
+    quiet_missing_triton()
     runner = {"demo": demo.run, "memory": memory.run, "eval": run_eval}[args.command]
     try:
         return runner(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # OSError: a file named on the command line that cannot be read or written; the message
+        # names it. Anything else is a bug and keeps its traceback.
+        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="a local HF model directory (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--model", type=Path, default=None, help="a local HF model directory (default: the bundled SmolLM2-135M)")
     parser.add_argument("--presets", nargs="+", default=list(XQuantConfig.PRESETS), type=memory.spec_arg, metavar="SPEC",
                         help="presets to evaluate, each optionally modified: PRESET:field=value[,field=value...] "
                              "(e.g. kivi-2:metadata_dtype=float8_e4m3fn, xquant-1.38:group_size=64); a row is "
@@ -68,8 +108,88 @@ def _budget_list(text: str) -> list[float]:
     return budgets
 
 
+def _read_text(path: Path, option: str) -> str:
+    """The text of a file named by ``option``, or ``ValueError`` saying why it cannot be read."""
+    if not path.exists():
+        raise ValueError(f"{option} {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{option} {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"{option} {path}: cannot be read ({err.strerror})") from None
+    if not text.strip():
+        raise ValueError(f"{option} {path}: the file is empty")
+    return text
+
+
+def _check_writable_dir(path: Path, option: str) -> None:
+    """``path`` is, or can become, a directory this process writes to: checked before a run whose
+    results would otherwise be lost at the end."""
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{option} {path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{option} {path}: the directory is not writable")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot be created ({parent} is not a writable directory)")
+
+
+def check_eval_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """Every ``eval`` argument checked before the model loads; returns the texts of ``--text`` and
+    ``--search-text`` (``None``: the defaults). Raises ``ValueError`` naming the option."""
+    if args.model is not None:
+        if not args.model.exists():
+            raise ValueError(f"--model {args.model}: no such directory (a local Hugging Face model directory "
+                             "with config.json, weights and tokenizer)")
+        if not args.model.is_dir() or not (args.model / "config.json").is_file():
+            raise ValueError(f"--model {args.model}: not a Hugging Face model directory (no config.json in it)")
+    else:
+        from . import smollm2
+
+        try:
+            smollm2.gguf_path()
+        except RuntimeError as err:
+            raise ValueError(str(err)) from None
+    for name, value, low in (("--segments", args.segments, 1), ("--segment-len", args.segment_len, 2),
+                             ("--prefill", args.prefill, 1), ("--filler", args.filler, 0),
+                             ("--search-tokens", args.search_tokens, 2)):
+        if value < low:
+            raise ValueError(f"{name} {value}: must be at least {low}")
+    # Decode-condition scoring prefills at most the full-precision window of every config (fp16,
+    # the reference, included), and scores at least one token per segment.
+    configs = [XQuantConfig.from_spec(spec) for spec in ["fp16", *args.presets]]
+    moe = [xq.name for xq in configs if xq.prunes_experts]
+    if moe:
+        raise ValueError(f"--presets {' '.join(moe)}: MoE options (moe_*) are not measured by eval, which keeps the "
+                         "model's own routing; measure expert pruning through optimize() (README, MoE quality)")
+    window = min(xq.residual_length for xq in configs)
+    if args.prefill > min(window, args.segment_len - 1):
+        raise ValueError(f"--prefill {args.prefill}: must be at most the smallest residual_length of the configs "
+                         f"({window}) and below --segment-len {args.segment_len}")
+    bad = [d for d in args.depths if not 0.0 <= d <= 1.0]
+    if bad:
+        raise ValueError(f"--depths {' '.join(f'{d:g}' for d in bad)}: depths are fractions of the filler in [0, 1]")
+    if args.search_stored is not None and not args.search_stored > 0:
+        raise ValueError(f"--search-stored {args.search_stored:g}: a positive number of stored bits")
+    if args.search_text is not None and not args.search:
+        raise ValueError("--search-text is used by --search only; give --search BUDGET[,BUDGET...] too")
+    _check_writable_dir(args.out, "--out")
+    text = _read_text(args.text, "--text") if args.text is not None else None
+    search_text = _read_text(args.search_text, "--search-text") if args.search_text is not None else None
+    return text, search_text
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import datetime
+
+    text, search_text = check_eval_args(args)  # before the model loads
 
     import torch
     import transformers
@@ -77,7 +197,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from . import evaluate, smollm2
 
     name = "SmolLM2-135M-Instruct" if args.model is None else str(args.model)
-    text = args.text.read_text() if args.text else None
     run = evaluate.RunInfo(
         model=name,
         scored_tokens=args.segments * (args.segment_len - args.prefill),
@@ -97,16 +216,22 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.model is None:
         model, tokenizer = smollm2.load(torch.float32)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                                      local_files_only=True).eval()
+            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            # transformers' messages run to several lines; the first names what is missing.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--model {args.model}: cannot load a causal LM and its tokenizer: {first}") from None
     configs: list = list(args.presets)
     found = []
     if args.search:
         from . import config_search as search
 
-        calibration = args.search_text.read_text() if args.search_text else search.calibration_text()
+        calibration = search_text if search_text is not None else search.calibration_text()
         search.check_disjoint(calibration, text or evaluate.default_corpus())
-        found = search.search(model, args.search, tokenizer, text=calibration if args.search_text else None,
+        found = search.search(model, args.search, tokenizer, text=search_text,
                               tokens=args.search_tokens, stored_budget_bits=args.search_stored,
                               metadata_dtype=args.search_metadata_dtype, progress=True)
         print(search.format_results(found), end="\n\n")

@@ -30,6 +30,34 @@ BitsSpec = int | Sequence[int]
 ShareSpec = int | float | None
 
 
+def _is_int(x) -> bool:
+    """A true int: ``bool`` is an ``int`` subclass, but ``True`` as a bit width or a layer index is
+    a mistake, not 1."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_bits(name: str, value) -> int | tuple[int, ...]:
+    """``k_bits``/``v_bits`` as stored: an int, or a tuple with one int per layer."""
+    accepted = f"each entry must be an int, one of {ALLOWED_BITS}"
+    if _is_int(value):
+        if value not in ALLOWED_BITS:
+            raise ValueError(f"XQuantConfig.{name}={value!r}: must be one of {ALLOWED_BITS} (or one per layer)")
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        # A float such as 2.0 included: a bit width is a whole number of bits, given as an int.
+        raise ValueError(
+            f"XQuantConfig.{name}={value!r}: must be an int, one of {ALLOWED_BITS}, or a list with one such int "
+            f"per layer (got {type(value).__name__})"
+        )
+    values = tuple(value)
+    if not values:
+        raise ValueError(f"XQuantConfig.{name}=[]: a per-layer list needs one entry per layer")
+    for i, b in enumerate(values):
+        if not _is_int(b) or b not in ALLOWED_BITS:
+            raise ValueError(f"XQuantConfig.{name}={value!r}: entry {i} is {b!r}; {accepted}")
+    return values
+
+
 class MoESchedule(NamedTuple):
     """Activated experts by MoE-layer depth (arXiv 2505.03531): ``first`` experts in the first MoE
     layer, ``peak`` at MoE layer ``at``, ``last`` in the last one, linear in between, rounded to
@@ -138,27 +166,24 @@ class XQuantConfig:
 
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
-            value = getattr(self, name)
-            values = [value] if isinstance(value, int) else list(value)
-            if not values or any(not isinstance(b, int) or b not in ALLOWED_BITS for b in values):
-                raise ValueError(f"XQuantConfig.{name}={value!r}: each entry must be one of {ALLOWED_BITS}")
-            if not isinstance(value, int):
-                object.__setattr__(self, name, tuple(values))
+            object.__setattr__(self, name, _check_bits(name, getattr(self, name)))
         if isinstance(self.k_bits, tuple) and isinstance(self.v_bits, tuple) and len(self.k_bits) != len(self.v_bits):
             raise ValueError(
                 f"XQuantConfig.k_bits has {len(self.k_bits)} entries and v_bits {len(self.v_bits)}: per-layer lists "
                 "must have one entry per layer each"
             )
-        if self.group_size not in ALLOWED_GROUPS:
+        # 32.0 == 32 and True == 1 would pass a membership test and then index and size tensors as
+        # floats or bools: ints only.
+        if not _is_int(self.group_size) or self.group_size not in ALLOWED_GROUPS:
             raise ValueError(f"XQuantConfig.group_size={self.group_size!r}: must be one of {ALLOWED_GROUPS}")
         r = self.residual_length
-        if not isinstance(r, int) or r < self.group_size or r % self.group_size:
+        if not _is_int(r) or r < self.group_size or r % self.group_size:
             raise ValueError(
                 f"XQuantConfig.residual_length={r!r}: must be a positive multiple of group_size={self.group_size}"
             )
         for name in ("k_share_from", "v_share_from"):
             value = getattr(self, name)
-            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+            ok = value is None or (_is_int(value) and value >= 0)
             ok = ok or (isinstance(value, float) and 0.0 < value <= 1.0)
             if not ok:
                 raise ValueError(
@@ -167,10 +192,12 @@ class XQuantConfig:
         if not isinstance(self.eta, dict):
             raise ValueError(f"XQuantConfig.eta={self.eta!r}: must be a dict {{bits: eta}}")
         for bits, eta in self.eta.items():
-            if bits not in QUANT_BITS:
-                raise ValueError(f"XQuantConfig.eta has key {bits!r}: keys must be bit widths in {QUANT_BITS}")
-            if not isinstance(eta, (int, float)) or not 0.0 <= eta < 0.5:
+            if not _is_int(bits) or bits not in QUANT_BITS:
+                raise ValueError(f"XQuantConfig.eta has key {bits!r}: keys must be bit widths (ints) in {QUANT_BITS}")
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < 0.5:
                 raise ValueError(f"XQuantConfig.eta[{bits}]={eta!r}: must be a number in [0, 0.5)")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"XQuantConfig.name={self.name!r}: must be a non-empty string")
         self._check_moe()
         md = self.metadata_dtype
         if md is not None and not isinstance(md, str) and str(md) == "torch.float8_e4m3fn":
@@ -184,12 +211,12 @@ class XQuantConfig:
 
     def _check_moe(self) -> None:
         def positive_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+            return _is_int(x) and x >= 1
 
         k = self.moe_top_k
         if isinstance(k, MoESchedule):
             if not all(positive_int(v) for v in (k.first, k.peak, k.last)) or not (
-                isinstance(k.at, int) and k.at >= 0
+                _is_int(k.at) and k.at >= 0
             ):
                 raise ValueError(
                     f"XQuantConfig.moe_top_k={k!r}: a schedule needs first/peak/last >= 1 and a MoE layer index at >= 0"
@@ -352,7 +379,24 @@ class XQuantConfig:
         codes only if it is odd, at or after the share start, its partner ``i - 1`` stores codes of
         the same width, and neither is sliding; otherwise it stores its own codes.
         """
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(
+                f"XQuantConfig.resolve: the model has num_layers={num_layers!r} decoder layers; a KV cache needs "
+                "at least one (check the config's num_hidden_layers)"
+            )
         sliding = list(sliding) if sliding is not None else [False] * num_layers
+        if len(sliding) != num_layers:
+            raise ValueError(f"XQuantConfig.resolve: {len(sliding)} sliding flags for {num_layers} layers")
+        for name in ("k_share_from", "v_share_from"):
+            start = getattr(self, name)
+            # A fraction scales with any depth; a layer index past the last layer would share nothing
+            # without a word, so it is refused here, where the depth is known.
+            if _is_int(start) and start >= num_layers:
+                raise ValueError(
+                    f"XQuantConfig.{name}={start}: the model has {num_layers} layers (0..{num_layers - 1}), so no "
+                    f"layer is at or after {start} and nothing would be shared; use a layer index below "
+                    f"{num_layers}, a fraction of the depth in (0, 1], or None"
+                )
         k_bits = self._bits_for(self.k_bits, "k_bits", num_layers)
         v_bits = self._bits_for(self.v_bits, "v_bits", num_layers)
         k_start = self._share_start(self.k_share_from, num_layers)

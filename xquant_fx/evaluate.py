@@ -184,6 +184,17 @@ def evaluate(
             )
     if configs[0].name != "fp16":
         configs.insert(0, XQuantConfig.preset("fp16"))
+    # Checked before the first config runs (each run takes minutes on a CPU), not by decode_nll on
+    # the config that cannot take them.
+    if not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"segments={segments!r}: must be a positive int")
+    window = min(xq.residual_length for xq in configs)
+    if not 1 <= prefill <= min(window, segment_len - 1):
+        raise ValueError(f"prefill={prefill}: must be in [1, min(residual_length of every config = {window}, "
+                         f"segment_len - 1 = {segment_len - 1})]")
+    bad = [d for d in depths or () if not 0.0 <= d <= 1.0]
+    if bad or n_filler < 0:
+        raise ValueError(f"depths {list(depths or ())} / n_filler {n_filler}: depths in [0, 1], n_filler >= 0")
     ids = tokenizer(text or default_corpus(), return_tensors="pt").input_ids[0]
     need = segments * segment_len
     if ids.numel() < need:

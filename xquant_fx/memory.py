@@ -82,10 +82,17 @@ def _config_from_dict(data: dict, origin: str):
 
     if "model_type" not in data:
         raise ValueError(f"{origin} has no `model_type`: cannot tell which transformers config class to build")
+    # Before transformers sees them: its own validation divides by head counts.
+    for section in (data, data.get("text_config") if isinstance(data.get("text_config"), dict) else {}):
+        for field_name in _SHAPE_FIELDS:
+            if section.get(field_name) is not None:
+                _check_size(section[field_name], field_name, origin)
     try:
         return AutoConfig.for_model(**data)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{origin}: transformers cannot build a config from it: {exc}") from exc
+    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+        # transformers' own validation divides by head counts: a zero there is a ZeroDivisionError.
+        raise ValueError(f"{origin}: transformers cannot build a config from it: "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def load_config(name_or_path):
@@ -150,6 +157,27 @@ def with_layers(config, layers: int | None):
     return config
 
 
+#: Sizes of a decoder that must be positive ints (``None``/absent: not checked, the model's default).
+_SHAPE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim")
+
+
+def check_shape(config) -> None:
+    """``ValueError`` naming the field if a decoder size of ``config`` is not a positive int: a
+    0-layer or 0-head config otherwise ends in a division by zero deep inside the model or cache."""
+    text_cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    name = config.name_or_path or type(config).__name__
+    for field_name in _SHAPE_FIELDS:
+        value = getattr(text_cfg, field_name, None)
+        if value is None and field_name != "num_hidden_layers":
+            continue
+        _check_size(value, field_name, f"config {name}")
+
+
+def _check_size(value, field_name: str, origin: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{origin}: {field_name}={value!r}, must be a positive int")
+
+
 def _dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPE_NAMES:
@@ -171,11 +199,12 @@ def weight_bytes(config, dtype=torch.bfloat16) -> int:
 
     config = load_config(config)
     itemsize = _dtype(dtype).itemsize
+    check_shape(config)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"cannot build a causal LM from {type(config).__name__}: {exc}") from exc
+    except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
+        raise ValueError(f"cannot build a causal LM from {type(config).__name__}: {type(exc).__name__}: {exc}") from exc
     # parameters() yields each tensor once (remove_duplicate=True): tied weights are counted once.
     return sum(p.numel() for p in model.parameters()) * itemsize
 
@@ -321,6 +350,7 @@ def plan(
     ``dtype``) side by side.
     """
     config = load_config(config)
+    check_shape(config)
     xq = _xquant_config(preset_or_xquant_config)
     dtype = _dtype(dtype)
     if gpu_memory_bytes is None:
@@ -336,6 +366,10 @@ def plan(
     if max_cache_len is None:
         max_cache_len = min(context, DEFAULT_MAX_CACHE_LEN_CAP) if context else DEFAULT_MAX_CACHE_LEN_CAP
     max_cache_len = _positive_int(max_cache_len, "max_cache_len")
+    # Beyond the search cap the answers would be meaningless (the cap is "unbounded" to the search).
+    for name, value in (("max_cache_len", max_cache_len), ("batch_size", batch_size)):
+        if value > _SEARCH_CAP:
+            raise ValueError(f"{name}={value:,} is beyond what the planner sizes (at most 2**40 = {_SEARCH_CAP:,})")
 
     weights = weight_bytes(config, dtype)
     reserve = int(gpu * reserve_fraction)
@@ -481,20 +515,17 @@ def _memory_arg(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the ``memory`` command on parsed arguments; print the report; return the exit code."""
-    try:
-        result = plan(
-            args.config,
-            args.preset,
-            args.gpu_memory,
-            max_cache_len=args.max_cache_len,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            reserve_fraction=args.reserve,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Run the ``memory`` command on parsed arguments; print the report; return the exit code.
+    A bad value raises ``ValueError`` (the caller prints it as a usage error)."""
+    result = plan(
+        args.config,
+        args.preset,
+        args.gpu_memory,
+        max_cache_len=args.max_cache_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        reserve_fraction=args.reserve,
+    )
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_plan(result))
     return 0
 
@@ -502,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m xquant_fx memory ...``: plan tokens and batch for a GPU; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m xquant_fx memory",
+        prog="python -m xquant_fx.memory",
         description="How many tokens / what batch fit on a GPU with a quantized KV cache.",
     )
     add_arguments(parser)
@@ -510,7 +541,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already reported by argparse
         return exc.code if isinstance(exc.code, int) else 2
-    return run(args)
+    try:
+        return run(args)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
