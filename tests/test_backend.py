@@ -163,3 +163,33 @@ def test_source_stamp_defeats_a_stale_inductor_cache(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         results.append(out.stdout.strip().splitlines()[-1])
     assert results == ["[6.0, 6.0]", "[9.0, 9.0]"]
+
+
+def test_kernel_analysis_is_memoized_per_signature(monkeypatch):
+    """Inductor's per-launch TTIR analysis runs once per (kernel, argument signature) for this
+    package's kernels, and untouched for anyone else's."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    from xquant_fx import backend
+    from xquant_fx.kernels.append import _append_token_kernel
+
+    name = next(n for n in backend._ANALYSES if hasattr(wrap, n))
+    calls = []
+    monkeypatch.setattr(wrap, name, lambda kernel, kwargs, *rest: calls.append(kernel) or ["out"])
+    monkeypatch.setattr(backend, "_KERNEL_ACCESSES", {})
+
+    class Foreign:
+        fn = None
+
+    ours = {"x": torch.empty(2, dtype=torch.bfloat16), "n": 4, "BLOCK": 16}
+    before = getattr(wrap, name)
+    with backend.memoized_kernel_analysis():
+        for _ in range(3):
+            assert getattr(wrap, name)(_append_token_kernel, dict(ours), {}) == ["out"]
+        getattr(wrap, name)(_append_token_kernel, {**ours, "n": 1}, {})   # another int: another TTIR
+        getattr(wrap, name)(_append_token_kernel, {**ours, "x": torch.empty(2)}, {})  # another dtype
+        getattr(wrap, name)(Foreign(), dict(ours), {})
+        getattr(wrap, name)(Foreign(), dict(ours), {})
+    assert len(calls) == 5
+    assert getattr(wrap, name) is before  # restored after the block
+    assert backend._analysis_key(Foreign(), ours, {}) is None

@@ -17,10 +17,19 @@ would still run the old ops (checked: a changed ``triton_op`` body is not seen).
 and :func:`xquant_fx.export`, hand Inductor a no-op post-grad pass whose ``uuid`` is a hash of this
 package's sources (:func:`source_stamp`); Inductor puts that uuid into its cache keys. A user's own
 ``post_grad_custom_pre_pass`` is left in place (and the stamp is then not added).
+
+Compile time: for every launch of a user-defined Triton kernel in a graph, Inductor asks Triton
+for the kernel's TTIR and walks it to learn which tensor arguments the launch writes, twice (while
+tracing with fake tensors and while lowering). A decode step launches the same few ``xquant``
+kernels with the same constants in every layer, so a 32-layer step repeated that analysis ~250
+times. :func:`memoized_kernel_analysis` keys it by what the TTIR depends on (the kernel, its
+constants and scalars, its tensors' dtypes; ``generate_ttir`` itself replaces tensors by dtype
+and symbolic sizes by a placeholder) and computes it once per key, for this package's kernels only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -74,6 +83,66 @@ def with_source_stamp(patches: dict) -> dict:
     return patches
 
 
+#: Accesses found per (kernel, argument signature): see the module docstring.
+_KERNEL_ACCESSES: dict = {}
+#: The analysis function's name across torch versions.
+_ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
+
+
+def _analysis_key(kernel, kwargs: dict, tma_metadata) -> tuple | None:
+    """What the TTIR of ``kernel`` launched with ``kwargs`` depends on, or None (no memo: not
+    one of this package's kernels, TMA descriptors, or an argument of a kind not known here)."""
+    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the JITFunction
+    if tma_metadata or not getattr(fn, "__module__", "").startswith(__package__ + "."):
+        return None
+    parts = []
+    for name, value in sorted(kwargs.items()):
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            parts.append((name, "sym"))
+        elif isinstance(value, torch.Tensor):
+            parts.append((name, "tensor", value.dtype))
+        elif hasattr(value, "get_dtype") and hasattr(value, "get_size"):  # Inductor's TensorBox
+            parts.append((name, "tensor", value.get_dtype()))
+        elif value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+            parts.append((name, type(value).__name__, value))
+        elif type(value).__module__.startswith("triton"):  # constexpr dtypes
+            parts.append((name, "triton", repr(value)))
+        else:
+            return None
+    return (kernel, tuple(parts))
+
+
+@contextlib.contextmanager
+def memoized_kernel_analysis():
+    """Within the block, Inductor's per-launch TTIR analysis of this package's Triton kernels is
+    computed once per :func:`_analysis_key` (module docstring)."""
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap as wrap
+    except ImportError:  # no triton: nothing to analyse
+        yield
+        return
+    name = next((n for n in _ANALYSES if hasattr(wrap, n)), None)
+    if name is None:
+        yield
+        return
+    original = getattr(wrap, name)
+
+    def analysis(kernel, kwargs, *args, **kw):
+        key = _analysis_key(kernel, kwargs, args[0] if args else kw.get("tma_descriptor_metadata"))
+        if key is None:
+            return original(kernel, kwargs, *args, **kw)
+        if key not in _KERNEL_ACCESSES:
+            _KERNEL_ACCESSES[key] = original(kernel, kwargs, *args, **kw)
+        found = _KERNEL_ACCESSES[key]
+        return list(found) if isinstance(found, list) else found  # older torch: names, a list its caller owns
+
+    setattr(wrap, name, analysis)
+    try:
+        yield
+    finally:
+        setattr(wrap, name, original)
+
+
 def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None, **_):
     """Backend entry point: ``torch.compile(model, backend="xquant", mode=..., options=...)``."""
     from . import ops  # noqa: F401  (registers the xquant:: ops the passes emit)
@@ -94,7 +163,8 @@ def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, op
 
     if mode and mode != "default":
         patches = {**torch._inductor.list_mode_options(mode), **patches}
-    return compile_fx(gm, example_inputs, config_patches=with_source_stamp(patches))
+    with memoized_kernel_analysis():
+        return compile_fx(gm, example_inputs, config_patches=with_source_stamp(patches))
 
 
 def register() -> None:
