@@ -12,6 +12,9 @@ Storage of one quantized layer (``B`` = max batch, ``H`` = KV heads, ``T`` = max
     k_window dtype  [B, H, R, Dk]          ring buffer: token t lives in slot t % R
     v_window dtype  [B, H, R, Dv]
 
+    k_sink   dtype  [B, H, S, Dk]          with XQuantConfig.sink_tokens = S > 0: positions < S, whole
+    v_sink   dtype  [B, H, S, Dv]
+
 ``dtype`` is the model's; ``mdtype`` the metadata dtype, the model's too unless
 ``XQuantConfig.metadata_dtype`` asks for ``float8_e4m3fn`` (written through
 :func:`quant.to_metadata`: clamped to +-448, then cast; read back as float32).
@@ -30,6 +33,17 @@ is masked off unless that group really starts at ``p - R`` (see :func:`quant.app
 Prefill (more than one new token) attends over the new tokens in full precision and the existing
 cache as stored, then stores the new tokens with the same rule, so a prompt prefilled at once and
 one fed token by token leave the same storage.
+
+Quality options (:class:`XQuantConfig`). ``sink_tokens``: positions below S are written to the
+sink buffers as they arrive and always read from there; when position S is stored, the ring slots
+of positions < S take a copy of it, so that the key group holding the sinks is quantized from
+ordinary tokens (:func:`quant.append_sink`). A read with sinks is not a bare read op, so the fuse
+pass leaves such layers on dequantize + SDPA (the attend kernel would need a third source for
+positions < S). ``rotation="hadamard"``: every quantized tensor, window and sinks included, is
+stored multiplied by the Hadamard matrix (``xquant::hadamard``, its own inverse) and reads are
+multiplied back; the fuse pass rotates the query and the attention output instead.
+``level_fit="lsq"``: decode steps store through the reference (:func:`quant.append_key` /
+:func:`quant.append_value`) rather than the ``append_token`` kernel, which fits min-max levels only.
 
 Sliding-window layers (Mistral, Gemma 2/3 local layers) keep transformers' own full-precision
 ``StaticSlidingWindowLayer``: they hold at most ``sliding_window`` tokens, and the memory report

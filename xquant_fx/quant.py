@@ -20,6 +20,12 @@ keys along the token axis (``[B, H, T*bits/32, D]``), values along the channel a
 (``[B, H, T, D*bits/32]``), so a kernel reads one word per (token-block, channel) or
 (token, channel-block).
 
+Quality options (``XQuantConfig``): ``level_fit="lsq"`` replaces min-max + calibration by a
+least-squares refit of ``s``/``z`` to the group (:func:`fit_levels`; decoding unchanged);
+``rotation="hadamard"`` quantizes ``x @ H`` instead of ``x`` (:func:`hadamard`, the cache rotates
+reads back); ``sink_tokens`` keeps the first positions whole (:func:`append_sink`,
+:func:`merge_sink`).
+
 Scales and zero points are stored in the model dtype, or with ``XQuantConfig.metadata_dtype=
 "float8_e4m3fn"`` in float8: :func:`to_metadata` clamps them to +-448 (the format's finite range)
 and rounds to nearest even; every read converts the stored value to float32, whatever its dtype.
