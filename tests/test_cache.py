@@ -32,7 +32,10 @@ def storage(cache):
 
 
 @pytest.mark.parametrize(
-    "preset,prompt", [("kivi-2", 1), ("kivi-2", 129), ("asymkv-1.5", 33), ("xquant-1.38", 31), ("xquant-1.38", 200), ("kivi-4", 161)]
+    "preset,prompt", [("kivi-2", 1), ("kivi-2", 129), ("asymkv-1.5", 33), ("xquant-1.38", 31), ("xquant-1.38", 200), ("kivi-4", 161),
+                      ("xquant-1.38:sink_tokens=4", 3), ("xquant-1.38:sink_tokens=4", 4), ("xquant-1.38:sink_tokens=4", 200),
+                      ("kivi-2:rotation=hadamard,level_fit=lsq,sink_tokens=7", 33),
+                      ("xquant-1.38:v_share_from=0,k_share_from=0,level_fit=lsq,eta=none", 161)]
 )
 def test_prefill_then_decode_equals_token_by_token(preset, prompt):
     """Prefill of a prompt + decode leaves the same storage as feeding every token alone."""
@@ -200,6 +203,12 @@ def test_batch_dtype_and_shape_errors():
         (dict(eta={2: 0.6}), r"eta\[2\]"),
         (dict(eta={3: 0.1}), "eta"),
         (dict(k_bits=[2, 2], v_bits=[1, 1, 1]), "per-layer"),
+        (dict(sink_tokens=-1), "sink_tokens"),
+        (dict(sink_tokens=128), r"sink_tokens=128: must be an int in \[0, residual_length=128\)"),
+        (dict(sink_tokens=2.0), "sink_tokens"),
+        (dict(rotation="random"), "rotation='random'"),
+        (dict(level_fit="kmeans"), "level_fit='kmeans'"),
+        (dict(level_fit="lsq", eta={1: 0.25}), "eta calibration does not apply"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, match):
@@ -231,3 +240,78 @@ def test_reset_and_reorder():
     assert int(cache.get_seq_length()) == 0
     assert all(t.count_nonzero() == 0 for t in layer.storage.values())
     assert math.isclose(cache.memory_report()["code_bits"], 2.0)
+
+
+# ------------------------------------------------------------------ quality options
+@pytest.mark.parametrize("spec", ["kivi-2:sink_tokens=4", "xquant-1.38:sink_tokens=5,level_fit=lsq,eta=none"])
+@pytest.mark.parametrize("prompt", [1, 200])
+def test_sink_tokens_never_quantized_and_read_back_exactly(spec, prompt):
+    """Sinks read back bit for bit long after their group left the window, and huge sink keys do not
+    stretch the range of the key group they sit in (it is quantized as if position S stood there)."""
+    n = 250
+    k, v = stream(n)
+    k[:, :, :4] *= 1000  # attention-sink-like outliers
+    cache = make_cache(spec, layers=2)
+    S = cache.xquant_config.sink_tokens
+    for layer in range(2):
+        cache.update(k[:, :, :prompt], v[:, :, :prompt], layer)
+    for t in range(prompt, n):
+        for layer in range(2):
+            cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], layer)
+    for layer in cache.layers:
+        keys, values = layer.read(2, n)
+        assert quant.key_boundary(n, 128, 32) > S and quant.value_boundary(n, 128) > S  # sinks left the window
+        assert torch.equal(keys[:, :, :S], k[:, :, :S]) and torch.equal(values[:, :, :S], v[:, :, :S])
+        # group 0's scale comes from positions S..31 only: the *1000 sinks would make it ~1000x larger
+        assert layer.k_scale[:2, :, 0].abs().max() < 5 * k[:, :, S:32].abs().max()
+        assert (keys[:, :, S:32] - k[:, :, S:32]).abs().mean() < 0.5  # a range stretched by the sinks: ~100
+
+
+def test_sink_tokens_are_counted_in_stored_bits():
+    B, T, L, S = 2, 1000, 4, 4
+    plain = make_cache("xquant-1.38", layers=L, batch=B, length=T, dtype=torch.float16)
+    sinks = make_cache("xquant-1.38:sink_tokens=4", layers=L, batch=B, length=T, dtype=torch.float16)
+    extra = L * 2 * B * H * S * D * 2  # keys + values of every quantized layer, fp16
+    assert sinks.memory_report()["bytes"] - plain.memory_report()["bytes"] == extra
+    assert sinks.memory_report()["bytes"] == sinks.allocated_bytes()
+    assert sinks.memory_report()["code_bits"] == plain.memory_report()["code_bits"]
+    # a full-precision tensor needs no sink buffer
+    assert make_cache(XQuantConfig(k_bits=2, v_bits=16, sink_tokens=4), layers=1).layers[0].storage.keys() >= {"k_sink"}
+    assert "v_sink" not in make_cache(XQuantConfig(k_bits=2, v_bits=16, sink_tokens=4), layers=1).layers[0].storage
+
+
+@pytest.mark.parametrize("n", [100, 161, 300])
+def test_rotated_read_equals_its_naive_reference(n):
+    """keys/values read back = H * dequantize(quantize(H * x)) below the boundaries (H the Hadamard
+    matrix, its own inverse), the exact inputs in the window; the stored window is rotated."""
+    cache = make_cache("kivi-2:rotation=hadamard,level_fit=lsq", layers=1)
+    k, v = stream(n)
+    cache.update(k, v, 0)
+    keys, values = cache.layers[0].read(2, n)
+    h = quant.hadamard_matrix(D)
+    nk, nv = quant.key_boundary(n, 128, 32), quant.value_boundary(n, 128)
+    want_k = quant.dequantize_keys(*quant.quantize_keys(k[:, :, :nk] @ h, 2, 32, fit="lsq"), 32) @ h
+    want_v = quant.dequantize_values(*quant.quantize_values(v[:, :, :nv] @ h, 2, 32, fit="lsq"), 32) @ h
+    assert torch.allclose(keys[:, :, :nk], want_k, atol=1e-5)
+    assert torch.allclose(values[:, :, :nv], want_v, atol=1e-5)
+    assert torch.allclose(keys[:, :, nk:n], k[:, :, nk:], atol=1e-5)
+    assert torch.allclose(values[:, :, nv:n], v[:, :, nv:], atol=1e-5)
+    slot = (n - 1) % 128
+    assert torch.allclose(cache.layers[0].k_window[:2, :, slot], k[:, :, n - 1] @ h, atol=1e-6)
+
+
+def test_rotation_needs_a_power_of_two_head_dim():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=96)
+    with pytest.raises(ValueError, match="power-of-two head dim; the key head_dim is 96"):
+        XQuantCache(cfg, "kivi-2:rotation=hadamard", max_cache_len=256).memory_report()
+    XQuantCache(cfg, "kivi-2", max_cache_len=256).memory_report()  # 96 is fine unrotated
+
+
+def test_quality_options_parse_from_a_spec():
+    xq = XQuantConfig.from_spec("xquant-1.38:sink_tokens=4,rotation=hadamard,level_fit=lsq,eta=none")
+    assert (xq.sink_tokens, xq.rotation, xq.level_fit, xq.eta) == (4, "hadamard", "lsq", {})
+    with pytest.raises(ValueError, match="eta calibration does not apply"):
+        XQuantConfig.from_spec("xquant-1.38:level_fit=lsq")
+    with pytest.raises(ValueError, match="sink_tokens='x' is not an int"):
+        XQuantConfig.from_spec("kivi-2:sink_tokens=x")

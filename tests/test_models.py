@@ -108,3 +108,29 @@ def test_unsupported_model_is_named():
         optimize(t5)
     with pytest.raises(ValueError, match="config must be an XQuantConfig"):
         optimize(mini_model("llama"), config=3)
+
+
+def test_optimize_passes_quality_options_through(monkeypatch):
+    """sink_tokens / rotation / level_fit reach the cache optimize builds, and its compiled greedy
+    tokens equal eager decoding with an XQuantCache of the same config (the prompt is long enough
+    for tokens to leave the window and be quantized)."""
+    spec = "xquant-1.38:sink_tokens=4,rotation=hadamard,level_fit=lsq,eta=none"
+    model = mini_model("llama", num_hidden_layers=2)
+    ids = torch.randint(1, 128, (1, 170), generator=torch.Generator().manual_seed(6))
+    cache = XQuantCache(model.config, spec, max_cache_len=178)
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, **{cache_argument(model): cache})
+    import xquant_fx.api
+
+    built = []
+
+    class Recording(XQuantCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(xquant_fx.api, "XQuantCache", Recording)
+    optimized = optimize(model, spec, max_cache_len=178, max_batch_size=1)
+    assert torch.equal(optimized.generate(ids, max_new_tokens=8, do_sample=False), ref)
+    assert built and all(c.xquant_config == cache.xquant_config for c in built)
+    layer = built[0].layers[0]
+    assert (layer.S, layer.rotation, layer.fit) == (4, "hadamard", "lsq") and "k_sink" in layer.storage

@@ -107,3 +107,73 @@ def test_boundaries(n, expected_k, expected_v):
     assert quant.value_boundary(n, 128) == expected_v
     assert quant.key_boundary(torch.tensor(n), 128, 32).item() == expected_k
     assert quant.value_boundary(torch.tensor(n), 128).item() == expected_v
+
+
+# --------------------------------------------------------------------------- quality options
+def test_fit_levels_is_the_least_squares_affine_fit():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 32, generator=g)
+    codes = torch.randint(0, 4, (50, 32), generator=g, dtype=torch.uint8)
+    codes[0] = 2  # all codes equal: scale 0, zero point the mean
+    scale, zero = quant.fit_levels(x, codes)
+    assert scale[0] == 0 and zero[0] == pytest.approx(x[0].mean().item(), abs=1e-6)
+    for i in range(1, 50):
+        a = torch.stack([codes[i].double(), torch.ones(32, dtype=torch.float64)], 1)
+        want = torch.linalg.lstsq(a, x[i].double()[:, None]).solution[:, 0]
+        assert scale[i].item() == pytest.approx(want[0].item(), abs=1e-5)
+        assert zero[i].item() == pytest.approx(want[1].item(), abs=1e-5)
+
+
+def test_lsq_one_bit_levels_are_the_half_means_and_beat_calibrated_minmax():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 32, generator=g) * torch.rand(400, 1, generator=g) * 3
+    codes, scale, zero = quant.quantize_groups(x, 1, fit="lsq")
+    deq = quant.dequantize_groups(codes, scale, zero)
+    for i in range(0, 400, 37):
+        hi = codes[i].bool()
+        assert deq[i][hi].unique().numel() == 1 and deq[i][hi][0] == pytest.approx(x[i][hi].mean().item(), abs=1e-5)
+        assert deq[i][~hi][0] == pytest.approx(x[i][~hi].mean().item(), abs=1e-5)
+        assert x[i][hi].min() >= x[i][~hi].max()  # a threshold split, as the nearest-level step makes it
+    for bits in (1, 2):
+        err_lsq = (quant.dequantize_groups(*quant.quantize_groups(x, bits, fit="lsq")) - x).pow(2).mean()
+        for eta in (0.0, 1 / 6, 1 / 4, 0.045, 0.09):
+            err = (quant.dequantize_groups(*quant.quantize_groups(x, bits, eta)) - x).pow(2).mean()
+            assert err_lsq < err, (bits, eta)
+
+
+def test_lsq_with_given_codes_fits_to_them():
+    g = torch.Generator().manual_seed(5)
+    x, partner = torch.randn(2, 10, 32, generator=g)
+    given = quant.quantize_groups(partner, 2, fit="lsq")[0]
+    codes, scale, zero = quant.quantize_groups(x, 2, fit="lsq", codes=given)
+    assert codes is given
+    assert torch.equal(torch.stack(quant.fit_levels(x, given)), torch.stack([scale, zero]))
+    with pytest.raises(ValueError, match="given codes need fit='lsq'"):
+        quant.quantize_groups(x, 2, codes=given)
+
+
+@pytest.mark.parametrize("d", [1, 2, 64, 128])
+def test_hadamard_is_orthogonal_and_its_own_inverse(d):
+    h = quant.hadamard_matrix(d)
+    assert torch.allclose(h @ h, torch.eye(d), atol=1e-6) and torch.equal(h, h.T)
+    assert torch.all(h.abs() == h[0, 0].abs())  # every entry +-1/sqrt(d): spreads each channel evenly
+    x = torch.randn(3, d, dtype=torch.float64)
+    assert quant.hadamard(x).dtype == torch.float64
+    assert torch.allclose(quant.hadamard(quant.hadamard(x)), x, atol=1e-6)
+
+
+def test_hadamard_needs_a_power_of_two():
+    with pytest.raises(ValueError, match="d=96 must be a power of two"):
+        quant.hadamard_matrix(96)
+
+
+def test_append_sink_masked_write_and_key_stand_in():
+    S, R = 3, 8
+    sink, window = torch.zeros(1, 1, S, 2), torch.zeros(1, 1, R, 2)
+    for p in range(6):
+        x = torch.full((1, 1, 1, 2), float(p + 1))
+        quant.append_sink(x, torch.tensor(p), sink, window)
+        window[:, :, p % R] = x[:, :, 0]  # what append_key does after it
+    assert sink[0, 0, :, 0].tolist() == [1.0, 2.0, 3.0]  # positions 0..2, never overwritten later
+    # at pos == S the slots of positions < S took position S's token; later steps left them alone
+    assert window[0, 0, :6, 0].tolist() == [4.0, 4.0, 4.0, 4.0, 5.0, 6.0]

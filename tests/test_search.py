@@ -66,7 +66,14 @@ def _decode_nll_mean(model, ids, config, prefill):
                  residual_length=R, eta={1: 1 / 3, 2: 0.045}),
     XQuantConfig(k_bits=(1, 2, 2, 1, 2, 1), v_bits=1, v_share_from=2, residual_length=R, eta={1: 1 / 6, 2: 0.09},
                  metadata_dtype="float8_e4m3fn"),
-], ids=["fp", "k2v1-calibrated", "mixed-shared", "float8-metadata"])
+    XQuantConfig(k_bits=2, v_bits=1, v_share_from=2, residual_length=R, eta={1: 1 / 6, 2: 0.09}, sink_tokens=5),
+    XQuantConfig(k_bits=(1, 2, 2, 1, 2, 1), v_bits=2, k_share_from=0, residual_length=R, eta={2: 0.09},
+                 rotation="hadamard"),
+    XQuantConfig(k_bits=2, v_bits=(1, 1, 2, 2, 1, 1), k_share_from=2, v_share_from=0, residual_length=R,
+                 level_fit="lsq", metadata_dtype="float8_e4m3fn"),
+    XQuantConfig(k_bits=2, v_bits=1, k_share_from=4, v_share_from=0, residual_length=R, sink_tokens=3,
+                 rotation="hadamard", level_fit="lsq"),
+], ids=["fp", "k2v1-calibrated", "mixed-shared", "float8-metadata", "sinks", "rotation", "lsq-shared", "all-options"])
 def test_simulator_equals_decode(mini, ids, config):
     """One parallel forward gives the token-by-token decode NLL of the real cache."""
     sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R, metadata_dtype=config.metadata_dtype)

@@ -12,6 +12,9 @@ Storage of one quantized layer (``B`` = max batch, ``H`` = KV heads, ``T`` = max
     k_window dtype  [B, H, R, Dk]          ring buffer: token t lives in slot t % R
     v_window dtype  [B, H, R, Dv]
 
+    k_sink   dtype  [B, H, S, Dk]          with XQuantConfig.sink_tokens = S > 0: positions < S, whole
+    v_sink   dtype  [B, H, S, Dv]
+
 ``dtype`` is the model's; ``mdtype`` the metadata dtype, the model's too unless
 ``XQuantConfig.metadata_dtype`` asks for ``float8_e4m3fn`` (written through
 :func:`quant.to_metadata`: clamped to +-448, then cast; read back as float32).
@@ -44,6 +47,17 @@ dequantize :data:`READ_BLOCK` positions at a time into the cache dtype
 
 A cache no longer than the residual window (``max_cache_len <= residual_length``) never quantizes
 a token, so it keeps its layers in full precision and costs what a 16-bit cache costs.
+
+Quality options (:class:`XQuantConfig`). ``sink_tokens``: positions below S are written to the
+sink buffers as they arrive and always read from there; when position S is stored, the ring slots
+of positions < S take a copy of it, so that the key group holding the sinks is quantized from
+ordinary tokens (:func:`quant.append_sink`). A read with sinks is not a bare read op, so the fuse
+pass leaves such layers on dequantize + SDPA (the attend kernel would need a third source for
+positions < S). ``rotation="hadamard"``: every quantized tensor, window and sinks included, is
+stored multiplied by the Hadamard matrix (``xquant::hadamard``, its own inverse) and reads are
+multiplied back; the fuse pass rotates the query and the attention output instead.
+``level_fit="lsq"``: decode steps store through the reference (:func:`quant.append_key` /
+:func:`quant.append_value`) rather than the ``append_token`` kernel, which fits min-max levels only.
 
 Sliding-window layers (Mistral, Gemma 2/3 local layers) keep transformers' own full-precision
 ``StaticSlidingWindowLayer``: they hold at most ``sliding_window`` tokens, and the memory report
@@ -142,6 +156,9 @@ class XQuantLayer(StaticLayer):
         self.G = config.group_size
         self.R = config.residual_length
         self.metadata_dtype_name = config.metadata_dtype
+        self.S = config.sink_tokens
+        self.rotation = config.rotation
+        self.fit = config.level_fit
         self.k_eta = config.eta_for(plan.k_bits) if plan.k_bits != FULL_PRECISION else 0.0
         self.v_eta = config.eta_for(plan.v_bits) if plan.v_bits != FULL_PRECISION else 0.0
         # Positions [0, Tq) can ever be quantized: the newest R tokens never are.
@@ -154,6 +171,11 @@ class XQuantLayer(StaticLayer):
         kb, vb = self.plan.k_bits, self.plan.v_bits
         mdtype = quant.metadata_dtype(self.metadata_dtype_name, dtype)
         spec: dict[str, tuple] = {}
+        for bits, dim, kind in ((kb, k_dim, "key"), (vb, v_dim, "value")):
+            if self.rotation is not None and bits != FULL_PRECISION and dim & (dim - 1):
+                raise ValueError(
+                    f"rotation={self.rotation!r} needs a power-of-two head dim; the {kind} head_dim is {dim}"
+                )
         if kb == FULL_PRECISION:
             spec["keys"] = ((B, H, T, k_dim), dtype)
         else:
@@ -162,6 +184,8 @@ class XQuantLayer(StaticLayer):
             spec["k_scale"] = ((B, H, Tq // G, k_dim), mdtype)
             spec["k_zero"] = ((B, H, Tq // G, k_dim), mdtype)
             spec["k_window"] = ((B, H, R, k_dim), dtype)
+            if self.S:
+                spec["k_sink"] = ((B, H, self.S, k_dim), dtype)
         if vb == FULL_PRECISION:
             spec["values"] = ((B, H, T, v_dim), dtype)
         else:
@@ -177,6 +201,8 @@ class XQuantLayer(StaticLayer):
             spec["v_scale"] = ((B, H, Tq, v_dim // G), mdtype)
             spec["v_zero"] = ((B, H, Tq, v_dim // G), mdtype)
             spec["v_window"] = ((B, H, R, v_dim), dtype)
+            if self.S:
+                spec["v_sink"] = ((B, H, self.S, v_dim), dtype)
         return spec
 
     def allocate(self, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype, device) -> None:
@@ -228,15 +254,22 @@ class XQuantLayer(StaticLayer):
             self.lazy_initialization(key_states, value_states)
         self._check(key_states, value_states)
         if key_states.shape[-2] == 1:
+            k, v = self._rotate("k", key_states), self._rotate("v", value_states)
             if torch.compiler.is_compiling():
-                self._append_one(key_states, value_states)
+                self._append_one(k, v)
                 return self.read(key_states.shape[0], self.cumulative_length)
             stored = int(self.cumulative_length)
             self._check_room(stored, 1)
-            self._append_one(key_states, value_states)
+            self._append_one(k, v)
             b, n = key_states.shape[0], stored + 1
             return self.read_stored("k", b, n, self.max_cache_len), self.read_stored("v", b, n, self.max_cache_len)
         return self._prefill(key_states, value_states)
+
+    def _rotate(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as this layer stores it: rotated when ``rotation`` is set and the tensor is
+        quantized (the Hadamard matrix is its own inverse, so this also rotates a read back)."""
+        bits = self.plan.k_bits if kind == "k" else self.plan.v_bits
+        return x if self.rotation is None or bits == FULL_PRECISION else _ops().hadamard(x)
 
     def _check_room(self, stored: int, new: int) -> None:
         if stored + new > self.max_cache_len:
@@ -245,33 +278,47 @@ class XQuantLayer(StaticLayer):
                 "allocate a larger cache (max_cache_len=...)"
             )
 
+    def _shared_codes(self, kind: str, b: int) -> torch.Tensor | None:
+        """The partner's codes a sharing layer fits its levels to (``level_fit="lsq"``), else None."""
+        shares = self.plan.k_shares if kind == "k" else self.plan.v_shares
+        return self._src_codes(kind)[:b] if shares and self.fit == "lsq" else None
+
     def _src_codes(self, kind: str) -> torch.Tensor:
         shares = self.plan.k_shares if kind == "k" else self.plan.v_shares
         return getattr(self.partner if shares else self, f"{kind}_codes")
 
     def _append_one(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one token per sequence (k, v: [b, H, 1, D]) at position cumulative_length."""
+        """Store one token per sequence (k, v: [b, H, 1, D], rotated if the layer rotates) at
+        position cumulative_length."""
         b, p, plan = k.shape[0], self.cumulative_length, self.plan
         k_codes = None if plan.k_shares or plan.k_bits == FULL_PRECISION else self.k_codes[:b]
         v_codes = None if plan.v_shares or plan.v_bits == FULL_PRECISION else self.v_codes[:b]
-        if plan.k_bits != FULL_PRECISION and plan.v_bits != FULL_PRECISION:
+        if self.S:
+            if plan.k_bits != FULL_PRECISION:
+                quant.append_sink(k, p, self.k_sink[:b], self.k_window[:b])
+            if plan.v_bits != FULL_PRECISION:
+                quant.append_sink(v, p, self.v_sink[:b])
+        if plan.k_bits != FULL_PRECISION and plan.v_bits != FULL_PRECISION and self.fit == "minmax":
             _ops().append_token(
                 k, v, p,
                 k_codes, self.k_scale[:b], self.k_zero[:b], self.k_window[:b],
                 v_codes, self.v_scale[:b], self.v_zero[:b], self.v_window[:b],
                 plan.k_bits, plan.v_bits, self.G, self.k_eta, self.v_eta,
             )
-        else:  # a full-precision tensor: plain copies for it, the reference for the other
+        else:
+            # A full-precision tensor: plain copies for it. The reference for a quantized one: the
+            # append kernel knows min-max levels only, so level_fit="lsq" stays on the reference
+            # (torch.compile compiles it; the kernel path is used again once it fits by least squares).
             if plan.k_bits == FULL_PRECISION:
                 self.keys[:b].index_copy_(2, p.reshape(1), k)
             else:
                 quant.append_key(k, p, k_codes, self.k_scale[:b], self.k_zero[:b], self.k_window[:b],
-                                 plan.k_bits, self.G, self.k_eta)
+                                 plan.k_bits, self.G, self.k_eta, self.fit, self._shared_codes("k", b))
             if plan.v_bits == FULL_PRECISION:
                 self.values[:b].index_copy_(2, p.reshape(1), v)
             else:
                 quant.append_value(v, p, v_codes, self.v_scale[:b], self.v_zero[:b], self.v_window[:b],
-                                   plan.v_bits, self.G, self.v_eta)
+                                   plan.v_bits, self.G, self.v_eta, self.fit, self._shared_codes("v", b))
         self.cumulative_length.add_(1)
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor):
@@ -290,8 +337,8 @@ class XQuantLayer(StaticLayer):
         else:
             out_k = torch.cat([self.read_stored("k", b, p0), k], dim=2)
             out_v = torch.cat([self.read_stored("v", b, p0), v], dim=2)
-        self._store_many("k", k, p0)
-        self._store_many("v", v, p0)
+        self._store_many("k", self._rotate("k", k), p0)
+        self._store_many("v", self._rotate("v", v), p0)
         self.cumulative_length.add_(L)
         return out_k, out_v
 
@@ -306,11 +353,19 @@ class XQuantLayer(StaticLayer):
         base = max(0, p0 - R)  # oldest position still in the ring
         old = window.index_select(2, torch.arange(base, p0, device=self.device) % R)
         seq = torch.cat([old, new], dim=2)  # positions [base, n)
+        S = self.S
+        if S and p0 < S:
+            getattr(self, f"{kind}_sink")[:b, :, p0 : min(n, S)] = new[:, :, : min(n, S) - p0]
+        if S and kind == "k" and p0 <= S < n:  # as quant.append_sink does at pos == S
+            seq[:, :, : S - base] = seq[:, :, S - base : S - base + 1]
         shares = self.plan.k_shares if kind == "k" else self.plan.v_shares
+        src = self._src_codes(kind)[:b] if shares and self.fit == "lsq" else None
         if kind == "k":
             lo, hi = quant.key_boundary(p0, R, G), quant.key_boundary(n, R, G)
             if hi > lo:
-                codes, scale, zero = quant.quantize_keys(seq[:, :, lo - base : hi - base], bits, G, self.k_eta)
+                given = None if src is None else quant.unpack(src[:, :, lo * bits // 32 : hi * bits // 32], bits, -2)
+                codes, scale, zero = quant.quantize_keys(seq[:, :, lo - base : hi - base], bits, G, self.k_eta,
+                                                         self.fit, given)
                 if not shares:
                     self.k_codes[:b, :, lo * bits // 32 : hi * bits // 32] = quant.pack(codes, bits, -2)
                 self.k_scale[:b, :, lo // G : hi // G] = quant.to_metadata(scale, self.k_scale.dtype)
@@ -318,7 +373,9 @@ class XQuantLayer(StaticLayer):
         else:
             lo, hi = quant.value_boundary(p0, R), quant.value_boundary(n, R)
             if hi > lo:
-                codes, scale, zero = quant.quantize_values(seq[:, :, lo - base : hi - base], bits, G, self.v_eta)
+                given = None if src is None else quant.unpack(src[:, :, lo:hi], bits, -1)
+                codes, scale, zero = quant.quantize_values(seq[:, :, lo - base : hi - base], bits, G, self.v_eta,
+                                                           self.fit, given)
                 if not shares:
                     self.v_codes[:b, :, lo:hi] = quant.pack(codes, bits, -1)
                 self.v_scale[:b, :, lo:hi] = quant.to_metadata(scale, self.v_scale.dtype)
@@ -340,17 +397,22 @@ class XQuantLayer(StaticLayer):
         if isinstance(n, int):
             n = torch.tensor(n, device=self.device)
         reader = _ops().read_keys if kind == "k" else _ops().read_values
-        return reader(
+        x = reader(
             self._src_codes(kind)[:b],
             getattr(self, f"{kind}_scale")[:b],
             getattr(self, f"{kind}_zero")[:b],
             getattr(self, f"{kind}_window")[:b],
             n, bits, self.G, self.max_cache_len,
         )
+        # Sinks make the read something other than a bare read op, so the fuse_kv_attention pass
+        # leaves this layer on dequantize + SDPA: the attend kernel has no sink input yet.
+        if self.S:
+            x = quant.merge_sink(x, getattr(self, f"{kind}_sink")[:b])
+        return self._rotate(kind, x)
 
     def read_stored(self, kind: str, b: int, n: int, length: int | None = None) -> torch.Tensor:
-        """``[b, H, length or n, D]`` in the cache dtype: ``read(b, n)``'s first ``n`` positions,
-        exactly, dequantized :data:`READ_BLOCK` positions at a time (eager reads; module
+        """``[b, H, length or n, D]`` in the cache dtype: ``read(b, n)``'s first ``n`` positions
+        (sinks and rotation included), exactly, dequantized :data:`READ_BLOCK` positions at a time (eager reads; module
         docstring), then zeros up to ``length``."""
         bits = self.plan.k_bits if kind == "k" else self.plan.v_bits
         length = n if length is None else length
@@ -374,7 +436,10 @@ class XQuantLayer(StaticLayer):
                                                          scale[:, :, s:e], zero[:, :, s:e], G)
         ring = torch.arange(boundary, n, device=window.device) % R
         out[:, :, boundary:n] = window.index_select(2, ring)
-        return out
+        if self.S:
+            sinks = min(self.S, n)
+            out[:, :, :sinks] = getattr(self, f"{kind}_sink")[:b, :, :sinks]
+        return self._rotate(kind, out)
 
     # ------------------------------------------------------------------ misc Cache API
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:

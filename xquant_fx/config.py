@@ -20,6 +20,10 @@ ALLOWED_GROUPS = (32, 64, 128)
 METADATA_DTYPES = ("float8_e4m3fn",)
 #: Largest finite float8_e4m3fn value: metadata is clamped to +-FP8_E4M3_MAX before the cast.
 FP8_E4M3_MAX = 448.0
+#: Orthogonal rotations applied to quantized keys and values before they are quantized.
+ROTATIONS = ("hadamard",)
+#: How a group's scale and zero point are chosen (``XQuantConfig.level_fit``).
+LEVEL_FITS = ("minmax", "lsq")
 
 # Calibration strength per bit width (XQuant §3.2: z^ = z + eta*s*(2^B-1), s^ = (1-2 eta) s).
 # Chosen on SmolLM2-135M-Instruct over the paper's grid by decode-condition perplexity; the sweep
@@ -145,6 +149,22 @@ class XQuantConfig:
             before the cast, so none becomes NaN, and are read back into float32 as before. The
             codes and the full-precision window are unchanged. Needs a GPU with fp8 support
             (sm_89 or newer) on CUDA.
+        sink_tokens: the first ``sink_tokens`` positions of every sequence (attention sinks) are
+            kept in full precision in a buffer of their own and never quantized; reads take them
+            as they take the window. ``0 <= sink_tokens < residual_length``; they are counted in
+            ``stored_bits``.
+        rotation: ``None`` or ``"hadamard"``: quantized keys (after RoPE) and values are stored
+            multiplied by the normalized Hadamard matrix of the head dim (orthogonal and its own
+            inverse), which spreads outlier channels over all channels before quantization.
+            Attention is unchanged: reads rotate back (or the fused path rotates the query and
+            the output instead). The head dim must be a power of two.
+        level_fit: how each group's scale and zero point are chosen. ``"minmax"`` (default):
+            KIVI min-max, then ``eta`` calibration. ``"lsq"``: codes by min-max, then scale and
+            zero point refitted by least squares to the group's values, codes reassigned to the
+            nearest refitted level and refitted once more (for one bit: the levels are the
+            means of the two halves); a layer sharing its partner's codes fits its scale and
+            zero point to those codes. Decoding is the same affine ``q * s + z``; ``eta`` must be
+            empty (the fit replaces calibration).
 
     A config can also be written as a spec string, :meth:`from_spec`:
     ``"kivi-2:metadata_dtype=float8_e4m3fn"``, ``"xquant-1.38:group_size=64"``.
@@ -163,6 +183,9 @@ class XQuantConfig:
     moe_min_weight: float | None = None
     moe_top_p: float | None = None
     metadata_dtype: str | None = None
+    sink_tokens: int = 0
+    rotation: str | None = None
+    level_fit: str = "minmax"
 
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
@@ -199,6 +222,7 @@ class XQuantConfig:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"XQuantConfig.name={self.name!r}: must be a non-empty string")
         self._check_moe()
+        self._check_quality_options()
         md = self.metadata_dtype
         if md is not None and not isinstance(md, str) and str(md) == "torch.float8_e4m3fn":
             md = "float8_e4m3fn"  # the torch dtype itself: stored by name (configs serialize to JSON)
@@ -207,6 +231,22 @@ class XQuantConfig:
             raise ValueError(
                 f"XQuantConfig.metadata_dtype={md!r}: must be None (scales and zero points in the model dtype) "
                 f"or one of {', '.join(repr(d) for d in METADATA_DTYPES)}"
+            )
+
+    def _check_quality_options(self) -> None:
+        s = self.sink_tokens
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < self.residual_length:
+            raise ValueError(
+                f"XQuantConfig.sink_tokens={s!r}: must be an int in [0, residual_length={self.residual_length})"
+            )
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            raise ValueError(f"XQuantConfig.rotation={self.rotation!r}: must be None or one of {ROTATIONS}")
+        if self.level_fit not in LEVEL_FITS:
+            raise ValueError(f"XQuantConfig.level_fit={self.level_fit!r}: must be one of {LEVEL_FITS}")
+        if self.level_fit == "lsq" and any(self.eta.values()):
+            raise ValueError(
+                f"XQuantConfig.level_fit='lsq' fits scale and zero point by least squares, so eta calibration "
+                f"does not apply; got eta={self.eta!r} (set eta={{}}, or eta=none in a spec)"
             )
 
     def _check_moe(self) -> None:
@@ -490,4 +530,7 @@ _SPEC_PARSERS = {
     "moe_renormalize": ("true or false", _spec_bool),
     "moe_min_weight": ("none or a number", _spec_none(float)),
     "moe_top_p": ("none or a number", _spec_none(float)),
+    "sink_tokens": ("an int", _spec_int),
+    "rotation": (f"none or one of {', '.join(ROTATIONS)}", _spec_none(_spec_str)),
+    "level_fit": (f"one of {', '.join(LEVEL_FITS)}", _spec_str),
 }

@@ -183,7 +183,8 @@ class DecodeSimulator:
 
     ``run(plans, eta)`` scores one per-layer plan (any plan, including sharing patterns a config
     cannot express) and returns a :class:`Score`; the module docstring says how and why it equals
-    the cache's decode.
+    the cache's decode. ``score(config)`` also applies the config's ``sink_tokens``, ``rotation``
+    and ``level_fit`` as the cache does (the search itself leaves them off).
     """
 
     def __init__(self, model, ids: torch.Tensor, prefill: int | None = None, group_size: int = 32,
@@ -217,6 +218,8 @@ class DecodeSimulator:
         self.forwards = 0
         self._plans: list[LayerPlan] = []
         self._eta: dict[int, float] = {}
+        # (sink_tokens, rotation, level_fit) of the config being scored; the search's runs keep the defaults.
+        self._options: tuple[int, str | None, str] = (0, None, "minmax")
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._recorded: dict | None = None
@@ -247,7 +250,11 @@ class DecodeSimulator:
         plans = self.plans(config)
         if all(p.k_bits == FULL_PRECISION and p.v_bits == FULL_PRECISION for p in plans):
             return self.reference  # the reference pass is this plan
-        return self.run(plans, config.eta)
+        self._options = (config.sink_tokens, config.rotation, config.level_fit)
+        try:
+            return self.run(plans, config.eta)
+        finally:
+            self._options = (0, None, "minmax")
 
     def run(self, plans: list[LayerPlan], eta: dict[int, float], start: int = 0, record: bool = False) -> Score:
         """Score ``plans`` (one :class:`LayerPlan` per layer) with calibration ``eta``.
@@ -360,6 +367,7 @@ class DecodeSimulator:
     def _read_back(self, layer: int, plan: LayerPlan, x: torch.Tensor, kind: str) -> torch.Tensor:
         """``x`` as the cache reads it back from codes (keys: whole groups only), float32."""
         G = self.G
+        sinks, rotation, fit = self._options
         bits = plan.k_bits if kind == "k" else plan.v_bits
         shares = plan.k_shares if kind == "k" else plan.v_shares
         eta = float(self._eta.get(bits, 0.0))
@@ -368,13 +376,26 @@ class DecodeSimulator:
             quantize, dequantize = quant.quantize_keys, quant.dequantize_keys
         else:
             quantize, dequantize = quant.quantize_values, quant.dequantize_values
-        codes, scale, zero = quantize(x, bits, G, eta)
+        rotate = quant.hadamard if rotation else (lambda t: t)  # its own inverse
+
+        def grouped(t):  # what the cache quantizes: with sinks, key groups see position S in their place
+            if sinks and kind == "k" and t.shape[2] > sinks:
+                return torch.cat([t[:, :, sinks : sinks + 1].expand(-1, -1, sinks, -1), t[:, :, sinks:]], 2)
+            return t
+
+        x = rotate(x)  # the domain the cache stores
+        codes, scale, zero = quantize(grouped(x), bits, G, eta, fit)
         if shares:  # the odd layer's own scale and zero point, its partner's codes
-            partner = self._kv[layer - 1][0 if kind == "k" else 1][:, :, : x.shape[2]]
-            codes = quantize(partner, bits, G)[0]
+            partner = rotate(self._kv[layer - 1][0 if kind == "k" else 1][:, :, : x.shape[2]])
+            codes = quantize(grouped(partner), bits, G, 0.0, fit)[0]
+            if fit == "lsq":
+                scale, zero = quantize(grouped(x), bits, G, 0.0, fit, codes)[1:]
         # scale and zero point stored as the cache stores them: the activation dtype or metadata_dtype
         md = quant.metadata_dtype(self.metadata_dtype, x.dtype)
-        return dequantize(codes, quant.to_metadata(scale, md), quant.to_metadata(zero, md), G).to(x.dtype).float()
+        out = dequantize(codes, quant.to_metadata(scale, md), quant.to_metadata(zero, md), G).to(x.dtype)
+        if sinks:
+            out = torch.cat([x[:, :, :sinks], out[:, :, sinks:]], 2)[:, :, : out.shape[2]]
+        return rotate(out).float()
 
 
 # ============================================================================ sensitivities

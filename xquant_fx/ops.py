@@ -27,6 +27,7 @@ clamped to +-448 and rounded, read as float32, on both paths alike)::
     xquant::read_keys(Tensor codes, Tensor scale, Tensor zero, Tensor window, Tensor n,
         int bits, int group, int length) -> Tensor          # quant.read_keys, plain torch
     xquant::read_values(...same...) -> Tensor                 # quant.read_values, plain torch
+    xquant::hadamard(Tensor x) -> Tensor                      # quant.hadamard, plain torch
     xquant::moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, int keep=-1)
         -> Tensor                                            # moe.experts_reference; slots >= keep unread
     xquant::router_topk(Tensor scores, int k, int keep=-1, float fill=0., int sentinel=0)
@@ -51,7 +52,8 @@ from torch.library import triton_op
 
 from . import quant
 
-__all__ = ["append_token", "attend", "moe_experts", "read_keys", "read_values", "router", "router_topk", "uses_kernels"]
+__all__ = ["append_token", "attend", "hadamard", "moe_experts", "read_keys", "read_values", "router", "router_topk",
+           "uses_kernels"]
 
 
 def uses_kernels(t: torch.Tensor) -> bool:
@@ -144,6 +146,22 @@ def read_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, wi
 @read_values.register_fake
 def _read_values_fake(codes, scale, zero, window, n, bits, group, length):
     return window.new_empty((window.shape[0], window.shape[1], length, window.shape[-1]))
+
+
+# --------------------------------------------------------------------------- hadamard
+@torch.library.custom_op("xquant::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x`` times the normalized Hadamard matrix over its last dim (a power of two), in
+    ``x.dtype``: :func:`xquant_fx.quant.hadamard`. The cache of ``XQuantConfig(rotation=
+    "hadamard")`` rotates keys and values with it before storing them and rotates reads back; an
+    op, not inline torch, so that :mod:`xquant_fx.passes.fuse_kv_attention` can find the read's
+    rotation and move it onto the query and the attention output around the fused ``attend``."""
+    return quant.hadamard(x)
+
+
+@hadamard.register_fake
+def _hadamard_fake(x):
+    return torch.empty_like(x)
 
 
 # --------------------------------------------------------------------------- moe_experts

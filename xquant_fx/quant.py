@@ -20,12 +20,21 @@ keys along the token axis (``[B, H, T*bits/32, D]``), values along the channel a
 (``[B, H, T, D*bits/32]``), so a kernel reads one word per (token-block, channel) or
 (token, channel-block).
 
+Quality options (``XQuantConfig``): ``level_fit="lsq"`` replaces min-max + calibration by a
+least-squares refit of ``s``/``z`` to the group (:func:`fit_levels`; decoding unchanged);
+``rotation="hadamard"`` quantizes ``x @ H`` instead of ``x`` (:func:`hadamard`, the cache rotates
+reads back); ``sink_tokens`` keeps the first positions whole (:func:`append_sink`,
+:func:`merge_sink`).
+
 Scales and zero points are stored in the model dtype, or with ``XQuantConfig.metadata_dtype=
 "float8_e4m3fn"`` in float8: :func:`to_metadata` clamps them to +-448 (the format's finite range)
 and rounds to nearest even; every read converts the stored value to float32, whatever its dtype.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -110,12 +119,20 @@ def unpack(words: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- group quantizer
-def quantize_groups(x: torch.Tensor, bits: int, eta: float = 0.0):
+def quantize_groups(x: torch.Tensor, bits: int, eta: float = 0.0, fit: str = "minmax", codes: torch.Tensor | None = None):
     """Quantize groups along the last dim of ``x`` ``[..., G]``.
 
-    Returns ``(codes uint8 [..., G], scale fp32 [...], zero fp32 [...])`` with the calibrated
-    ``scale``/``zero`` of the module docstring (``eta = 0``: plain KIVI min-max).
+    Returns ``(codes uint8 [..., G], scale fp32 [...], zero fp32 [...])``. ``fit="minmax"``: the
+    calibrated ``scale``/``zero`` of the module docstring (``eta = 0``: plain KIVI min-max).
+    ``fit="lsq"`` (``eta`` unused): min-max codes, scale and zero refitted by :func:`fit_levels`,
+    codes moved to the nearest refitted level, refitted again. ``codes`` (``"lsq"`` only): fit
+    scale and zero to these given codes (a layer reading its partner's codes) and return them.
     """
+    if codes is not None:
+        if fit != "lsq":
+            raise ValueError(f"quantize_groups: given codes need fit='lsq', not {fit!r}")
+        scale, zero = fit_levels(x, codes)
+        return codes, scale, zero
     xf = x.float()
     mn = xf.amin(-1)
     rng = xf.amax(-1) - mn
@@ -124,8 +141,33 @@ def quantize_groups(x: torch.Tensor, bits: int, eta: float = 0.0):
     # the bit (torch's own scalar division differs between its CPU and CUDA kernels).
     inv = torch.where(rng > 0, torch.reciprocal(torch.where(rng > 0, rng, 1.0)) * lv, 0.0)
     codes = torch.floor((xf - mn[..., None]) * inv[..., None] + 0.5).clamp_(0, lv).to(torch.uint8)
+    if fit == "lsq":
+        scale, zero = fit_levels(xf, codes)
+        # One Lloyd step: each value to its nearest refitted level (the refit can only lower the
+        # squared error of the new assignment), then the final fit for those codes.
+        inv = torch.where(scale > 0, torch.reciprocal(torch.where(scale > 0, scale, 1.0)), 0.0)
+        codes = torch.floor((xf - zero[..., None]) * inv[..., None] + 0.5).clamp_(0, lv).to(torch.uint8)
+        scale, zero = fit_levels(xf, codes)
+        return codes, scale, zero
     scale, zero = calibrate(rng * (1.0 / lv), mn, bits, eta)
     return codes, scale, zero
+
+
+def fit_levels(x: torch.Tensor, codes: torch.Tensor):
+    """Least-squares ``scale, zero`` (fp32 ``[...]``) of ``x ~ codes * scale + zero`` over the last
+    dim of ``x``/``codes`` ``[..., G]``: the decoder stays the affine one, only its two parameters
+    move. For one-bit codes this puts the levels at the means of the values coded 0 and 1. A group
+    whose codes are all equal gets scale 0 and its mean as the zero point."""
+    xf, q = x.float(), codes.float()
+    g = x.shape[-1]
+    sq, sx = q.sum(-1), xf.sum(-1)
+    # Centred sums: the textbook n*sum(q^2) - sum(q)^2 cancels badly in float32.
+    qc = q - (sq / g)[..., None]
+    var = (qc * qc).sum(-1)
+    cov = (qc * xf).sum(-1)
+    scale = torch.where(var > 0, cov / torch.where(var > 0, var, 1.0), 0.0)
+    zero = (sx - scale * sq) / g
+    return scale, zero
 
 
 def calibrate(scale: torch.Tensor, zero: torch.Tensor, bits: int, eta: float):
@@ -141,14 +183,19 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 # --------------------------------------------------------------------------- keys / values
-def quantize_keys(k: torch.Tensor, bits: int, group: int, eta: float = 0.0):
+def quantize_keys(k: torch.Tensor, bits: int, group: int, eta: float = 0.0, fit: str = "minmax",
+                  codes: torch.Tensor | None = None):
     """Per-channel key quantization. ``k [..., N, D]`` with ``N % group == 0`` ->
-    ``codes uint8 [..., N, D]``, ``scale, zero fp32 [..., N/group, D]``."""
+    ``codes uint8 [..., N, D]``, ``scale, zero fp32 [..., N/group, D]``. ``fit``/``codes`` as in
+    :func:`quantize_groups` (``codes [..., N, D]``)."""
     *lead, n, d = k.shape
     if n % group:
         raise ValueError(f"quantize_keys: {n} tokens is not a multiple of the group size {group}")
-    g = k.reshape(*lead, n // group, group, d).transpose(-1, -2)  # [..., N/G, D, G]
-    codes, scale, zero = quantize_groups(g, bits, eta)
+
+    def groups(t):  # [..., N, D] -> [..., N/G, D, G]
+        return t.reshape(*lead, n // group, group, d).transpose(-1, -2)
+
+    codes, scale, zero = quantize_groups(groups(k), bits, eta, fit, None if codes is None else groups(codes))
     return codes.transpose(-1, -2).reshape(*lead, n, d), scale, zero
 
 
@@ -157,13 +204,16 @@ def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return codes.float() * scale.float().repeat_interleave(group, -2) + zero.float().repeat_interleave(group, -2)
 
 
-def quantize_values(v: torch.Tensor, bits: int, group: int, eta: float = 0.0):
+def quantize_values(v: torch.Tensor, bits: int, group: int, eta: float = 0.0, fit: str = "minmax",
+                    codes: torch.Tensor | None = None):
     """Per-token value quantization. ``v [..., N, D]`` with ``D % group == 0`` ->
-    ``codes uint8 [..., N, D]``, ``scale, zero fp32 [..., N, D/group]``."""
+    ``codes uint8 [..., N, D]``, ``scale, zero fp32 [..., N, D/group]``. ``fit``/``codes`` as in
+    :func:`quantize_groups` (``codes [..., N, D]``)."""
     *lead, d = v.shape
     if d % group:
         raise ValueError(f"quantize_values: head_dim {d} is not a multiple of the group size {group}")
-    codes, scale, zero = quantize_groups(v.reshape(*lead, d // group, group), bits, eta)
+    given = None if codes is None else codes.reshape(*lead, d // group, group)
+    codes, scale, zero = quantize_groups(v.reshape(*lead, d // group, group), bits, eta, fit, given)
     return codes.reshape(*lead, d), scale, zero
 
 
@@ -231,12 +281,19 @@ def append_token(
     append_key(k, pos, k_codes, k_scale, k_zero, k_window, k_bits, group, k_eta)
 
 
-def append_value(v, pos, codes, scale, zero, window, bits: int, group: int, eta: float) -> None:
+def append_value(v, pos, codes, scale, zero, window, bits: int, group: int, eta: float,
+                 fit: str = "minmax", shared_codes=None) -> None:
     """Before the token at ``pos`` overwrites ring slot ``pos % R``, quantize the value it evicts
-    (position ``pos - R``). While ``pos < R`` the result lands at position 0, rewritten at ``pos = R``."""
+    (position ``pos - R``). While ``pos < R`` the result lands at position 0, rewritten at ``pos = R``.
+    ``fit`` as in :func:`quantize_groups`; with ``fit="lsq"`` a sharing layer (``codes`` None)
+    passes its partner's codes as ``shared_codes`` (already written for this position) and fits
+    its scale and zero point to them."""
     R = window.shape[-2]
     q = (pos - R).clamp(min=0).reshape(1)
-    c, s, z = quantize_values(window.index_select(2, q % R), bits, group, eta)
+    given = None
+    if fit == "lsq" and codes is None:
+        given = unpack(shared_codes.index_select(2, q), bits, -1)
+    c, s, z = quantize_values(window.index_select(2, q % R), bits, group, eta, fit, given)
     if codes is not None:
         codes.index_copy_(2, q, pack(c, bits, -1))
     _put(scale, q, to_metadata(s, scale.dtype))
@@ -244,22 +301,70 @@ def append_value(v, pos, codes, scale, zero, window, bits: int, group: int, eta:
     window.index_copy_(2, pos.reshape(1) % R, v)
 
 
-def append_key(k, pos, codes, scale, zero, window, bits: int, group: int, eta: float) -> None:
+def append_key(k, pos, codes, scale, zero, window, bits: int, group: int, eta: float,
+               fit: str = "minmax", shared_codes=None) -> None:
     """Before the token at ``pos`` overwrites ring slot ``pos % R``, quantize the key group that
-    starts at ``pos - R`` if one does; the write is masked, not branched, so shapes stay static."""
+    starts at ``pos - R`` if one does; the write is masked, not branched, so shapes stay static.
+    ``fit`` / ``shared_codes`` as in :func:`append_value`."""
     R = window.shape[-2]
     q = (pos - R).clamp(min=0).reshape(1)
     g = torch.div(q, group, rounding_mode="floor")
     tokens = g * group + torch.arange(group, device=k.device)
-    c, s, z = quantize_keys(window.index_select(2, tokens % R), bits, group, eta)
+    per_group = group * bits // 32
+    words = g * per_group + torch.arange(per_group, device=k.device)
+    given = None
+    if fit == "lsq" and codes is None:
+        given = unpack(shared_codes.index_select(2, words), bits, -2)
+    c, s, z = quantize_keys(window.index_select(2, tokens % R), bits, group, eta, fit, given)
     flush = (pos >= R) & ((pos - R) % group == 0)
     if codes is not None:
-        per_group = group * bits // 32
-        words = g * per_group + torch.arange(per_group, device=k.device)
         codes.index_copy_(2, words, torch.where(flush, pack(c, bits, -2), codes.index_select(2, words)))
     _put(scale, g, _where_metadata(flush, s, scale.index_select(2, g)))
     _put(zero, g, _where_metadata(flush, z, zero.index_select(2, g)))
     window.index_copy_(2, pos.reshape(1) % R, k)
+
+
+# --------------------------------------------------------------------------- sink tokens
+def append_sink(x, pos, sink, window=None) -> None:
+    """Keep the token ``x [b, H, 1, D]`` at ``pos`` (0-d int64 tensor) in ``sink [b, H, S, D]``
+    if ``pos < S``; masked, not branched. Call it before the token enters the ring.
+
+    With ``window`` (keys): when ``pos == S``, the ring slots of positions ``0 .. S-1`` get copies
+    of this token. Those positions are read from ``sink`` from now on, so their slots are free,
+    and the key group that holds them is later quantized per channel from the ring: with the
+    sink keys (often far off the others) replaced by a neighbour they no longer stretch that
+    group's range. ``S < R`` (the config checks it), so the slots still hold positions ``< S``.
+    """
+    S = sink.shape[-2]
+    idx = pos.clamp(max=S - 1).reshape(1)
+    sink.index_copy_(2, idx, torch.where(pos < S, x, sink.index_select(2, idx)))
+    if window is not None:
+        slots = torch.arange(S, device=x.device)
+        window.index_copy_(2, slots, torch.where(pos == S, x.expand(-1, -1, S, -1), window.index_select(2, slots)))
+
+
+def merge_sink(x: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """``x [b, H, T, D]`` (a read) with positions ``< S`` taken from ``sink [b, H, S, D]``."""
+    return torch.cat([sink.to(x.dtype), x[:, :, sink.shape[-2]:]], dim=2)
+
+
+# --------------------------------------------------------------------------- rotation
+@functools.lru_cache(maxsize=None)
+def hadamard_matrix(d: int, device: torch.device | None = None) -> torch.Tensor:
+    """The normalized Sylvester Hadamard matrix ``[d, d]`` (float32): orthogonal and symmetric, so
+    it is its own inverse. ``d`` must be a power of two."""
+    if not isinstance(d, int) or d < 1 or d & (d - 1):
+        raise ValueError(f"hadamard_matrix: d={d!r} must be a power of two")
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h * (1.0 / math.sqrt(d))).to(device)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` over the last dim (float32 arithmetic, result in ``x.dtype``). The same call
+    rotates and rotates back: ``hadamard(hadamard(x)) == x`` up to rounding."""
+    return (x.float() @ hadamard_matrix(x.shape[-1], x.device)).to(x.dtype)
 
 
 def attend(q, keys, values, n, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,8 +12,16 @@ and replaces ``out`` with ``xquant.attend(q, k_codes, ..., v_window, n, k_bits, 
 mask)``: one pass over the packed codes instead of dequantizing the whole cache to bf16 and
 reading it again. The reads are erased when nothing else uses them.
 
+A rotating cache (``XQuantConfig.rotation``) reads ``keys = xquant.hadamard(read_keys(...))``
+(likewise values): the cache stores rotated tensors and rotates reads back. The pass then keeps
+the stored domain and moves the rotation to the cheap side, as scores and outputs allow because
+the matrix is orthogonal and its own inverse: ``q' = hadamard(q)`` when keys are rotated (``q' .
+Hk = q . k``) and ``out = hadamard(attend(q', ...))`` when values are rotated (attention over
+``Hv`` gives ``H out``). The attend kernel needs no change.
+
 Declines (logged at DEBUG) when: the key/value chain is anything but the GQA repeat above (any
-other reshaping could reorder heads), keys and values come from different ``n``, dropout is on,
+other reshaping could reorder heads; a read merged with sink tokens, ``XQuantConfig.sink_tokens``,
+is such a chain: the attend kernel has no sink input, so those layers stay on SDPA), keys and values come from different ``n``, dropout is on,
 ``is_causal`` is set, the query has more than ``MAX_QUERY_LEN`` rows (prefill stays on SDPA),
 or the query's heads, length or head_dim are not static (the batch may be dynamic).
 """
@@ -96,15 +104,24 @@ def _source_of_repeat(node, hq: int):
 
 
 def _read_node(node, op, hq: int, gqa: bool):
-    """The ``op`` (read_keys / read_values) node behind attention argument ``node``, or None."""
+    """``(read, rotated)``: the ``op`` (read_keys / read_values) node behind attention argument
+    ``node`` and whether an ``xquant.hadamard`` sits between them; ``(None, False)`` if none."""
+    hadamard = torch.ops.xquant.hadamard.default
     node = _strip_contiguous(node)
     if not isinstance(node, fx.Node):
-        return None
-    if _is_call(node, op):
+        return None, False
+    if _is_call(node, op) or _is_call(node, hadamard):
         shape = _shape(node)
-        return node if shape is not None and (gqa or shape[1] == hq) else None
-    src = _source_of_repeat(node, hq)
-    return src if _is_call(src, op) else None
+        if shape is None or not (gqa or shape[1] == hq):
+            return None, False
+    else:
+        node = _source_of_repeat(node, hq)
+        if node is None:
+            return None, False
+    rotated = _is_call(node, hadamard)
+    if rotated:
+        node = node.args[0]
+    return (node, rotated) if _is_call(node, op) else (None, False)
 
 
 def _sdpa_args(node) -> dict:
@@ -131,8 +148,8 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
             logger.debug("fuse_kv_attention: %s declined (Lq=%d, dropout/is_causal set)", node.name, lq)
             continue
         gqa = bool(a.get("enable_gqa", False))
-        k_read = _read_node(a["key"], read_keys, hq, gqa)
-        v_read = _read_node(a["value"], read_values, hq, gqa)
+        k_read, k_rotated = _read_node(a["key"], read_keys, hq, gqa)
+        v_read, v_rotated = _read_node(a["value"], read_values, hq, gqa)
         if k_read is None or v_read is None:
             logger.debug("fuse_kv_attention: %s declined, key/value are not a GQA view of xquant reads", node.name)
             continue
@@ -143,12 +160,20 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
             continue
         scale = a.get("scale")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(dk)
+        hadamard = torch.ops.xquant.hadamard.default
         with gm.graph.inserting_before(node):
+            query = gm.graph.call_function(hadamard, (a["query"],)) if k_rotated else a["query"]
+            if k_rotated:
+                query.meta.update(a["query"].meta)
             fused = gm.graph.call_function(
-                attend, (a["query"], kc, ks, kz, kw, vc, vs, vz, vw, n, kb, vb, group, scale, a.get("attn_mask"))
+                attend, (query, kc, ks, kz, kw, vc, vs, vz, vw, n, kb, vb, group, scale, a.get("attn_mask"))
             )
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
+            fused.meta.update(node.meta)
+            out = fused
+            if v_rotated:
+                out = gm.graph.call_function(hadamard, (fused,))
+                out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         _erase_unused_chain(gm, (a["key"], a["value"]))
         hits += 1
