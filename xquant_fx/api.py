@@ -11,8 +11,9 @@ dimension left out starts at what the first call needs (lengths rounded up to a 
 least :data:`MIN_POOL_LENGTH`) and doubles when needed. The compiled decode step's shapes are the
 cache's, so the step compiles once per cache size; its batch dimension is dynamic (one graph for
 every batch of two or more sequences, and one for a single sequence, which Dynamo always
-specializes): with both dimensions given, any mix of prompt lengths and batch sizes compiles at
-most twice.
+specializes): with both dimensions given, any mix of prompt lengths and batch sizes compiles two
+graphs, or three where the kernels' launch code specializes the first batch size it sees (Dynamo
+then makes the batch dynamic at the next one).
 
 Compilation: transformers' ``generate`` compiles its decode step when the cache is compileable,
 through ``model.get_compiled_call``. ``optimize`` gives the model its own version of that method
