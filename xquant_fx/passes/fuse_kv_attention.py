@@ -53,7 +53,11 @@ def _shape(node) -> tuple | None:
 
 
 def _static(*dims) -> bool:
-    return all(isinstance(d, int) for d in dims)
+    """Every dim a known number: an int, or a ``SymInt`` whose expression is a constant (what
+    ``torch.export`` records for sizes it did not make dynamic)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return all(is_concrete_int(d) for d in dims)
 
 
 def _is_call(node, overload) -> bool:
