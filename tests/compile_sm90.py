@@ -22,8 +22,6 @@ from xquant_fx.kernels import attend, moe
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # per block, opt-in maximum of H100 / H200
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-          torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
@@ -40,26 +38,32 @@ def record(launches: list):
 
 
 def compile_launch(kernel, args, kwargs) -> None:
+    """Compile one recorded launch as the launcher would: the same specialization of each
+    argument (constants for integers equal to 1, 16-byte divisibility of pointers and integers,
+    which decides whether Triton vectorizes and pipelines the loads; the recorded CPU tensors are
+    whole allocations, aligned as device ones are)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
     params = kernel.params
     values = dict(zip([p.name for p in params], args))
     values.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for p in params:
         value = values[p.name]
         if p.is_constexpr or value is None:  # Triton specializes a None argument as a constant
             signature[p.name], constexprs[p.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[p.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[p.name] = "i1"
-        elif isinstance(value, int):
-            signature[p.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[p.name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.__name__}: cannot type argument {p.name}={value!r}")
+            continue
+        kind, attr = native_specialize_impl(CUDABackend, value, p.is_const, not p.do_not_specialize,
+                                            not p.do_not_specialize_on_alignment)
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[p.name] = value
+        elif attr:
+            attrs[(p.num,)] = CUDABackend.parse_attr(attr)
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET,
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=TARGET,
                               options=options)
     # the launch-time check the interpreter never makes (Triton raises OutOfResources on the GPU)
     assert compiled.metadata.shared <= SM90_SHARED_BYTES, (

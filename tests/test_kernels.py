@@ -237,6 +237,7 @@ MMA_CASES = [
     # n, Lq, gqa, dk, dv, kb, vb, dtype, shared, metadata
     pytest.param(230, 1, 4, 64, 64, 2, 1, torch.bfloat16, True, None, id="bf16-k2v1-shared"),
     pytest.param(171, 2, 4, 64, 64, 1, 2, torch.float16, False, torch.float8_e4m3fn, id="fp16-k1v2-lq2-fp8"),
+    pytest.param(250, 1, 4, 128, 128, 2, 1, torch.bfloat16, False, None, id="bf16-k2v1-d128"),  # Llama-3-8B's
 ]
 
 
@@ -409,3 +410,39 @@ def test_ops_run_the_kernels_under_the_interpreter(kernels, monkeypatch):
     assert_close_rel(out, expect, TOL[dtype])
     expect = reference_attend(q, got, got["k_codes"], got["v_codes"], n, kb, vb, G, 0.125, mask)
     assert_close_rel(out_masked, expect, TOL[dtype])
+
+
+
+@pytest.mark.parametrize("variant", ["warps-t", "mma", "packed"])
+def test_attend_host_code_does_not_specialize_on_the_batch(kernels, monkeypatch, variant):
+    """Under ``torch.compile`` with a dynamic batch the host code sees ``b`` as a SymInt (in the
+    decomposed ``xquant::attend``): split count, grids, workspaces and the merge take it through
+    arithmetic only (no ``if`` or ``int()`` on it), so the guards that mention it hold for every
+    batch size and one compiled graph serves them all. Traced here with symbolic shapes
+    (``make_fx``), the launches recorded, not run."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    B, H, gqa, d, kb, vb, G, R, T = 4, 2, 4, 64, 2, 1, 32, 32, 8192
+    st = make_storage(B, H, d, d, kb, vb, G, R, T, torch.bfloat16, seed=21)
+    monkeypatch.setattr(kernels.attend, "INTERPRETER_SMS", 132)  # an H200's: many split counts to choose from
+    grids = []
+    monkeypatch.setattr(kernels.attend, "launch",
+                        lambda kernel: type("Grid", (), {"__getitem__": lambda self, grid: (
+                            lambda *args, **kwargs: grids.append(grid))})())
+
+    def host(q, n, *storage):
+        return kernels.attend.attend(q, *storage, n, kb, vb, G, 0.125, variant=variant)
+
+    q = torch.zeros(3, H * gqa, 1, d, dtype=torch.bfloat16)
+    gm = make_fx(host, tracing_mode="symbolic")(q, torch.tensor(200), *storage_args(st))
+    batch = next(node for node in gm.graph.nodes if node.op == "placeholder").meta["val"].shape[0]
+    assert isinstance(batch, torch.SymInt) and len(grids) == 3
+    assert all(isinstance(grid[0], torch.SymInt) for grid in grids)
+    # Guards that mention the batch (tensor sizes >= 2, Max(1, x) == x in the workspaces' strides)
+    # must hold for every batch size, or a new one would recompile.
+    (symbol,) = batch.node.expr.free_symbols
+    hints = dict(getattr(gm.shape_env, "backed_var_to_val", None) or gm.shape_env.var_to_val)
+    for guard in gm.shape_env.guards:
+        if symbol in guard.expr.free_symbols:
+            for b in (1, 2, 5, 8, 64, 1000):
+                assert bool(guard.expr.xreplace({**hints, symbol: b})), f"batch {b} fails the guard {guard.expr}"

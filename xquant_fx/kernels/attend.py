@@ -6,7 +6,9 @@ positions at or past the key / value boundary come from the full-precision ring 
 
 Three launches, all with shape-only grids (``n`` is read on the device, the split count is a
 function of capacity, batch and device: CUDA-graph safe; counts are not specialized on, so a new
-batch size or split count does not recompile):
+batch size or split count does not recompile, and the host code takes the batch through
+arithmetic only, so that under ``torch.compile`` with a dynamic batch one graph serves every
+batch size):
 
 1. Stage 1, :func:`_attend_kernel`, grid ``(b * Hkv, S)``: the blocks of ``BLOCK_N`` positions
    below ``F = Nv // BLOCK_N * BLOCK_N``, where keys and values all come from codes, cut into
@@ -19,17 +21,22 @@ batch size or split count does not recompile):
    masked blocks need many more registers than stage 1's loop; compiled together they set the
    occupancy of the whole kernel (255 registers instead of 162).
 3. Stage 3, :func:`_attend_merge_kernel`, grid ``(b * Hkv * GROUP * Lq,)``: merges the ``S + T``
-   partials of one query row.
+   partials of one query row, ``MERGE_BLOCK`` at a time (their count is a run-time value).
 
-Variants of stage 1 (``attend(..., variant=)``, :data:`VARIANTS`; the default is ``warps-t`` for
-16-bit caches with at most 16 query rows per KV head, ``packed`` above, ``generic`` for float32):
+Variants of stage 1 (``attend(..., variant=)``, :data:`VARIANTS`; the default,
+:func:`default_variant`, is ``mma`` where it fits up to :data:`MMA_DEFAULT_CAPACITY` positions
+(none today: see below), else ``warps-t`` for 16-bit caches with at most 16 query rows per KV
+head, ``packed`` above, ``generic`` for float32):
 
-* ``mma`` (:mod:`~xquant_fx.kernels.attend_mma`, opt-in): raw codes straight into ``mma.sync``
+* ``mma`` (:mod:`~xquant_fx.kernels.attend_mma`): raw codes straight into ``mma.sync``
   register fragments (``prmt`` + ``lop3``, no dequantizing multiply, no shared-memory transpose),
-  key scales folded into ``q``, value scales into ``P``, one partial per warp; 16-bit caches,
-  G = 32, 1-2 bit codes, at most 8 query rows, no mask. Correct on the H200 but not faster than
-  ``warps-t`` at 32 positions per warp beyond 4k tokens (run 35 in ``benchmarks/NOTES.md``:
-  batch 8, 128k 685 against 618 µs; batch 1 and 8 at 4k it is 5-11% faster), so not a default.
+  key scales folded into ``q``, value scales into ``P``, one partial per warp, loads pipelined by
+  hand one phase ahead; 16-bit caches, G = 32, 1-2 bit codes, at most 8 query rows, no mask.
+  Run 35 (``benchmarks/NOTES.md``) measured its first version, whose loads each waited at their
+  use, ahead of ``warps-t`` at 4k tokens and behind from 16k (batch 8, 128k: 685 against 618 µs),
+  and the pipelined version (25 SASS instructions per position against ~26, same occupancy) has
+  only run under Triton's interpreter: its inline PTX has not met a GPU yet, so it is opt-in
+  (``MMA_DEFAULT_CAPACITY = 0``) until a run checks it against the reference and times it.
 
 * ``warps-t`` / ``warps``: each of the ``W`` warps takes its own sub-block of ``BLOCK_N / W``
   positions with its own running max / sum / accumulator (a leading batch axis of size ``W``,
@@ -86,6 +93,7 @@ Triton stores the decoded tile into its swizzled layout two bytes at a time.
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import math
 
@@ -837,11 +845,12 @@ def _attend_merge_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr,
     s_ob, s_oh, s_ol, s_od,
     num_kv_heads, num_parts,
-    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, PARTS_POW2: tl.constexpr,
+    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, PARTS_BLOCK: tl.constexpr,
 ):
     """Stage 3, grid ``(b * Hkv * GROUP * Lq,)``: program ``pid`` merges the ``S + T`` partials
     of query row ``pid % (GROUP * Lq)`` of (sequence, KV head) ``pid // (GROUP * Lq)`` into
-    ``out``."""
+    ``out``, ``PARTS_BLOCK`` partials at a time (the count is a run-time value: it follows the
+    batch, which is dynamic under ``torch.compile``)."""
     M: tl.constexpr = GROUP * LQ
     pid = tl.program_id(0)
     bh = (pid // M).to(tl.int64)
@@ -849,20 +858,28 @@ def _attend_merge_kernel(
     bi = bh // num_kv_heads
     head = (bh % num_kv_heads) * GROUP + r // LQ
     qi = r % LQ
-    s = tl.arange(0, PARTS_POW2)
     dv = tl.arange(0, DV)
-    ok = s < num_parts
-    part = bh * num_parts + s  # [P]
-    m = tl.load(part_ml_ptr + part * 2 * M + r, mask=ok, other=float("-inf"))
-    l = tl.load(part_ml_ptr + part * 2 * M + M + r, mask=ok, other=0.0)
-    acc = tl.load(part_acc_ptr + (part * M + r)[:, None] * DV + dv[None, :],
-                  mask=ok[:, None] & (dv[None, :] >= 0), other=0.0)  # [P, DV]
-    m_max = tl.max(m, axis=0)
-    # Partials with nothing visible (m = -inf) weigh 0; a row masked everywhere gives 0 / 0 = NaN,
-    # as the reference softmax does.
-    w = tl.math.exp2(m - m_max)
-    total = tl.sum(l * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / total
+    m_run = tl.full((1,), float("-inf"), tl.float32)
+    l_run = tl.zeros((1,), tl.float32)
+    acc_run = tl.zeros((DV,), tl.float32)
+    for start in range(0, num_parts, PARTS_BLOCK):
+        s = start + tl.arange(0, PARTS_BLOCK)
+        ok = s < num_parts
+        part = bh * num_parts + s  # [P]
+        m = tl.load(part_ml_ptr + part * 2 * M + r, mask=ok, other=float("-inf"))
+        l = tl.load(part_ml_ptr + part * 2 * M + M + r, mask=ok, other=0.0)
+        acc = tl.load(part_acc_ptr + (part * M + r)[:, None] * DV + dv[None, :],
+                      mask=ok[:, None] & (dv[None, :] >= 0), other=0.0)  # [P, DV]
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        # Partials with nothing visible (m = -inf) weigh 0; a row masked everywhere gives 0 / 0 =
+        # NaN, as the reference softmax does.
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(m - ref)
+        keep = tl.math.exp2(m_run - ref)
+        l_run = l_run * keep + tl.sum(l * w, axis=0)
+        acc_run = acc_run * keep + tl.sum(acc * w[:, None], axis=0)
+        m_run = m_new
+    out = acc_run / l_run
     tl.store(out_ptr + bi * s_ob + head * s_oh + qi * s_ol + dv * s_od, out.to(out_ptr.dtype.element_ty))
 
 
@@ -880,6 +897,8 @@ MIN_ROUND_FILL = 0.85
 INTERPRETER_SMS = 2
 #: Positions per iteration of stage 2 (the tail: ring window and the codes next to it).
 TAIL_BLOCK_N = 32
+#: Partials stage 3 merges per iteration.
+MERGE_BLOCK = 32
 
 
 def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -887,29 +906,37 @@ def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def num_splits(batch_kv_heads: int, capacity: int, device: torch.device, ctas_per_sm: int = 3) -> int:
+def num_splits(batch_kv_heads, capacity: int, device: torch.device, ctas_per_sm: int = 3):
     """Sequence slices per (sequence, KV head) for stage 1. Static: a function of the cache
     capacity, the batch and the device, never of ``n`` (CUDA-graph safe).
 
     ``ctas_per_sm``: stage-1 programs resident per multiprocessor (from the kernel's registers,
-    :class:`AttendConfig`). The count fills every resident slot at least once, with the last
-    round of programs at least ``MIN_ROUND_FILL`` full, and gives each slice at least
-    ``MIN_SPLIT_TOKENS`` positions of ``capacity``; failing both, the best-filled count.
+    :class:`AttendConfig`). The count is the fewest splits that fill every resident slot if the
+    last round of programs is then at least ``MIN_ROUND_FILL`` full; else the most splits that fit
+    the fewest rounds that guarantee that fill (``programs <= rounds * resident`` and more than
+    ``rounds * resident - batch_kv_heads``); at most one slice per ``MIN_SPLIT_TOKENS`` positions
+    of ``capacity``.
+
+    Arithmetic only, with ``torch.sym_*`` for the choices: ``batch_kv_heads`` is a SymInt under
+    ``torch.compile`` with a dynamic batch, and a Python ``if`` or ``int()`` on it would specialize
+    the compiled graph to one batch size.
     """
     device = torch.device(device)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else INTERPRETER_SMS
     resident = sms * ctas_per_sm
     most = max(1, math.ceil(capacity / MIN_SPLIT_TOKENS))
-    best, best_fill = 1, 0.0
-    for s in range(1, most + 1):
-        programs = batch_kv_heads * s
-        fill = programs / (math.ceil(programs / resident) * resident)
-        if programs >= resident and fill >= MIN_ROUND_FILL:
-            return s
-        if fill > best_fill + 1e-9:
-            best, best_fill = s, fill
-    return best
+    bh = batch_kv_heads
+    fill = fractions.Fraction(MIN_ROUND_FILL).limit_denominator(100)  # 17 / 20: integers only
+    fill_num, fill_den = fill.numerator, fill.denominator
+    # fewest splits filling every slot, and the rounds they take
+    fewest = (resident + bh - 1) // bh
+    fewest_rounds = (bh * fewest + resident - 1) // resident
+    fewest_ok = bh * fewest * fill_den >= fewest_rounds * resident * fill_num
+    # rounds whose last one is at least MIN_ROUND_FILL full however the programs fall
+    rounds = (bh * fill_den + (fill_den - fill_num) * resident - 1) // ((fill_den - fill_num) * resident)
+    filled = torch.sym_max(1, rounds * resident // bh)
+    return torch.sym_min(most, torch.sym_ite(fewest_ok, fewest, filled))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -930,10 +957,15 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(2) if t.stride(3) == 1 and 0 < t.stride(2) <= 64 else 0
 
 
-def default_variant(dtype: torch.dtype, block_m: int = 16, mma_ok: bool = False) -> str:
-    """The variant :func:`attend` runs for a cache of ``dtype`` and ``block_m`` padded query
-    rows; ``mma_ok``: the layer and call fit :mod:`~xquant_fx.kernels.attend_mma`."""
-    if mma_ok:
+def default_variant(dtype: torch.dtype, block_m: int = 16, mma_ok: bool = False, capacity: int = 0) -> str:
+    """The variant :func:`attend` runs for a cache of ``dtype``, ``block_m`` padded query rows and
+    ``capacity`` positions; ``mma_ok``: the layer and call fit
+    :mod:`~xquant_fx.kernels.attend_mma`. The one measured fastest (``benchmarks/NOTES.md``, run
+    35): ``mma`` up to :data:`MMA_DEFAULT_CAPACITY` (at 4k it led at batch 1 and 8, 5% and 11%,
+    and trailed 5% at batch 32), ``warps-t`` at 32 positions per warp from 16k on, at every shape
+    measured (8/128k: 618 against 685 µs). ``mma``'s hand-pipelined loads since then are not
+    measured yet; they only remove waits, so the boundary can only move up."""
+    if mma_ok and capacity <= MMA_DEFAULT_CAPACITY:
         return "mma"
     if dtype == torch.float32:
         return "generic"
@@ -1014,17 +1046,16 @@ def attend(
         raise ValueError(f"{lq} query tokens exceed the residual window R={R}")
     group_rows = hq // hkv * lq
     block_m = max(16, triton.next_power_of_2(group_rows))
-    mma_ok = attend_mma.supports(
-        q.dtype, k_bits, v_bits, group, dk, dv, group_rows,
-        q.stride(3) == 1 and k_codes.stride(3) == 1 and k_scale.stride(3) == 1 and v_codes.stride(3) == 1
-        and v_scale.stride(3) == 1)
-    variant = variant or default_variant(q.dtype, block_m, mma_ok and mask is None)
+    mma_ok = mask is None and attend_mma.supports(q.dtype, k_bits, v_bits, group, dk, dv, group_rows,
+                                                  _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale))
+    variant = variant or default_variant(q.dtype, block_m, mma_ok, v_scale.shape[2] + R)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     if variant == "mma":
-        if not mma_ok or mask is not None:
-            raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, head dims multiple of "
-                             "32, at most 8 query rows per KV head, unit channel strides, and no mask")
+        if not mma_ok:
+            raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, power-of-two head "
+                             "dims of at least 32 (values 64), at most 8 query rows per KV head, unit channel strides, "
+                             "key and value metadata of one dtype in whole int32 words, and no mask")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                            k_bits, v_bits, group, scale, splits, out)
     packed = not variant.startswith("generic")
@@ -1094,14 +1125,32 @@ def attend(
     )
     launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
         out, part_acc, part_ml, *out.stride(), hkv, parts,
-        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_POW2=triton.next_power_of_2(parts),
+        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK,
         num_warps=4,
     )
     return out
 
 
-#: Stage-1 programs of the ``mma`` variant resident per multiprocessor (offline sm_90 compile).
+#: Largest cache capacity (positions) for which :func:`default_variant` picks ``mma``. Run 35
+#: measured its first version ahead at 4k and behind from 16k; the current version has not run on
+#: a GPU, so no capacity takes it by default until one checks and times it (8192 is the bound the
+#: first version's numbers suggest).
+MMA_DEFAULT_CAPACITY = 0
+#: Stage-1 programs of the ``mma`` variant resident per multiprocessor (offline sm_90 compile:
+#: 239 registers at K2/V1, head_dim 128).
 MMA_CTAS_PER_SM = 2
+
+
+def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
+    """Layouts :mod:`~xquant_fx.kernels.attend_mma` takes: unit channel strides, and key and value
+    metadata of one dtype in rows it can load as whole int32 words (two 16-bit or four float8
+    values each)."""
+    per_word = 4 // k_scale.element_size()
+    v_word = min(per_word, v_scale.shape[3])  # a value row of two float8 groups is one 16-bit load
+    return (k_scale.dtype == v_scale.dtype and q.stride(3) == 1 and k_codes.stride(3) == 1
+            and k_scale.stride(3) == 1 and v_codes.stride(3) == 1 and v_scale.stride(3) == 1
+            and all(st % per_word == 0 for st in k_scale.stride()[:3])
+            and all(st % v_word == 0 for st in v_scale.stride()[:3]))
 
 
 def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
@@ -1130,7 +1179,7 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, R=R, DK=dk, DV=dv, TAIL_PARTS=tail_parts,
         META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), INTERPRET=interpret,
-        num_warps=warps, num_stages=MMA_STAGES,
+        num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
     )
     dot_dtype = _TL_DTYPES[torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype]
     mask_arg = q
@@ -1148,11 +1197,7 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
     )
     launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
         out, part_acc, part_ml, *out.stride(), hkv, parts,
-        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_POW2=triton.next_power_of_2(parts),
+        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK,
         num_warps=4,
     )
     return out
-
-
-#: Software-pipelining stages of the ``mma`` stage-1 loop.
-MMA_STAGES = 2

@@ -33,15 +33,33 @@ accumulator as bfloat16 pairs and is transposed into the B operand by ``movmatri
 order of the value tiles follows the score tiles; the channel order (lane ``g`` takes byte
 ``g // 2`` or nibble ``g`` of its word) is undone when the partial is stored.
 
-Counted per (position, KV head) at K2/V1, head_dim 128 (warp instructions): key codes 3
-(prmt + shift + 4 lop3 per 4 registers), value codes 3, products 1.6 (``mma``), scale folds 1.2,
-softmax ~2.5, loads ~1.5: ~13, against ~29 for the ``warps-t`` variant, and no shared-memory
-traffic for the decoded tiles (that variant stores and reloads ~1 KB per position).
+Loads, software-pipelined by hand one phase ahead: each iteration issues the group's value loads
+before its scores are computed and the next group's key loads before its values are used, each
+set alone in a block behind an always-taken branch (ptxas otherwise sinks loads to their first
+use, also into the block after a branch: compiled that way, each group waited for its keys and
+then again for its values, two memory latencies per iteration with nothing else to run on 8 warps
+per multiprocessor). The loads of one group, per lane: keys 8 x 16 B of codes and 16 x 8 B of
+scales / zero points, values 8 x 16 B of codes (32 x 4 B for 2-bit values) and 16 x 8 B of
+scales / zero points; metadata is loaded as int32 words (two 16-bit or four float8 values) and
+converted where it is used, so a group in flight is ~64 registers per phase. Lanes that share a
+vector load it each (8 lanes for value rows and metadata, 4 for key codes): one request per warp
+all the same, no shared-memory staging.
 
-Requirements (else :mod:`xquant_fx.kernels.attend` runs its other variants): 16-bit cache,
-``G == 32``, 1- or 2-bit codes, head dims multiples of 32, at most 8 query rows per KV head,
-channel strides 1. Under Triton's interpreter the PTX (``prmt``, ``mma``, ``movmatrix``, packed
-multiplies) is emulated on whole tensors with the same fragment layouts.
+Budget per (position, KV head) at K2/V1, head_dim 128 (offline sm_90 compile, Triton 3.6): 80 B
+read; 25.2 SASS instructions per position in the loop (808 per warp and group of 32: 147 LOP3 (of
+which 128 decode codes, one per register of two through inline ``lop3``: from plain Triton, ptxas
+emitted an AND and an OR), 143 IMAD (92 of them register moves: the A operands of the zero-point
+product, ``(z, z)``, copied into consecutive registers, and constants), 64
+HMMA, 64 PRMT, 64 IADD3 (load addresses), 56 FMUL (48: the accumulator rescale), 48 LDG, 32
+HMUL2 (scale folds), the softmax ~45); 239 registers, 2 programs of 4 warps per multiprocessor, no
+shared memory, no spills (float8 metadata: 229 registers).
+
+Requirements (:func:`supports`; else :mod:`xquant_fx.kernels.attend` runs another variant, and
+refuses an explicit ``variant="mma"``): 16-bit cache, ``G == 32``, 1- or 2-bit codes, power-of-two
+head dims (values at least 64), at most 8 query rows per KV head, channel strides 1, key and
+value metadata of one dtype in rows of whole int32 words, no mask. Under Triton's interpreter the
+PTX (``prmt``, ``lop3``, ``mma``, ``movmatrix``, packed multiplies) is emulated on whole tensors
+with the same fragment layouts.
 """
 
 from __future__ import annotations
@@ -212,7 +230,7 @@ def _transpose8(x, NT: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.const
 
 
 @triton.jit
-def _codes4(x, sh, BITS: tl.constexpr, KV_DTYPE: tl.constexpr):
+def _codes4(x, sh, BITS: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """The four codes of the byte (or nibble at bit ``sh``) that ``x`` holds in each half (see
     :func:`_byte_pairs`), as four registers of two 16-bit floats ``off_j + code``; the offsets are
     :func:`_offset` ``(j)``. 2-bit: codes at bits 0, 2, 4, 6 (the last shifted to bit 4: bit 7 is
@@ -224,17 +242,28 @@ def _codes4(x, sh, BITS: tl.constexpr, KV_DTYPE: tl.constexpr):
         MANT: tl.constexpr = 7
         BIAS: tl.constexpr = 127
     if BITS == 2:
-        r0 = (x & 0x00030003) | (((BIAS + MANT) << MANT) * 0x10001)
-        r1 = (x & 0x000C000C) | (((BIAS + MANT - 2) << MANT) * 0x10001)
-        r2 = (x & 0x00300030) | (((BIAS + MANT - 4) << MANT) * 0x10001)
-        r3 = ((x >> 2) & 0x00300030) | (((BIAS + MANT - 4) << MANT) * 0x10001)
+        r0 = _and_or(x, 0x00030003, ((BIAS + MANT) << MANT) * 0x10001, INTERPRET)
+        r1 = _and_or(x, 0x000C000C, ((BIAS + MANT - 2) << MANT) * 0x10001, INTERPRET)
+        r2 = _and_or(x, 0x00300030, ((BIAS + MANT - 4) << MANT) * 0x10001, INTERPRET)
+        r3 = _and_or(x >> 2, 0x00300030, ((BIAS + MANT - 4) << MANT) * 0x10001, INTERPRET)
     else:
         y = x >> sh
-        r0 = (y & 0x00010001) | (((BIAS + MANT) << MANT) * 0x10001)
-        r1 = (y & 0x00020002) | (((BIAS + MANT - 1) << MANT) * 0x10001)
-        r2 = (y & 0x00040004) | (((BIAS + MANT - 2) << MANT) * 0x10001)
-        r3 = (y & 0x00080008) | (((BIAS + MANT - 3) << MANT) * 0x10001)
+        r0 = _and_or(y, 0x00010001, ((BIAS + MANT) << MANT) * 0x10001, INTERPRET)
+        r1 = _and_or(y, 0x00020002, ((BIAS + MANT - 1) << MANT) * 0x10001, INTERPRET)
+        r2 = _and_or(y, 0x00040004, ((BIAS + MANT - 2) << MANT) * 0x10001, INTERPRET)
+        r3 = _and_or(y, 0x00080008, ((BIAS + MANT - 3) << MANT) * 0x10001, INTERPRET)
     return r0, r1, r2, r3
+
+
+@triton.jit
+def _and_or(x, MASK: tl.constexpr, MAGIC: tl.constexpr, INTERPRET: tl.constexpr):
+    """``(x & MASK) | MAGIC`` as one ``lop3`` (left to itself, ptxas emits an AND and an OR, each
+    with its constant as an immediate; here the magic is a register operand)."""
+    if INTERPRET:
+        return (x & MASK) | MAGIC
+    else:
+        return tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xEA;", "=r,r", [x],
+                                         dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -274,59 +303,104 @@ def _byte_sel(byte):
 
 # ------------------------------------------------------------------------------------ kernel
 @triton.jit
-def _key_group(
-    kc_base, ks_base, kz_base, group, valid, qb, g, t,
-    s_kct, s_kst,
-    KB: tl.constexpr, DK: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr,
-    KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """Scores of one key group per warp: ``((S00, S01, S02, S03), (S10, ...))``, the accumulators
-    of the two 16-token tiles (rows ``g`` / ``g + 8``: tokens :func:`_token` ``(g, 2m)`` /
-    ``(g, 2m + 1)``, columns: query rows ``2t, 2t + 1``), unscaled ``q . k``.
+def _load_pairs(base, off, NT: tl.constexpr):
+    """Two int32 words at ``base + off`` (16-bit elements, ``off`` even, 4-byte aligned) per lane:
+    four 16-bit scales or zero points in one 8-byte load."""
+    w = tl.load(base.to(tl.pointer_type(tl.int32)) + off[:, None] // 2 + tl.arange(0, 2)[None, :])
+    return tl.split(tl.reshape(w, (NT, 2)))
 
-    ``qb``: the query's B fragments (``2 * DK / 16`` registers: channels ``16 k + 4 t + (0, 1)``
-    and ``+ (2, 3)`` of query row ``g``). ``valid``: whether this warp's group exists (else any
-    group is read: the scores are dropped)."""
+
+@triton.jit
+def _key_loads(kc_base, ks_base, kz_base, group, valid, g, t, s_kct, s_kst,
+               KB: tl.constexpr, DK: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr):
+    """The loads of one key group per warp, nothing computed from them (the loop issues them one
+    phase ahead of their use): per 16-channel chunk ``k``, the lane's four code words (channels
+    ``16 k + 4 t ..``, word row :func:`_token`'s ``g % 2`` for 2-bit keys) and its four channels'
+    scales and zero points (``META16``: two words of two 16-bit values; else one word of four
+    float8 values: metadata is loaded as words, so a group's loads stay few registers).
+    ``valid``: whether this warp's group exists (else group 0 is read: the scores are dropped)."""
     NCH: tl.constexpr = DK // 16
     grp = tl.where(valid, group, 0).to(tl.int64)
     if KB == 2:
         row = 2 * grp + g % 2
-        sel = _byte_sel(g // 2)
-        sh = g * 0
     else:
         row = grp
-        sel = _byte_sel(g // 2)
+    words = ()
+    scales = ()
+    zeros = ()
+    for k in tl.static_range(NCH):
+        ch = 16 * k + 4 * t  # the lane's 4 channels of this chunk
+        words = words + (_load4(kc_base, row * s_kct + ch, NT),)
+        if META16:
+            scales = scales + (_load_pairs(ks_base, grp * s_kst + ch, NT),)
+            zeros = zeros + (_load_pairs(kz_base, grp * s_kst + ch, NT),)
+        else:  # four float8 values: one word
+            scales = scales + (tl.load(ks_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch) // 4),)
+            zeros = zeros + (tl.load(kz_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch) // 4),)
+    return words, scales, zeros
+
+
+@triton.jit
+def _fp8_byte(w, i: tl.constexpr, INTERPRET: tl.constexpr):
+    """Byte ``i`` of int32 ``w`` read as a float8 e4m3 value, in float32. By bits, in four
+    instructions: the byte at the top of a word (``prmt``), shifted arithmetically by 4 and masked,
+    is the float32 with e4m3's sign, exponent and mantissa, i.e. the value times 2^-120
+    (subnormals included); one multiply by 2^120 restores it. (Triton's own conversion took more
+    instructions and registers than this kernel has to spare: the float8 build spilled.)"""
+    top = _prmt(w, w * 0, (i << 12) | 0x444, INTERPRET)  # byte i in bits 24-31, zeros below
+    bits = (top >> 4) & -0x78100000  # 0x87F00000: the sign, then exponent and mantissa at bit 20
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
+
+
+@triton.jit
+def _meta_pairs(x, META16: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """A chunk's four key scales (or zero points) as loaded by :func:`_key_loads` -> two registers
+    of two 16-bit floats (channels 0, 1 and 2, 3)."""
+    if META16:
+        return x
+    else:
+        # exact: every e4m3 value is a 16-bit float
+        return (_cvt_pack(_fp8_byte(x, 0, INTERPRET), _fp8_byte(x, 1, INTERPRET), KV_DTYPE, INTERPRET),
+                _cvt_pack(_fp8_byte(x, 2, INTERPRET), _fp8_byte(x, 3, INTERPRET), KV_DTYPE, INTERPRET))
+
+
+@triton.jit
+def _key_group(kd, qb, g,
+               KB: tl.constexpr, DK: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr,
+               KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Scores of one key group per warp from its loads ``kd`` (:func:`_key_loads`):
+    ``((S00, S01, S02, S03), (S10, ...))``, the accumulators of the two 16-token tiles (rows ``g``
+    / ``g + 8``: tokens :func:`_token` ``(g, 2m)`` / ``(g, 2m + 1)``, columns: query rows
+    ``2t, 2t + 1``), unscaled ``q . k``.
+
+    ``qb``: the query's B fragments (``2 * DK / 16`` registers: channels ``16 k + 4 t + (0, 1)``
+    and ``+ (2, 3)`` of query row ``g``)."""
+    NCH: tl.constexpr = DK // 16
+    words, scales, zeros = kd
+    sel = _byte_sel(g // 2)
+    if KB == 2:
+        sh = g * 0
+    else:
         sh = 4 * (g % 2)
     ones = tl.full((NT,), 1.0, tl.float32)
     one2 = _pack_f32(ones, ones, KV_DTYPE)
     zero = tl.zeros((NT,), tl.float32)
-    zq0, zq1 = zero, zero
-    qs0, qs1 = zero, zero
-    s00, s01, s02, s03 = zero, zero, zero, zero
-    s10, s11, s12, s13 = zero, zero, zero, zero
+    # Rows g + 8 of these two products repeat rows g: their accumulators run on as scratch, which
+    # spares zeroing two fresh registers per product.
+    zq0, zq1, zq2, zq3 = zero, zero, zero, zero
+    qs0, qs1, qs2, qs3 = zero, zero, zero, zero
     frags = ()
     for k in tl.static_range(NCH):
-        ch = 16 * k + 4 * t  # the lane's 4 channels of this chunk
-        w0, w1, w2, w3 = _load4(kc_base, row * s_kct + ch, NT)
-        if META16:
-            s01_, s23_ = tl.split(tl.reshape(tl.load(ks_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch)[:, None] // 2
-                                                     + tl.arange(0, 2)[None, :]), (NT, 2)))
-            z01_, z23_ = tl.split(tl.reshape(tl.load(kz_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch)[:, None] // 2
-                                                     + tl.arange(0, 2)[None, :]), (NT, 2)))
-        else:
-            sa, sb, sc, sd = _load4(ks_base, grp * s_kst + ch, NT)
-            za, zb, zc, zd = _load4(kz_base, grp * s_kst + ch, NT)
-            s01_ = _pack(sa.to(KV_DTYPE), sb.to(KV_DTYPE))
-            s23_ = _pack(sc.to(KV_DTYPE), sd.to(KV_DTYPE))
-            z01_ = _pack(za.to(KV_DTYPE), zb.to(KV_DTYPE))
-            z23_ = _pack(zc.to(KV_DTYPE), zd.to(KV_DTYPE))
+        w0, w1, w2, w3 = words[k]
+        s01_, s23_ = _meta_pairs(scales[k], META16, KV_DTYPE, INTERPRET)
+        z01_, z23_ = _meta_pairs(zeros[k], META16, KV_DTYPE, INTERPRET)
         q0 = qb[2 * k]
         q1 = qb[2 * k + 1]
         p0 = _mul2(q0, s01_, KV_DTYPE, INTERPRET)
         p1 = _mul2(q1, s23_, KV_DTYPE, INTERPRET)
         # z q^T (rows all equal) and the sum of q' (for the code offsets)
-        zq0, zq1, _, _ = _mma(z01_, z01_, z23_, z23_, q0, q1, zq0, zq1, zero, zero, NT, KV_DTYPE, INTERPRET)
-        qs0, qs1, _, _ = _mma(one2, one2, one2, one2, p0, p1, qs0, qs1, zero, zero, NT, KV_DTYPE, INTERPRET)
+        zq0, zq1, zq2, zq3 = _mma(z01_, z01_, z23_, z23_, q0, q1, zq0, zq1, zq2, zq3, NT, KV_DTYPE, INTERPRET)
+        qs0, qs1, qs2, qs3 = _mma(one2, one2, one2, one2, p0, p1, qs0, qs1, qs2, qs3, NT, KV_DTYPE, INTERPRET)
         frags = frags + ((_prmt(w0, w1, sel, INTERPRET), _prmt(w2, w3, sel, INTERPRET), p0, p1),)
     # Initial accumulators: z q^T minus the offsets' share, row half h of tile m holding code j = 2m + h.
     s00 = zq0 - _offset(0, KB, KV_DTYPE) * qs0
@@ -339,8 +413,8 @@ def _key_group(
     s13 = zq1 - _offset(3, KB, KV_DTYPE) * qs1
     for k in tl.static_range(NCH):
         x01, x23, p0, p1 = frags[k]
-        c0, c1, c2, c3 = _codes4(x01, sh, KB, KV_DTYPE)  # channels (0, 1) of the chunk, codes j = 0..3
-        d0, d1, d2, d3 = _codes4(x23, sh, KB, KV_DTYPE)  # channels (2, 3)
+        c0, c1, c2, c3 = _codes4(x01, sh, KB, KV_DTYPE, INTERPRET)  # channels (0, 1) of the chunk, codes j = 0..3
+        d0, d1, d2, d3 = _codes4(x23, sh, KB, KV_DTYPE, INTERPRET)  # channels (2, 3)
         s00, s01, s02, s03 = _mma(c0, c1, d0, d1, p0, p1, s00, s01, s02, s03, NT, KV_DTYPE, INTERPRET)
         s10, s11, s12, s13 = _mma(c2, c3, d2, d3, p0, p1, s10, s11, s12, s13, NT, KV_DTYPE, INTERPRET)
     return (s00, s01, s02, s03), (s10, s11, s12, s13)
@@ -357,35 +431,82 @@ def _token(r, j, KB: tl.constexpr):
 
 
 @triton.jit
-def _value_rows(vc_base, vs_base, vz_base, tok, g, s_vct, s_vst,
-                VB: tl.constexpr, DV: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr,
-                KV_DTYPE: tl.constexpr):
-    """Of token ``tok``: the word of each value group this lane reads (byte ``g // 2``), and the
-    group scales and zero points as 16-bit patterns, each a tuple over the ``DV / 32`` groups."""
+def _value_loads(vc_base, vs_base, vz_base, tok, g, s_vct, s_vst,
+                 VB: tl.constexpr, DV: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr):
+    """The loads of token ``tok``'s value row, nothing computed from them (issued one phase ahead
+    of their use): the code word of each of the ``DV / 32`` channel groups that this lane reads
+    (2-bit: the group's word ``g % 2``), and the group scales and zero points as words
+    (``META16``: two 16-bit values a word; else four float8 values, two for head_dim 64)."""
     NG: tl.constexpr = DV // 32
-    VW: tl.constexpr = DV * VB // 32
     words = ()
-    for q in tl.static_range(VW // 4):
-        w0, w1, w2, w3 = _load4(vc_base, tok * s_vct + 4 * q, NT)
-        if VB == 1:
-            words = words + (w0, w1, w2, w3)
-        else:  # two words per group: this lane's is the odd one for odd g
-            words = words + (tl.where(g % 2 == 1, w1, w0), tl.where(g % 2 == 1, w3, w2))
-    if VW < 4:  # head_dim 64 at 1 bit: two words
-        w = tl.load(vc_base + tok[:, None] * s_vct + tl.arange(0, 2)[None, :])
-        w0, w1 = tl.split(w)
-        if VB == 1:
-            words = (w0, w1)
-        else:
-            words = (tl.where(g % 2 == 1, w1, w0),)
+    if VB == 1:  # one word per group, NG consecutive words: vector loads
+        for q in tl.static_range(NG // 4):
+            words = words + _load4(vc_base, tok * s_vct + 4 * q, NT)
+        if NG < 4:
+            words = words + tl.split(tl.reshape(tl.load(vc_base + tok[:, None] * s_vct + tl.arange(0, 2)[None, :]),
+                                                (NT, 2)))
+    else:  # two words per group: this lane's is the odd one for odd g
+        for gr in tl.static_range(NG):
+            words = words + (tl.load(vc_base + tok * s_vct + 2 * gr + g % 2),)
     scales = ()
     zeros = ()
-    for q in tl.static_range(NG):
-        s = tl.load(vs_base + tok * s_vst + q)
-        z = tl.load(vz_base + tok * s_vst + q)
-        scales = scales + (_half_bits(s.to(KV_DTYPE)),)
-        zeros = zeros + (_half_bits(z.to(KV_DTYPE)),)
+    if META16:
+        for q in tl.static_range(NG // 4):
+            scales = scales + _load_pairs(vs_base, tok * s_vst + 4 * q, NT)
+            zeros = zeros + _load_pairs(vz_base, tok * s_vst + 4 * q, NT)
+        if NG < 4:
+            scales = scales + (tl.load(vs_base.to(tl.pointer_type(tl.int32)) + tok * s_vst // 2),)
+            zeros = zeros + (tl.load(vz_base.to(tl.pointer_type(tl.int32)) + tok * s_vst // 2),)
+    else:  # float8: four per word (two groups: one 16-bit load)
+        for q in tl.static_range(NG // 4):
+            scales = scales + (tl.load(vs_base.to(tl.pointer_type(tl.int32)) + tok * s_vst // 4 + q),)
+            zeros = zeros + (tl.load(vz_base.to(tl.pointer_type(tl.int32)) + tok * s_vst // 4 + q),)
+        if NG < 4:
+            scales = scales + (tl.load(vs_base.to(tl.pointer_type(tl.int16)) + tok * s_vst // 2).to(tl.int32),)
+            zeros = zeros + (tl.load(vz_base.to(tl.pointer_type(tl.int16)) + tok * s_vst // 2).to(tl.int32),)
     return words, scales, zeros
+
+
+@triton.jit
+def _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst,
+                       VB: tl.constexpr, DV: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr):
+    """:func:`_value_loads` of the eight tokens of a group this lane holds in B fragments (tokens
+    ``gbase + tok_a + j`` and ``gbase + tok_b + j``, ``j < 4``), as pairs per ``j``."""
+    vd = ()
+    for j in tl.static_range(4):
+        vd = vd + ((_value_loads(vc_base, vs_base, vz_base, gbase + tok_a + j, g, s_vct, s_vst, VB, DV, NT, META16),
+                    _value_loads(vc_base, vs_base, vz_base, gbase + tok_b + j, g, s_vct, s_vst, VB, DV, NT, META16)),)
+    return vd
+
+
+@triton.jit
+def _value_group_zeros(VB: tl.constexpr, DV: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr):
+    """Zeros shaped like :func:`_value_group_loads`' result (constants: nothing stays live)."""
+    NG: tl.constexpr = DV // 32
+    word = tl.zeros((NT,), tl.int32)
+    words = ()
+    for _ in tl.static_range(NG):
+        words = words + (word,)
+    metas = ()
+    for _ in tl.static_range(NG // 2 if META16 else (NG + 3) // 4):
+        metas = metas + (word,)
+    vd = ()
+    for _ in tl.static_range(4):
+        vd = vd + (((words, metas, metas), (words, metas, metas)),)
+    return vd
+
+
+@triton.jit
+def _token_pair_meta(a, b, gr: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr, KV_DTYPE: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    """Group ``gr``'s scale (or zero point) of two tokens, as loaded by :func:`_value_loads`
+    (``a``, ``b``), in one register: ``a``'s in the low half, ``b``'s in the high half."""
+    if META16:  # one prmt: half gr % 2 of word gr // 2 of each
+        sel = tl.full((NT,), 0x7632 if gr % 2 == 1 else 0x5410, tl.int32)
+        return _prmt(a[gr // 2], b[gr // 2], sel, INTERPRET)
+    else:
+        return _cvt_pack(_fp8_byte(a[gr // 4], gr % 4, INTERPRET), _fp8_byte(b[gr // 4], gr % 4, INTERPRET),
+                         KV_DTYPE, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["num_kv_heads", "num_splits"])
@@ -463,11 +584,27 @@ def _attend_mma_kernel(
     sel_v = _byte_sel(g // 2)
     one2 = _pack_f32(tl.full((NT,), 1.0, tl.float32), tl.full((NT,), 1.0, tl.float32), KV_DTYPE)
     nil = one2 * 0
+    # Software pipelining by hand, one phase ahead: a group's value loads are issued before its
+    # scores are computed, the next group's key loads before this group's values are used, so
+    # each warp always has one phase's loads in flight (Triton's pipeliner does not stage these
+    # per-lane loads; left to ptxas, each group waited for its keys and then for its values).
+    # ptxas sinks loads towards their first use, also past branches into the block after them,
+    # so each phase's loads sit alone in a block behind a branch that is always taken (``n`` is
+    # never negative; two different tests, so that LLVM does not merge the blocks): moving them
+    # out of it would execute them on the other path, which ptxas does not do.
+    kd = _key_loads(kc_base, ks_base, kz_base, g_lo + warp, g_lo + warp < g_hi, g, t, s_kct, s_kst,
+                    KB, DK, NT, META16)
     for r in range(0, tl.cdiv(g_hi - g_lo, W)):
         group = g_lo + r * W + warp
         valid = group < g_hi
-        s0, s1 = _key_group(kc_base, ks_base, kz_base, group, valid, qb, g, t, s_kct, s_kst,
-                            KB, DK, NT, META16, KV_DTYPE, INTERPRET)
+        gbase = tl.where(valid, group, 0).to(tl.int64) * 32
+        vd = _value_group_zeros(VB, DV, NT, META16)  # never used: what the untaken side yields
+        if n != -1:
+            vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT, META16)
+        s0, s1 = _key_group(kd, qb, g, KB, DK, NT, META16, KV_DTYPE, INTERPRET)
+        if n != -2:
+            kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
+                            KB, DK, NT, META16)
         x = (s0[0] * qk_scale, s0[1] * qk_scale, s0[2] * qk_scale, s0[3] * qk_scale,
              s1[0] * qk_scale, s1[1] * qk_scale, s1[2] * qk_scale, s1[3] * qk_scale)
         # x[4m + 2h + e]: token _token(g + 8h ... ) code j = 2m + h, query row 2t + e
@@ -495,18 +632,6 @@ def _attend_mma_kernel(
         pb = ()
         for i in tl.static_range(4):
             pb = pb + (_transpose8(_cvt_pack(p[2 * i], p[2 * i + 1], KV_DTYPE, INTERPRET), NT, KV_DTYPE, INTERPRET),)
-        gbase = tl.where(valid, group, 0).to(tl.int64) * 32
-        vw = ()
-        vs = ()
-        vz = ()
-        for j in tl.static_range(4):
-            wa, sa, zra = _value_rows(vc_base, vs_base, vz_base, gbase + tok_a + j, g, s_vct, s_vst,
-                                     VB, DV, NT, META16, KV_DTYPE)
-            wb, sb, zrb = _value_rows(vc_base, vs_base, vz_base, gbase + tok_b + j, g, s_vct, s_vst,
-                                     VB, DV, NT, META16, KV_DTYPE)
-            vw = vw + ((wa, wb),)
-            vs = vs + ((sa, sb),)
-            vz = vz + ((zra, zrb),)
         out = ()
         zacc = ()
         for gr in tl.static_range(NG):
@@ -516,18 +641,14 @@ def _attend_mma_kernel(
             zt = (acc[8 * NG + 4 * gr] * a0, acc[8 * NG + 4 * gr + 1] * a1, acc[8 * NG + 4 * gr + 2] * a0, acc[8 * NG + 4 * gr + 3] * a1)
             # k-chunk c: B rows 0-7 hold code j = 2c (tokens tok_a / tok_b + 2c), rows 8-15 j = 2c + 1
             for c in tl.static_range(2):
-                wa0, wb0 = vw[2 * c]
-                wa1, wb1 = vw[2 * c + 1]
-                e0, e1, e2, e3 = _codes4(_prmt(wa0[gr], wb0[gr], sel_v, INTERPRET), sh_v, VB, KV_DTYPE)
-                f0, f1, f2, f3 = _codes4(_prmt(wa1[gr], wb1[gr], sel_v, INTERPRET), sh_v, VB, KV_DTYPE)
-                sa0, sb0 = vs[2 * c]
-                sa1, sb1 = vs[2 * c + 1]
-                za0, zb0 = vz[2 * c]
-                za1, zb1 = vz[2 * c + 1]
-                s_lo = sa0[gr] | (sb0[gr] << 16)
-                s_hi = sa1[gr] | (sb1[gr] << 16)
-                z_lo = za0[gr] | (zb0[gr] << 16)
-                z_hi = za1[gr] | (zb1[gr] << 16)
+                a0_, b0_ = vd[2 * c]  # (words, scales, zeros) of tokens tok_a / tok_b + 2c
+                a1_, b1_ = vd[2 * c + 1]
+                e0, e1, e2, e3 = _codes4(_prmt(a0_[0][gr], b0_[0][gr], sel_v, INTERPRET), sh_v, VB, KV_DTYPE, INTERPRET)
+                f0, f1, f2, f3 = _codes4(_prmt(a1_[0][gr], b1_[0][gr], sel_v, INTERPRET), sh_v, VB, KV_DTYPE, INTERPRET)
+                s_lo = _token_pair_meta(a0_[1], b0_[1], gr, NT, META16, KV_DTYPE, INTERPRET)
+                s_hi = _token_pair_meta(a1_[1], b1_[1], gr, NT, META16, KV_DTYPE, INTERPRET)
+                z_lo = _token_pair_meta(a0_[2], b0_[2], gr, NT, META16, KV_DTYPE, INTERPRET)
+                z_hi = _token_pair_meta(a1_[2], b1_[2], gr, NT, META16, KV_DTYPE, INTERPRET)
                 p_lo = _mul2(pb[2 * c], s_lo, KV_DTYPE, INTERPRET)
                 p_hi = _mul2(pb[2 * c + 1], s_hi, KV_DTYPE, INTERPRET)
                 # channel tiles of the group: rows g / g + 8 hold channel codes i = 0 / 1 (t0), 2 / 3 (t1)
