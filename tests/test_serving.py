@@ -207,3 +207,19 @@ def test_max_cache_len_alone_serves_growing_batches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+
+
+def test_moe_pruning_applies_to_decode_steps_only():
+    """``moe_top_k`` prunes the compiled decode step; a plain forward (and a prompt) keeps the
+    model's own top-k, as optimize's docstring and the README say."""
+    from mini_models import mini_moe_model
+
+    from xquant_fx import XQuantConfig
+
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(7))
+    model = mini_moe_model("qwen3_moe")
+    with torch.no_grad():
+        own = model(ids).logits
+        optimize(model, XQuantConfig.preset("kivi-2").replace(moe_top_k=1))
+        after = model(ids).logits
+    assert torch.allclose(after, own, atol=1e-5, rtol=1e-4)
