@@ -13,7 +13,7 @@ from mini_models import mini_model
 from xquant_fx import XQuantCache, optimize, smollm2
 from xquant_fx.api import cache_argument
 from xquant_fx.backend import REPORT
-from xquant_fx.demo import QUESTION
+from xquant_fx.cli.demo import QUESTION
 
 
 def test_backend_is_registered_by_name():

@@ -14,11 +14,11 @@ from xquant_fx.memory import (
     cache_bytes,
     format_plan,
     load_config,
-    main,
     parse_memory,
     plan,
     weight_bytes,
 )
+from xquant_fx.cli.memory import main
 
 BUNDLED = ["deepseek-v2-lite", "llama-3.1-8b", "mistral-7b", "qwen3-30b-a3b", "qwen3-8b", "smollm2-135m"]
 
@@ -309,7 +309,7 @@ def test_lengths_beyond_the_search_cap_are_refused(capsys):
 def test_share_start_past_the_model_is_refused(capsys):
     assert main(["--config", "smollm2-135m", "--preset", "kivi-2:v_share_from=100", "--gpu-memory", "80GB"]) == 2
     err = capsys.readouterr().err
-    assert "v_share_from=100: the model has 30 layers" in err and err.startswith("python -m xquant_fx.memory: error:")
+    assert "v_share_from=100: the model has 30 layers" in err and err.startswith("python -m xquant_fx memory: error:")
 
 
 def _site_without(tmp_path, hidden):

@@ -365,7 +365,8 @@ def test_allocated_bytes_match_the_report_with_float8_metadata():
 
 
 def test_memory_planner_takes_specs(capsys):
-    from xquant_fx.memory import main, plan
+    from xquant_fx.cli.memory import main
+    from xquant_fx.memory import plan
 
     p = plan("llama-3.1-8b", "kivi-2:metadata_dtype=float8_e4m3fn", "80GB", max_cache_len=32768)
     q = plan("llama-3.1-8b", "kivi-2", "80GB", max_cache_len=32768)

@@ -39,7 +39,7 @@ def test_pack_rejects_partial_words():
 
 
 def _naive_group(values, bits, eta):
-    """Scalar loop over one group, written from the formulas of DESIGN §2."""
+    """Scalar loop over one group, written from the formulas of docs/how-it-works.md ("The method")."""
     mn, mx = min(values), max(values)
     lv = 2**bits - 1
     rng = mx - mn

@@ -7,7 +7,7 @@ from test_models import decode_logits, sqnr_db
 from xquant_fx import XQuantCache, XQuantConfig, smollm2
 from xquant_fx.api import cache_argument
 from xquant_fx.cli import main as cli_main
-from xquant_fx.demo import QUESTION
+from xquant_fx.cli.demo import QUESTION
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from .backend import register as _register_backend
 from .cache import XQuantCache
 from .config import MoESchedule, XQuantConfig
 from .config_search import search
+from .version import __version__
 
 _register_backend()
 
 __all__ = ["MoESchedule", "XQuantCache", "XQuantConfig", "export", "load", "optimize", "search"]
-__version__ = "0.1.0"

@@ -33,15 +33,15 @@ after the first attends over the cache as stored, like a decode step.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import types
 import warnings
 
 import torch
 
-from .cache import XQuantCache, kv_geometry, layer_types
+from .cache import XQuantCache
 from .config import XQuantConfig
+from .hf import cache_argument, check_causal_lm
 from .moe import install_experts, plan_for
 
 logger = logging.getLogger(__name__)
@@ -53,31 +53,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 MIN_POOL_LENGTH = 256
 #: Prompt tokens prefilled per forward call by an optimized model's ``generate``.
 DEFAULT_PREFILL_CHUNK = 2048
-
-
-def cache_argument(model) -> str:
-    """Name of the forward/generate cache argument: ``cache`` on transformers >= 5.2x,
-    ``past_key_values`` before the rename."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def check_causal_lm(model, action: str) -> None:
-    """Raise ``ValueError`` naming the problem unless ``model`` is an uncompiled transformers
-    decoder-only causal LM whose layers the quantized cache can hold; ``action`` completes
-    "... the original model" in the torch.compile message."""
-    name = type(model).__name__
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise ValueError(f"{name} is already compiled with torch.compile: {action} the original model")
-    if not hasattr(model, "generate") or not hasattr(model, "config"):
-        raise ValueError(f"{name} is not a transformers generative model (no `generate`/`config`)")
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder model: xquant_fx supports decoder-only causal LMs")
-    try:
-        kv_geometry(model.config)
-        layer_types(model.config)
-    except ValueError as err:
-        raise ValueError(f"{name} cannot use the quantized KV cache: {err}") from None
 
 
 def _check_supported(model) -> None:

@@ -114,9 +114,35 @@ class LayerPlan:
         return not self.sliding and (self.k_bits != FULL_PRECISION or self.v_bits != FULL_PRECISION)
 
 
+def resolve_moe_top_k(k: MoETopK, num_moe_layers: int, model_k: int) -> list[int]:
+    """Activated experts per MoE layer of the setting ``k`` (:attr:`XQuantConfig.moe_top_k`,
+    validated): ``model_k`` where ``k`` is ``None``; raises ``ValueError`` for a list of the wrong
+    length or a k outside ``1 .. model_k``."""
+    if k is None:
+        ks = [model_k] * num_moe_layers
+    elif isinstance(k, MoESchedule):
+        ks = k.resolve(num_moe_layers)
+    elif isinstance(k, int):
+        ks = [k] * num_moe_layers
+    else:
+        if len(k) != num_moe_layers:
+            raise ValueError(
+                f"XQuantConfig.moe_top_k lists {len(k)} MoE layers but the model has {num_moe_layers}"
+            )
+        ks = list(k)
+    bad = [(i, v) for i, v in enumerate(ks) if not 1 <= v <= model_k]
+    if bad:
+        i, v = bad[0]
+        raise ValueError(
+            f"XQuantConfig.moe_top_k={k!r} asks for {v} experts in MoE layer {i}: the model routes each token "
+            f"to {model_k} (num_experts_per_tok), so each value must be in 1..{model_k}"
+        )
+    return ks
+
+
 @dataclass(frozen=True)
 class XQuantConfig:
-    """Settings of the quantized KV cache (DESIGN §2).
+    """Settings of the quantized KV cache (docs/how-it-works.md, "The method").
 
     Args:
         k_bits, v_bits: 1, 2, 4 or 16 (full precision); one int for every layer or a list with one
@@ -129,7 +155,7 @@ class XQuantConfig:
         eta: calibration strength per bit width, ``{1: 1/6, 2: 0.045}``; a width not listed is
             not calibrated. Each value in [0, 0.5).
         name: preset name, for reports.
-        moe_top_k: routed experts activated per token in MoE layers (DESIGN §3): one int for every
+        moe_top_k: routed experts activated per token in MoE layers (docs/moe.md): one int for every
             MoE layer, a list with one entry per MoE layer (MoE layers counted from 0, dense layers
             skipped), or a :class:`MoESchedule`. ``None`` keeps the model's ``num_experts_per_tok``.
             Each value in ``1 .. num_experts_per_tok`` (checked against the model).
@@ -290,34 +316,14 @@ class XQuantConfig:
     def resolve_moe_top_k(self, num_moe_layers: int, model_k: int) -> list[int]:
         """Activated experts per MoE layer (``model_k`` where ``moe_top_k`` is ``None``); raises
         ``ValueError`` for a list of the wrong length or a k outside ``1 .. model_k``."""
-        k = self.moe_top_k
-        if k is None:
-            ks = [model_k] * num_moe_layers
-        elif isinstance(k, MoESchedule):
-            ks = k.resolve(num_moe_layers)
-        elif isinstance(k, int):
-            ks = [k] * num_moe_layers
-        else:
-            if len(k) != num_moe_layers:
-                raise ValueError(
-                    f"XQuantConfig.moe_top_k lists {len(k)} MoE layers but the model has {num_moe_layers}"
-                )
-            ks = list(k)
-        bad = [(i, v) for i, v in enumerate(ks) if not 1 <= v <= model_k]
-        if bad:
-            i, v = bad[0]
-            raise ValueError(
-                f"XQuantConfig.moe_top_k={k!r} asks for {v} experts in MoE layer {i}: the model routes each token "
-                f"to {model_k} (num_experts_per_tok), so each value must be in 1..{model_k}"
-            )
-        return ks
+        return resolve_moe_top_k(self.moe_top_k, num_moe_layers, model_k)
 
     # ------------------------------------------------------------------ presets
     PRESETS = ("fp16", "kivi-2", "kivi-4", "asymkv-1.5", "xquant-1.38", "xquant-1.15")
 
     @classmethod
     def preset(cls, name: str) -> "XQuantConfig":
-        """The named preset (DESIGN §2 table): ``fp16``, ``kivi-2``, ``kivi-4``, ``asymkv-1.5``,
+        """The named preset (docs/quality.md, "Presets"): ``fp16``, ``kivi-2``, ``kivi-4``, ``asymkv-1.5``,
         ``xquant-1.38``, ``xquant-1.15``."""
         builders = {
             "fp16": dict(k_bits=16, v_bits=16),

@@ -38,6 +38,8 @@ Decisions recorded here:
 
 from __future__ import annotations
 
+from .hf import kv_geometry
+
 # Output projections whose columns are the key heads, fused or not (transformers' names).
 _KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value")
 # Plan styles that leave each rank a column slice of the output (styles ending in "_rep" or
@@ -104,8 +106,6 @@ def kv_tensor_parallel_size(model) -> int:
     plan = getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None)
     if not shards_kv_heads(plan):
         return 1
-    from .cache import kv_geometry  # cache.py imports this module
-
     heads = kv_geometry(model.config)[1]
     split_kv_heads(heads, tp, type(model).__name__)
     return tp

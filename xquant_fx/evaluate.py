@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from .api import cache_argument
 from .cache import XQuantCache
 from .config import XQuantConfig
+from .hf import cache_argument
 
 logger = logging.getLogger(__name__)
 

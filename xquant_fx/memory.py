@@ -23,10 +23,8 @@ let the planner run without downloading anything; :func:`load_config` also takes
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +33,7 @@ import torch
 
 from .cache import XQuantCache
 from .config import XQuantConfig
+from .hf import text_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -164,7 +163,7 @@ _SHAPE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_head
 def check_shape(config) -> None:
     """``ValueError`` naming the field if a decoder size of ``config`` is not a positive int: a
     0-layer or 0-head config otherwise ends in a division by zero deep inside the model or cache."""
-    text_cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_cfg = text_config(config)
     name = config.name_or_path or type(config).__name__
     for field_name in _SHAPE_FIELDS:
         value = getattr(text_cfg, field_name, None)
@@ -361,7 +360,7 @@ def plan(
     if not number or not 0 <= reserve_fraction < 1:
         raise ValueError(f"reserve_fraction must be a number in [0, 1), got {reserve_fraction!r}")
     batch_size = 1 if batch_size is None else _positive_int(batch_size, "batch_size")
-    text_cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_cfg = text_config(config)
     context = getattr(text_cfg, "max_position_embeddings", None)
     if max_cache_len is None:
         max_cache_len = min(context, DEFAULT_MAX_CACHE_LEN_CAP) if context else DEFAULT_MAX_CACHE_LEN_CAP
@@ -475,78 +474,3 @@ def format_plan(result: MemoryPlan) -> str:
     headers = ["", p.preset, f"{base.preset} (baseline)", "gain"]
     lines.append(tabulate(table, headers=headers, colalign=("left", "right", "right", "right")))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``memory`` command's options to ``parser`` (for wiring into a subcommand CLI)."""
-    parser.add_argument("--config", required=True,
-                        help=f"bundled name ({', '.join(bundled_configs())}), a config.json path or a model directory")
-    parser.add_argument("--preset", default="xquant-1.38", type=spec_arg,
-                        help=f"cache preset ({', '.join(XQuantConfig.PRESETS)}), optionally modified: "
-                             "PRESET:field=value[,field=value...], e.g. kivi-2:metadata_dtype=float8_e4m3fn")
-    parser.add_argument("--gpu-memory", required=True, type=_memory_arg,
-                        help="GPU memory, e.g. 80GB (1e9 bytes), 141GiB (2^30 bytes), 80e9")
-    parser.add_argument("--max-cache-len", type=int, default=None,
-                        help=f"tokens per sequence for the max-batch question (default: the model's context, "
-                             f"capped at {DEFAULT_MAX_CACHE_LEN_CAP})")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences for the max-tokens question")
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="weight and cache dtype")
-    parser.add_argument("--reserve", type=float, default=DEFAULT_RESERVE_FRACTION,
-                        help="fraction of GPU memory kept for activations and CUDA context (default 0.1)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
-    return parser
-
-
-def spec_arg(text: str) -> str:
-    """argparse type of a config spec (:meth:`XQuantConfig.from_spec`): checked, returned stripped."""
-    try:
-        XQuantConfig.from_spec(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text.strip()
-
-
-def _memory_arg(text: str) -> int:
-    try:
-        return parse_memory(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the ``memory`` command on parsed arguments; print the report; return the exit code.
-    A bad value raises ``ValueError`` (the caller prints it as a usage error)."""
-    result = plan(
-        args.config,
-        args.preset,
-        args.gpu_memory,
-        max_cache_len=args.max_cache_len,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        reserve_fraction=args.reserve,
-    )
-    print(json.dumps(result.as_dict(), indent=2) if args.json else format_plan(result))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m xquant_fx memory ...``: plan tokens and batch for a GPU; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m xquant_fx.memory",
-        description="How many tokens / what batch fit on a GPU with a quantized KV cache.",
-    )
-    add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already reported by argparse
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return run(args)
-    except ValueError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

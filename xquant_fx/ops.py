@@ -131,11 +131,6 @@ def read_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, wind
     return quant.read_keys(codes, scale, zero, window, n, bits, group, length)
 
 
-@read_keys.register_fake
-def _read_keys_fake(codes, scale, zero, window, n, bits, group, length):
-    return window.new_empty((window.shape[0], window.shape[1], length, window.shape[-1]))
-
-
 @torch.library.custom_op("xquant::read_values", mutates_args=())
 def read_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, window: torch.Tensor,
                 n: torch.Tensor, bits: int, group: int, length: int) -> torch.Tensor:
@@ -143,9 +138,12 @@ def read_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, wi
     return quant.read_values(codes, scale, zero, window, n, bits, group, length)
 
 
-@read_values.register_fake
-def _read_values_fake(codes, scale, zero, window, n, bits, group, length):
+def _read_fake(codes, scale, zero, window, n, bits, group, length):
     return window.new_empty((window.shape[0], window.shape[1], length, window.shape[-1]))
+
+
+read_keys.register_fake(_read_fake)
+read_values.register_fake(_read_fake)
 
 
 # --------------------------------------------------------------------------- hadamard
@@ -175,7 +173,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     the slots from ``keep`` on itself (static pruning), so that the kernels size their launches
     for the slots that do work (at batch 1, a step pruned from 8 experts to 4 splits the up
     projection 4 ways instead of 2, and launches no programs for the dropped slots)."""
-    from .moe import experts_reference
+    from .moe.reference import experts_reference
 
     if x.dim() != 2 or ids.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(

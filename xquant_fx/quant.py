@@ -1,4 +1,4 @@
-"""Reference math of the quantized KV cache, in plain torch (DESIGN §2).
+"""Reference math of the quantized KV cache, in plain torch (docs/how-it-works.md, "The method").
 
 Everything here is the oracle the Triton kernels are tested against, so each step is written in a
 form a kernel can reproduce bit for bit: statistics and codes in float32, rounding as

@@ -35,21 +35,13 @@ import operator
 import torch
 import torch.fx as fx
 
+from .match import is_call, node_shape
+
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_LEN = 16
 _SDPA = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def _shape(node) -> tuple | None:
-    """The example shape of ``node``: ints, and ``SymInt`` s where Dynamo made a dimension dynamic
-    (the batch of a decode step that serves several batch sizes). Never ``int()`` a ``SymInt``
-    here: that would specialize the compiled step to the example's size."""
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    if value is None or not hasattr(value, "shape"):
-        return None
-    return tuple(value.shape)
 
 
 def _static(*dims) -> bool:
@@ -58,16 +50,6 @@ def _static(*dims) -> bool:
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     return all(is_concrete_int(d) for d in dims)
-
-
-def _is_call(node, overload) -> bool:
-    """Whether ``node`` calls ``overload`` (Dynamo records custom ops as the overload packet)."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function"):
-        return False
-    target = node.target
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        target = target.default
-    return target is overload
 
 
 def _strip_contiguous(node):
@@ -98,11 +80,12 @@ def _source_of_repeat(node, hq: int):
         ok = dim == 2
     else:
         return None
-    src_shape = _shape(src)
+    src_shape = node_shape(src)
     if not ok or src_shape is None or len(src_shape) != 4:
         return None
     b, hkv, t, d = src_shape
-    if not _static(hkv, d) or hq % hkv or _shape(expand) != (b, hkv, hq // hkv, t, d) or _shape(node) != (b, hq, t, d):
+    if (not _static(hkv, d) or hq % hkv or node_shape(expand) != (b, hkv, hq // hkv, t, d)
+            or node_shape(node) != (b, hq, t, d)):
         return None
     return src
 
@@ -114,18 +97,18 @@ def _read_node(node, op, hq: int, gqa: bool):
     node = _strip_contiguous(node)
     if not isinstance(node, fx.Node):
         return None, False
-    if _is_call(node, op) or _is_call(node, hadamard):
-        shape = _shape(node)
+    if is_call(node, op) or is_call(node, hadamard):
+        shape = node_shape(node)
         if shape is None or not (gqa or shape[1] == hq):
             return None, False
     else:
         node = _source_of_repeat(node, hq)
         if node is None:
             return None, False
-    rotated = _is_call(node, hadamard)
+    rotated = is_call(node, hadamard)
     if rotated:
         node = node.args[0]
-    return (node, rotated) if _is_call(node, op) else (None, False)
+    return (node, rotated) if is_call(node, op) else (None, False)
 
 
 def _sdpa_args(node) -> dict:
@@ -143,7 +126,7 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
         if node.op != "call_function" or node.target not in _SDPA:
             continue
         a = _sdpa_args(node)
-        q_shape = _shape(a["query"])
+        q_shape = node_shape(a["query"])
         if q_shape is None or len(q_shape) != 4 or not _static(*q_shape[1:]):
             logger.debug("fuse_kv_attention: %s declined, query heads / length / head_dim not static", node.name)
             continue

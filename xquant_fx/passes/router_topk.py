@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..moe import prune_routes
-from .prune_moe_router import _is_softmax, find_routers, is_router_topk, meta_value
+from .match import find_routers, is_router_topk, is_softmax, meta_value
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _softmax_router(topk: torch.fx.Node):
     float32 looked through) with ``x [T, H]``, ``weight [E, H]``; else ``None``."""
     probs = topk.args[0]
     out = meta_value(probs)
-    if not _is_softmax(probs) or len(probs.users) != 1 or out is None or out.dtype != torch.float32:
+    if not is_softmax(probs) or len(probs.users) != 1 or out is None or out.dtype != torch.float32:
         return None
     dim = probs.kwargs.get("dim", probs.args[1] if len(probs.args) > 1 else None)
     if dim not in (-1, out.dim() - 1):
@@ -242,9 +242,9 @@ def _static_prune(topk: torch.fx.Node, plan):
     if len(consumers) != 1:
         return None
     (prune,) = consumers
-    if prune.op != "call_function" or prune.target is not prune_routes or len(prune.args) < 8:
+    if prune.op != "call_function" or prune.target is not prune_routes:
         return None
-    _, _, num_experts, keep, *_, logits = prune.args[:8]
+    num_experts, keep, logits = (prune.kwargs[name] for name in ("num_experts", "keep", "logits"))
     if plan.renormalize and not logits:  # prune_routes rescales the kept values: not a plain drop
         return None
     return prune, num_experts, keep, logits

@@ -259,7 +259,7 @@ def rewrite_package(src, dst, change=lambda name, data: data, manifest=True, ext
             for name, data in extra:
                 zout.writestr(name, data)
     if manifest is True:
-        aoti._add_manifest(str(dst))
+        aoti.package._add_manifest(str(dst))
 
 
 def rewrite_metadata(src, dst, **changes):
@@ -417,20 +417,20 @@ def test_cxx_runtime_check(mini_package, monkeypatch):
     assert report["verdict"] == "ok" and report["symbols"] > 20 and not report["foreign"]
     assert report["needed"].startswith("3.4.") and all("libstdc++" in lib for lib in report["runtimes"])
     symbol = "_ZNSt6localeC1Ev"  # std::locale::locale(), which the package imports
-    monkeypatch.setattr(aoti, "_symbol_providers", lambda symbols: {symbol: "/opt/other/libbundled.so"})
+    monkeypatch.setattr(aoti.cxx_runtime, "_symbol_providers", lambda symbols: {symbol: "/opt/other/libbundled.so"})
     with pytest.raises(PackageError, match=r"would crash.*libbundled\.so.*LD_PRELOAD="):
         check_cxx_runtime(mini_package)
-    monkeypatch.setattr(aoti, "_symbol_providers", lambda symbols: {})
-    monkeypatch.setattr(aoti, "_glibcxx_of", lambda library: (3, 4, 1))
+    monkeypatch.setattr(aoti.cxx_runtime, "_symbol_providers", lambda symbols: {})
+    monkeypatch.setattr(aoti.cxx_runtime, "_glibcxx_of", lambda library: (3, 4, 1))
     with pytest.raises(PackageError, match=r"defines GLIBCXX up to 3\.4\.1; the package's code needs 3\.4\.\d+"):
         check_cxx_runtime(mini_package)
     # inconclusive (no /proc/self/maps): a trial load in a child process decides
-    monkeypatch.setattr(aoti, "_mapped_cxx_runtimes", lambda: None)
-    monkeypatch.setattr(aoti, "_TRIAL", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(aoti.cxx_runtime, "_mapped_cxx_runtimes", lambda: None)
+    monkeypatch.setattr(aoti.cxx_runtime, "_TRIAL", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     with pytest.raises(PackageError, match=r"child process ended with signal 11 SIGSEGV.*LD_PRELOAD="):
         check_cxx_runtime(mini_package)
     monkeypatch.undo()
-    monkeypatch.setattr(aoti, "_mapped_cxx_runtimes", lambda: None)
+    monkeypatch.setattr(aoti.cxx_runtime, "_mapped_cxx_runtimes", lambda: None)
     assert check_cxx_runtime(mini_package)["verdict"] == "trial-ok"  # torch loads it in the child
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import smollm2
-from .api import cache_argument
-from .cache import XQuantCache
-from .config import XQuantConfig
+from .. import smollm2
+from ..cache import XQuantCache
+from ..config import XQuantConfig
+from ..hf import cache_argument, text_config
 
 
 def zen_of_python() -> str:
@@ -98,7 +98,7 @@ def check_arguments(args: argparse.Namespace) -> Settings:
             raise ValueError(f"--preset {xq.name!r} sets MoE options (moe_*): {MODEL_NAME} is a dense model")
     # The preset against the real model's shape (depth, head_dim) from the bundled config: a group
     # wider than a head or a share start past the last layer fails here, not after loading.
-    from .memory import load_config
+    from ..memory import load_config
 
     model_config = load_config(MODEL_CONFIG)
     context = model_config.max_position_embeddings
@@ -274,10 +274,10 @@ def report(settings: Settings, model_config, answers: list[Answer], tokenizer, p
     lines.append("")
 
     rows, headers = memory_rows(model_config, [a.config for a in answers], settings.contexts)
-    text_config = model_config.get_text_config(decoder=True)
-    shape = (f"{text_config.num_hidden_layers} layers, {text_config.num_key_value_heads} KV heads x "
-             f"{getattr(text_config, 'head_dim', None) or text_config.hidden_size // text_config.num_attention_heads}")
-    context = getattr(text_config, "max_position_embeddings", None)
+    decoder = text_config(model_config)
+    shape = (f"{decoder.num_hidden_layers} layers, {decoder.num_key_value_heads} KV heads x "
+             f"{getattr(decoder, 'head_dim', None) or decoder.hidden_size // decoder.num_attention_heads}")
+    context = getattr(decoder, "max_position_embeddings", None)
     beyond = [n for n in settings.contexts if context and n > context]
     note = f"; its context is {context:,} tokens, the longer column shows how the cache scales" if beyond else ""
     lines += _wrap(f"KV cache per sequence ({shape}{note}):")

@@ -1,76 +1,19 @@
-"""Command line: ``python -m xquant_fx demo | eval | memory`` (also installed as ``xquant``)."""
+"""``eval``: perplexity, agreement and retrieval of presets (and searched configs) on a real model
+(:mod:`xquant_fx.evaluate` does the measuring)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
 import os
-import sys
 from pathlib import Path
 
-from . import demo, memory
-from .config import METADATA_DTYPES, XQuantConfig
-
-#: The program name when run as ``python -m xquant_fx`` (``__main__`` passes it).
-MODULE_PROG = "python -m xquant_fx"
+from ..config import METADATA_DTYPES, XQuantConfig
+from .memory import spec_arg
 
 
-def _prog_name() -> str:
-    """How this process was invoked: ``xquant`` from the console script, else the module form."""
-    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return MODULE_PROG if name in ("", "-", "-c", "-m", "__main__.py", "cli.py") else name
-
-
-class _TritonAbsentNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Triton not available")
-
-
-def quiet_missing_triton() -> None:
-    """Without triton installed (a CPU torch: pyproject leaves it to the ``test``/``triton``
-    extras), ``torch.library.triton_op`` logs "Triton not available" once for each op that
-    ``xquant_fx.ops`` registers, in the middle of a command's output. Off CUDA the ops run their
-    torch reference, so nothing is missing: the commands drop that one message."""
-    if importlib.util.find_spec("triton") is None:
-        logger = logging.getLogger("torch._library.triton")
-        if not any(isinstance(f, _TritonAbsentNotice) for f in logger.filters):
-            logger.addFilter(_TritonAbsentNotice())
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog or _prog_name(),
-        description="xquant_fx: a 1-2 bit KV cache for Hugging Face transformers causal LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo.add_arguments(sub.add_parser("demo", help="real SmolLM2: answers, quality and memory, full vs quantized cache"))
-    memory.add_arguments(sub.add_parser("memory", help="how many tokens / what batch fits on a GPU, for any HF config"))
-    add_eval_arguments(sub.add_parser("eval", help="perplexity, agreement and retrieval of presets (and searched configs) on a real model"))
-    return parser
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Run one command; returns the exit code. Usage errors exit through argparse (code 2); a bad
-    value found after parsing (a missing file, a config the model cannot hold) prints one
-    ``PROG COMMAND: error: ...`` line and returns 2, as argparse would."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING)
-    quiet_missing_triton()
-    runner = {"demo": demo.run, "memory": memory.run, "eval": run_eval}[args.command]
-    try:
-        return runner(args)
-    except (ValueError, OSError) as err:
-        # OSError: a file named on the command line that cannot be read or written; the message
-        # names it. Anything else is a bug and keeps its traceback.
-        print(f"{parser.prog} {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="a local HF model directory (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--presets", nargs="+", default=list(XQuantConfig.PRESETS), type=memory.spec_arg, metavar="SPEC",
+    parser.add_argument("--presets", nargs="+", default=list(XQuantConfig.PRESETS), type=spec_arg, metavar="SPEC",
                         help="presets to evaluate, each optionally modified: PRESET:field=value[,field=value...] "
                              "(e.g. kivi-2:metadata_dtype=float8_e4m3fn, xquant-1.38:group_size=64); a row is "
                              "named by its spec")
@@ -141,7 +84,7 @@ def _check_writable_dir(path: Path, option: str) -> None:
         raise ValueError(f"{option} {path}: cannot be created ({parent} is not a writable directory)")
 
 
-def check_eval_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
+def check_arguments(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """Every ``eval`` argument checked before the model loads; returns the texts of ``--text`` and
     ``--search-text`` (``None``: the defaults). Raises ``ValueError`` naming the option."""
     if args.model is not None:
@@ -151,7 +94,7 @@ def check_eval_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
         if not args.model.is_dir() or not (args.model / "config.json").is_file():
             raise ValueError(f"--model {args.model}: not a Hugging Face model directory (no config.json in it)")
     else:
-        from . import smollm2
+        from .. import smollm2
 
         try:
             smollm2.gguf_path()
@@ -186,15 +129,15 @@ def check_eval_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return text, search_text
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import datetime
 
-    text, search_text = check_eval_args(args)  # before the model loads
+    text, search_text = check_arguments(args)  # before the model loads
 
     import torch
     import transformers
 
-    from . import evaluate, smollm2
+    from .. import evaluate, smollm2
 
     name = "SmolLM2-135M-Instruct" if args.model is None else str(args.model)
     run = evaluate.RunInfo(
@@ -227,7 +170,7 @@ def run_eval(args: argparse.Namespace) -> int:
     configs: list = list(args.presets)
     found = []
     if args.search:
-        from . import config_search as search
+        from .. import config_search as search
 
         calibration = search_text if search_text is not None else search.calibration_text()
         search.check_disjoint(calibration, text or evaluate.default_corpus())

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mini_models import mini_model
-from xquant_fx import XQuantCache, XQuantConfig, demo, smollm2
+from xquant_fx import XQuantCache, XQuantConfig, smollm2
+from xquant_fx.cli import demo
 from xquant_fx.api import cache_argument
 from xquant_fx.cli import main as cli_main
 
