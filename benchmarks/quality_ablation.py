@@ -4,7 +4,7 @@ Each config (a spec, :meth:`XQuantConfig.from_spec`) is scored by
 :class:`xquant_fx.config_search.DecodeSimulator`: one parallel forward that reproduces the
 token-by-token decode of ``python -m xquant_fx eval`` (same corpus, windows, prefill; the
 equality with the real cache, quality options included, is tested in
-``tests/test_search.py::test_simulator_equals_decode``), so a table of a dozen configs takes
+``tests/config_search/test_search.py::test_simulator_equals_decode``), so a table of a dozen configs takes
 minutes on a CPU instead of hours. Retrieval is not measured here.
 
     python benchmarks/quality_ablation.py --out benchmarks/results/quality/ablation SPEC [SPEC ...]

@@ -30,6 +30,7 @@ FAST = {"cpp.simdlen": 0}
 # program takes up to 32 tokens.
 MINI_CONFIG = XQuantConfig.preset("xquant-1.38").replace(residual_length=32)
 MINI_LEN = 96
+SMOL_CONFIG = XQuantConfig.preset("xquant-1.38").replace(residual_length=32)
 BATCH = 2
 
 
@@ -452,16 +453,18 @@ def smol():
 
 
 def test_smollm2_decode_package_matches_eager(smol, tmp_path_factory):
-    """The real SmolLM2-135M, xquant-1.38 (R = 128): a decode-only package (see the module
-    docstring) generates the eager cache's greedy tokens, all 30 attentions fused."""
+    """The real SmolLM2-135M, xquant-1.38 with a 32-token window (the prompt's first keys and
+    values are quantized; a cache no longer than the window would keep every layer whole): a
+    decode-only package (see the module docstring) generates the eager cache's greedy tokens, all
+    30 attentions fused."""
     model, tokenizer = smol
     ids = smollm2.chat_ids(tokenizer, QUESTION)
     length = ids.shape[1] + SMOL_NEW
     path = tmp_path_factory.mktemp("smol") / "smollm2.pt2"
-    export(model, ids, path, "xquant-1.38", max_cache_len=length, prefill=False, inductor_configs=FAST)
-    lm = load(path, config="xquant-1.38", max_cache_len=length)
+    export(model, ids, path, SMOL_CONFIG, max_cache_len=length, prefill=False, inductor_configs=FAST)
+    lm = load(path, config=SMOL_CONFIG, max_cache_len=length)
     assert lm.metadata["fused_attention"] == 30
-    ref, _ = eager_generate(model, ids, SMOL_NEW, "xquant-1.38", length)
+    ref, _ = eager_generate(model, ids, SMOL_NEW, SMOL_CONFIG, length)
     out = lm.generate(ids, SMOL_NEW)  # the model's eos, as generate uses it
     assert torch.equal(out, ref)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
