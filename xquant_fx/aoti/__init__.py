@@ -82,7 +82,7 @@ needs at run time  torch and xquant_fx (no model object; the    the same, on a G
                    xquant ops and kernels are not imported)    the package was compiled for
 =================  ==========================================  ==========================================
 
-CI (``tests/test_export.py``) runs the CPU column; ``benchmarks/check_export_cuda.py`` checks the
+CI (``tests/aoti/test_export.py``) runs the CPU column; ``benchmarks/check_export_cuda.py`` checks the
 CUDA column on a GPU machine (tokens against ``optimize()``, kernels in the package, load time,
 tokens/s and peak memory beside ``optimize()`` and the strong bf16 baseline; ``docs/export.md``).
 On CUDA, :func:`load` first checks the process's C++ runtime (see its ``runtime_check``): on the H200
