@@ -6,12 +6,14 @@ end-to-end test runs transformers' own tensor parallelism on CPU: this file, lau
 ``DistributedConfig(tp_plan="auto")`` over a ``gloo`` process group, runs ``xquant_fx.optimize``'s
 ``generate`` and saves each rank's tokens and cache; the test then runs the same checkpoint
 optimized in one process and compares: greedy tokens equal, each rank's cache exactly half the
-bytes, and each rank's storage the head slice of the single-process storage.
+bytes, and each rank's storage the head slice of the single-process storage. A last test runs
+``examples/tensor_parallel.py`` the same way.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +181,22 @@ def test_two_process_gloo_tensor_parallel_matches_one_process(tmp_path):
                     assert (t == ref).float().mean() > 0.999, (i, name)
                 else:
                     torch.testing.assert_close(t, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"layer {i} {name}: {m}")
+
+
+def test_example_generates_on_two_cpu_processes(tmp_path):
+    """``examples/tensor_parallel.py --device cpu``: a random-weight Llama sharded over two gloo
+    ranks, optimized and generating; each rank reports its half of the KV heads."""
+    pytest.importorskip("accelerate", reason="transformers' tensor parallelism needs accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "tensor_parallel.py"), "--device", "cpu", "--new", "5"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    ranks = re.findall(r"rank (\d)/2: 2 of the 4 KV heads per layer, cache ([\d,]+) bytes", proc.stdout)
+    assert sorted(r for r, _ in ranks) == ["0", "1"], proc.stdout
+    assert ranks[0][1] == ranks[1][1]  # the same share on both ranks
+    generated = re.search(r"^generated: \[([\d, ]+)\]$", proc.stdout, re.M)
+    assert generated and len(generated.group(1).split(",")) == 5, proc.stdout
 
 
 if __name__ == "__main__":

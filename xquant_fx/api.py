@@ -39,6 +39,7 @@ import warnings
 
 import torch
 
+from ._checks import positive_int
 from .cache import XQuantCache
 from .config import XQuantConfig
 from .hf import cache_argument, check_causal_lm
@@ -59,14 +60,6 @@ def _check_supported(model) -> None:
     check_causal_lm(model, "call xquant.optimize on")
     if getattr(model, _MARK, False):
         raise ValueError(f"{type(model).__name__} was already optimized by xquant_fx; optimize the original model once")
-
-
-def _positive_int(name: str, value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
 
 
 def _requested_length(model, args, kwargs) -> tuple[int, int]:
@@ -229,9 +222,9 @@ def optimize(
     """
     _check_supported(model)
     xq = XQuantConfig.coerce(config)
-    max_cache_len = _positive_int("max_cache_len", max_cache_len)
-    max_batch_size = _positive_int("max_batch_size", max_batch_size)
-    prefill_chunk_size = _positive_int("prefill_chunk_size", prefill_chunk_size)
+    max_cache_len = positive_int("max_cache_len", max_cache_len, optional=True)
+    max_batch_size = positive_int("max_batch_size", max_batch_size, optional=True)
+    prefill_chunk_size = positive_int("prefill_chunk_size", prefill_chunk_size, optional=True)
     if mode is not None and mode not in COMPILE_MODES:
         raise ValueError(f"mode={mode!r}: expected one of {COMPILE_MODES}")
     # A model loaded tensor-parallel (tp_plan="auto"): each rank's cache holds its share of the KV

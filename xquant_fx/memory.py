@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from ._checks import positive_int
 from .cache import XQuantCache
 from .config import XQuantConfig
 from .hf import text_config
@@ -315,12 +316,6 @@ def _fit(config, xq: XQuantConfig, budget: int, batch_size: int, max_cache_len: 
     )
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def plan(
     config,
     preset_or_xquant_config="xquant-1.38",
@@ -355,16 +350,16 @@ def plan(
     if gpu_memory_bytes is None:
         raise ValueError("gpu_memory_bytes is required (bytes, or a string such as '80GB')")
     gpu = parse_memory(gpu_memory_bytes) if isinstance(gpu_memory_bytes, str) else gpu_memory_bytes
-    gpu = _positive_int(gpu, "gpu_memory_bytes")
+    gpu = positive_int("gpu_memory_bytes", gpu)
     number = isinstance(reserve_fraction, (int, float)) and not isinstance(reserve_fraction, bool)
     if not number or not 0 <= reserve_fraction < 1:
         raise ValueError(f"reserve_fraction must be a number in [0, 1), got {reserve_fraction!r}")
-    batch_size = 1 if batch_size is None else _positive_int(batch_size, "batch_size")
+    batch_size = 1 if batch_size is None else positive_int("batch_size", batch_size)
     text_cfg = text_config(config)
     context = getattr(text_cfg, "max_position_embeddings", None)
     if max_cache_len is None:
         max_cache_len = min(context, DEFAULT_MAX_CACHE_LEN_CAP) if context else DEFAULT_MAX_CACHE_LEN_CAP
-    max_cache_len = _positive_int(max_cache_len, "max_cache_len")
+    max_cache_len = positive_int("max_cache_len", max_cache_len)
     # Beyond the search cap the answers would be meaningless (the cap is "unbounded" to the search).
     for name, value in (("max_cache_len", max_cache_len), ("batch_size", batch_size)):
         if value > _SEARCH_CAP:

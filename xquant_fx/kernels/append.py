@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bitwise_or, check_bits, check_metadata, check_pow2, launch, to_metadata
+from .common import bitwise_or, check_bits, check_metadata, check_pow2, launch, seq_head, to_metadata
 
 
 @triton.jit
@@ -92,9 +92,7 @@ def _append_token_kernel(
     # Float arguments may arrive as float64 (Inductor's launcher): round them as torch does.
     k_c1, k_c2 = tl.cast(k_c1, tl.float32), tl.cast(k_c2, tl.float32)
     v_c1, v_c2 = tl.cast(v_c1, tl.float32), tl.cast(v_c2, tl.float32)
-    pid = tl.program_id(0)
-    bi = (pid // num_heads).to(tl.int64)
-    hi = (pid % num_heads).to(tl.int64)
+    bi, hi = seq_head(tl.program_id(0), num_heads)
     pos = tl.load(pos_ptr)
     q = tl.maximum(pos - R, 0)  # oldest ring position, quantized this step
     K_LEVELS: tl.constexpr = (1 << KB) - 1

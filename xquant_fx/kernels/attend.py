@@ -102,8 +102,8 @@ import triton
 import triton.language as tl
 
 from . import attend_mma
-from .common import (check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, interpreting, launch,
-                     pair_order, pair_slot_constants, round_to)
+from .common import (check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, head_bases, interpreting,
+                     launch, pair_order, pair_slot_constants, round_to, seq_head)
 
 _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -132,14 +132,33 @@ def _dot_operand(x, KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_if(ptrs, ok, other, MIXED: tl.constexpr):
+    """``tl.load(ptrs)``; in a ``MIXED`` block masked by ``ok`` (``other`` elsewhere)."""
+    if MIXED:
+        return tl.load(ptrs, mask=ok, other=other)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _load_coded(c_ptrs, s_base, z_base, s_off, c_ok, s_ok, MIXED: tl.constexpr, META_DTYPE: tl.constexpr):
+    """Code words at ``c_ptrs`` and their scales / zero points at ``s_off`` from ``s_base`` /
+    ``z_base`` (in ``META_DTYPE``): ``(words, scale, zero)``. In a ``MIXED`` block only where coded
+    (``c_ok`` / ``s_ok``), zeros elsewhere."""
+    words = _load_if(c_ptrs, c_ok, 0, MIXED)
+    scale = _load_if(s_base + s_off, s_ok, 0.0, MIXED).to(META_DTYPE)
+    zero = _load_if(z_base + s_off, s_ok, 0.0, MIXED).to(META_DTYPE)
+    return words, scale, zero
+
+
+@triton.jit
 def _load_keys(
-    kc_base, ks_base, kz_base, kw_base,
-    s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-    start, nk, n,
+    kt, start, nk, n,
     KB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr, KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Keys of positions ``start .. start + BLOCK_N - 1``: ``[BLOCK_N, DK]`` in ``DOT_DTYPE``.
+    ``kt``: the keys' storage of this (sequence, head), :func:`_storage_view`.
 
     Each code word is loaded once (``[KW, DK]``, ``KW = BLOCK_N * KB / 32``), expanded in
     registers to ``[KW, 32 / KB, DK]`` (token ``w * 32 / KB + i`` from bits ``i * KB``),
@@ -147,22 +166,16 @@ def _load_keys(
     Fast path: all from codes. Mixed: codes below ``nk``, ring slot ``pos % R`` in ``[nk, n)``,
     0 past ``n`` (finite filler for masked scores).
     """
+    kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd = kt
     PER: tl.constexpr = 32 // KB  # tokens per code word
     KW: tl.constexpr = BLOCK_N // PER  # code words per channel in the block
     dk = tl.arange(0, DK)
     wrow = start // PER + tl.arange(0, KW)  # [KW]
     kc_ptrs = kc_base + wrow[:, None] * s_kct + dk[None, :] * s_kcd  # [KW, DK]
     ks_off = (wrow * PER // G)[:, None] * s_kst + dk[None, :] * s_ksd  # the group of each word
-    if MIXED:
-        # Nk is a multiple of G, so no word straddles it.
-        coded = (wrow * PER < nk)[:, None] & (dk[None, :] >= 0)
-        words = tl.load(kc_ptrs, mask=coded, other=0)
-        scale = tl.load(ks_base + ks_off, mask=coded, other=0.0).to(tl.float32)
-        zero = tl.load(kz_base + ks_off, mask=coded, other=0.0).to(tl.float32)
-    else:
-        words = tl.load(kc_ptrs)
-        scale = tl.load(ks_base + ks_off).to(tl.float32)
-        zero = tl.load(kz_base + ks_off).to(tl.float32)
+    # Nk is a multiple of G, so no word straddles it.
+    coded = (wrow * PER < nk)[:, None] & (dk[None, :] >= 0) if MIXED else None
+    words, scale, zero = _load_coded(kc_ptrs, ks_base, kz_base, ks_off, coded, coded, MIXED, tl.float32)
     shifts = (tl.arange(0, PER) * KB)[None, :, None]
     codes = (words[:, None, :] >> shifts) & ((1 << KB) - 1)  # [KW, PER, DK]
     keys = codes_to_float(codes) * scale[:, None, :] + zero[:, None, :]
@@ -178,18 +191,18 @@ def _load_keys(
 
 @triton.jit
 def _load_values(
-    vc_base, vs_base, vz_base, vw_base,
-    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-    start, nv, n,
+    vt, start, nv, n,
     VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr, KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """Values of positions ``start .. start + BLOCK_N - 1``: ``[BLOCK_N, DV]`` in ``DOT_DTYPE``.
+    """Values of positions ``start .. start + BLOCK_N - 1``: ``[BLOCK_N, DV]`` in ``DOT_DTYPE``
+    (``vt``: the values' storage, :func:`_storage_view`).
 
     Words ``[BLOCK_N, VW]`` (``VW = DV * VB / 32``) expand to ``[BLOCK_N, VW, 32 / VB]`` (channel
     ``w * 32 / VB + i``), dequantized with the scale / zero point of each word's channel group,
     then reshaped. Codes below ``nv``, ring in ``[nv, n)``, 0 past ``n`` (fast path: all codes).
     """
+    vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd = vt
     PER: tl.constexpr = 32 // VB  # channels per code word
     VW: tl.constexpr = DV // PER  # code words per token
     pos = start + tl.arange(0, BLOCK_N)
@@ -199,15 +212,9 @@ def _load_values(
     GW: tl.constexpr = 1 if G >= PER else PER
     ch = (wcol * PER)[None, :, None] + tl.arange(0, GW)[None, None, :]  # [1, VW, GW]
     vs_off = pos[:, None, None] * s_vst + (ch // G) * s_vsd  # [BLOCK_N, VW, GW]
-    if MIXED:
-        coded = (pos < nv)[:, None] & (wcol[None, :] >= 0)
-        words = tl.load(vc_ptrs, mask=coded, other=0)
-        scale = tl.load(vs_base + vs_off, mask=coded[:, :, None], other=0.0).to(tl.float32)
-        zero = tl.load(vz_base + vs_off, mask=coded[:, :, None], other=0.0).to(tl.float32)
-    else:
-        words = tl.load(vc_ptrs)
-        scale = tl.load(vs_base + vs_off).to(tl.float32)
-        zero = tl.load(vz_base + vs_off).to(tl.float32)
+    coded = (pos < nv)[:, None] & (wcol[None, :] >= 0) if MIXED else None
+    words, scale, zero = _load_coded(vc_ptrs, vs_base, vz_base, vs_off, coded, coded[:, :, None] if MIXED else None,
+                                     MIXED, tl.float32)
     shifts = (tl.arange(0, PER) * VB)[None, None, :]
     codes = (words[:, :, None] >> shifts) & ((1 << VB) - 1)  # [BLOCK_N, VW, PER]
     values = codes_to_float(codes) * scale + zero
@@ -224,9 +231,7 @@ def _load_values(
 # ------------------------------------------------------------------------------------ packed tiles
 @triton.jit
 def _load_keys_packed(
-    kc_base, ks_base, kz_base, kw_base,
-    s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-    start, nk, n,
+    kt, start, nk, n,
     KB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
     MIXED: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
     KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
@@ -243,6 +248,7 @@ def _load_keys_packed(
     repacking. A word's tokens share one group, so its scale and zero point are one 16-bit
     register each.
     """
+    kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd = kt
     PER: tl.constexpr = 32 // KB  # tokens per code word
     NS: tl.constexpr = PER // 2  # token pairs per word
     KW: tl.constexpr = BN // PER  # code words per channel in a sub-block
@@ -250,15 +256,8 @@ def _load_keys_packed(
     wrow = (start + tl.arange(0, W) * BN)[:, None] // PER + tl.arange(0, KW)[None, :]  # [W, KW]
     kc_ptrs = kc_base + wrow[:, :, None] * s_kct + dk[None, None, :] * s_kcd  # [W, KW, DK]
     ks_off = (wrow * PER // G)[:, :, None] * s_kst + dk[None, None, :] * s_ksd  # the group of each word
-    if MIXED:
-        coded = (wrow * PER < nk)[:, :, None] & (dk[None, None, :] >= 0)  # Nk is a multiple of G
-        words = tl.load(kc_ptrs, mask=coded, other=0)
-        scale = tl.load(ks_base + ks_off, mask=coded, other=0.0).to(KV_DTYPE)
-        zero = tl.load(kz_base + ks_off, mask=coded, other=0.0).to(KV_DTYPE)
-    else:
-        words = tl.load(kc_ptrs)
-        scale = tl.load(ks_base + ks_off).to(KV_DTYPE)
-        zero = tl.load(kz_base + ks_off).to(KV_DTYPE)
+    coded = (wrow * PER < nk)[:, :, None] & (dk[None, None, :] >= 0) if MIXED else None  # Nk: a multiple of G
+    words, scale, zero = _load_coded(kc_ptrs, ks_base, kz_base, ks_off, coded, coded, MIXED, KV_DTYPE)
     shift, mask, magic, neg_magic = pair_slot_constants(NS, KB, KV_DTYPE)
     x = words[:, :, None, :] >> shift[None, None, :, None]  # [W, KW, NS, DK]
     sc = scale[:, :, None, :]
@@ -287,9 +286,7 @@ def _load_keys_packed(
 
 @triton.jit
 def _load_values_packed(
-    vc_base, vs_base, vz_base, vw_base,
-    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-    pos, nv, n,
+    vt, pos, nv, n,
     VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
     MIXED: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
     KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
@@ -304,6 +301,7 @@ def _load_values_packed(
     Scales and zero points load as ``[W, BN, NG]``, a contiguous vector per token. The permuted
     channel order costs nothing: the output columns are stored through the same map.
     """
+    vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd = vt
     PER: tl.constexpr = 32 // VB  # channels per code word
     NS: tl.constexpr = PER // 2  # channel pairs per word
     if G >= PER:
@@ -315,15 +313,10 @@ def _load_values_packed(
         wcol = (gcol * WPG)[:, None] + tl.arange(0, WPG)[None, :]  # [NG, WPG]
         vc_ptrs = vc_base + pos[:, :, None, None] * s_vct + wcol[None, None, :, :] * s_vcd
         vs_off = pos[:, :, None] * s_vst + gcol[None, None, :] * s_vsd  # [W, BN, NG]
-        if MIXED:
-            coded = (pos < nv)[:, :, None] & (gcol[None, None, :] >= 0)
-            words = tl.load(vc_ptrs, mask=coded[:, :, :, None] & (wcol[None, None, :, :] >= 0), other=0)
-            scale = tl.load(vs_base + vs_off, mask=coded, other=0.0).to(KV_DTYPE)
-            zero = tl.load(vz_base + vs_off, mask=coded, other=0.0).to(KV_DTYPE)
-        else:
-            words = tl.load(vc_ptrs)
-            scale = tl.load(vs_base + vs_off).to(KV_DTYPE)
-            zero = tl.load(vz_base + vs_off).to(KV_DTYPE)
+        coded = (pos < nv)[:, :, None] & (gcol[None, None, :] >= 0) if MIXED else None
+        words, scale, zero = _load_coded(vc_ptrs, vs_base, vz_base, vs_off,
+                                         coded[:, :, :, None] & (wcol[None, None, :, :] >= 0) if MIXED else None,
+                                         coded, MIXED, KV_DTYPE)
         shift, mask, magic, neg_magic = pair_slot_constants(NS, VB, KV_DTYPE)
         x = words[None, :, :, :, :] >> shift[:, None, None, None, None]  # [NS, W, BN, NG, WPG]
         sc = scale[None, :, :, :, None]
@@ -340,20 +333,13 @@ def _load_values_packed(
         ch = tl.arange(0, NS)[:, None, None, None] + (wcol * PER)[None, None, None, :]  # [NS, 1, 1, VW]
         off_lo = pos[None, :, :, None] * s_vst + (ch // G) * s_vsd
         off_hi = pos[None, :, :, None] * s_vst + ((ch + NS) // G) * s_vsd
-        if MIXED:
-            coded = (pos < nv)[:, :, None] & (wcol[None, None, :] >= 0)
-            words = tl.load(vc_ptrs, mask=coded, other=0)
-            coded4 = coded[None, :, :, :] & (ch >= 0)
-            s_lo = tl.load(vs_base + off_lo, mask=coded4, other=0.0).to(KV_DTYPE)
-            s_hi = tl.load(vs_base + off_hi, mask=coded4, other=0.0).to(KV_DTYPE)
-            z_lo = tl.load(vz_base + off_lo, mask=coded4, other=0.0).to(KV_DTYPE)
-            z_hi = tl.load(vz_base + off_hi, mask=coded4, other=0.0).to(KV_DTYPE)
-        else:
-            words = tl.load(vc_ptrs)
-            s_lo = tl.load(vs_base + off_lo).to(KV_DTYPE)
-            s_hi = tl.load(vs_base + off_hi).to(KV_DTYPE)
-            z_lo = tl.load(vz_base + off_lo).to(KV_DTYPE)
-            z_hi = tl.load(vz_base + off_hi).to(KV_DTYPE)
+        coded = (pos < nv)[:, :, None] & (wcol[None, None, :] >= 0) if MIXED else None
+        words = _load_if(vc_ptrs, coded, 0, MIXED)
+        coded4 = coded[None, :, :, :] & (ch >= 0) if MIXED else None
+        s_lo = _load_if(vs_base + off_lo, coded4, 0.0, MIXED).to(KV_DTYPE)
+        s_hi = _load_if(vs_base + off_hi, coded4, 0.0, MIXED).to(KV_DTYPE)
+        z_lo = _load_if(vz_base + off_lo, coded4, 0.0, MIXED).to(KV_DTYPE)
+        z_hi = _load_if(vz_base + off_hi, coded4, 0.0, MIXED).to(KV_DTYPE)
         shift, mask, magic, neg_magic = pair_slot_constants(NS, VB, KV_DTYPE)
         x = words[None, :, :, :] >> shift[:, None, None, None]  # [NS, W, BN, VW]
         lo, hi = decode_pairs(x, mask[:, None, None, None], magic[:, None, None, None],
@@ -470,10 +456,7 @@ def _online_softmax(scores, m_i, l_part, acc, AXIS: tl.constexpr):
 
 @triton.jit
 def _attend_block(
-    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
-    kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
-    s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
     start, nk, nv, n, qk_scale, mask_len,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MIXED: tl.constexpr,
@@ -487,10 +470,11 @@ def _attend_block(
     ``m_i [BLOCK_M]``: running max (log2 units); ``l_i``: partial sums (the shape of the scores,
     see :func:`_online_softmax`); ``qpos [BLOCK_M]``: each row's position (causal limit);
     ``row_ok`` / ``m_row`` / ``shared``: see :func:`_mask_scores` (``shared`` None: read here;
-    ``m_row0`` is the shared row's offset). Keys and values
-    are rounded to the cache dtype (as ``read_keys`` / ``read_values`` return them) and multiplied
-    on the tensor cores with float32 accumulation (operands in ``DOT_DTYPE``: the cache dtype, or
-    float32 where the interpreter cannot multiply bfloat16).
+    ``m_row0`` is the shared row's offset); ``kt`` / ``vt``: the keys' / values' storage
+    (:func:`_storage_view`). Keys and values are rounded to the cache dtype (as ``read_keys`` /
+    ``read_values`` return them) and multiplied on the tensor cores with float32 accumulation
+    (operands in ``DOT_DTYPE``: the cache dtype, or float32 where the interpreter cannot multiply
+    bfloat16).
 
     ``PACKED`` blocks hold their positions in :func:`~xquant_fx.kernels.common.pair_order` (keys
     and values alike, so the softmax never notices), generic blocks in order. ``TRANSPOSED``
@@ -499,11 +483,9 @@ def _attend_block(
     """
     if PACKED:
         pos = start + pair_order(BLOCK_N, 32 // KB)
-        keys = _load_keys_packed(kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-                                 start, nk, n, KB, G, R, DK, 1, BLOCK_N, MIXED, not TRANSPOSED,
+        keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, 1, BLOCK_N, MIXED, not TRANSPOSED,
                                  KV_DTYPE, DOT_DTYPE, INTERPRET)
-        values = _load_values_packed(vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-                                     pos[None, :], nv, n, VB, G, R, DV, 1, BLOCK_N, MIXED, TRANSPOSED,
+        values = _load_values_packed(vt, pos[None, :], nv, n, VB, G, R, DV, 1, BLOCK_N, MIXED, TRANSPOSED,
                                      KV_DTYPE, DOT_DTYPE, INTERPRET)
         if TRANSPOSED:
             keys = tl.reshape(keys, (BLOCK_N, DK))
@@ -513,10 +495,8 @@ def _attend_block(
             values = tl.reshape(values, (BLOCK_N, DV))
     else:
         pos = start + tl.arange(0, BLOCK_N)
-        keys = _load_keys(kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-                          start, nk, n, KB, G, R, DK, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DK]
-        values = _load_values(vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-                              start, nv, n, VB, G, R, DV, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DV]
+        keys = _load_keys(kt, start, nk, n, KB, G, R, DK, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DK]
+        values = _load_values(vt, start, nv, n, VB, G, R, DV, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DV]
         if TRANSPOSED:
             values = tl.trans(values)
         else:
@@ -544,10 +524,7 @@ def _attend_block(
 
 @triton.jit
 def _attend_warps_block(
-    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
-    kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
-    s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-    s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
     start, nk, nv, n, qk_scale, mask_len,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MIXED: tl.constexpr,
@@ -565,11 +542,9 @@ def _attend_warps_block(
     registers the first left it in (``-t``: through a small shared-memory tile).
     """
     pos = (start + tl.arange(0, W) * BN)[:, None] + pair_order(BN, 32 // KB)[None, :]  # [W, BN]
-    keys = _load_keys_packed(kc_base, ks_base, kz_base, kw_base, s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd,
-                             start, nk, n, KB, G, R, DK, W, BN, MIXED, not TRANSPOSED,
+    keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, W, BN, MIXED, not TRANSPOSED,
                              KV_DTYPE, DOT_DTYPE, INTERPRET)
-    values = _load_values_packed(vc_base, vs_base, vz_base, vw_base, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd,
-                                 pos, nv, n, VB, G, R, DV, W, BN, MIXED, TRANSPOSED,
+    values = _load_values_packed(vt, pos, nv, n, VB, G, R, DV, W, BN, MIXED, TRANSPOSED,
                                  KV_DTYPE, DOT_DTYPE, INTERPRET)
     if not (HAS_MASK and MASK_SHARED):
         shared = pos  # placeholder when the rows do not share the mask
@@ -592,12 +567,36 @@ def _attend_warps_block(
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, bi, hi, n,
+def _positions(n_ptr, R: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
+    """``(n, nv, nk, fast)``: the positions stored (``n``, read on the device), the boundary of the
+    value codes (``Nv = max(n - R, 0)``) and of the key codes (``Nk``, ``Nv`` rounded up to whole
+    groups), and ``F = Nv // BLOCK * BLOCK``, where stage 1 stops and stage 2 starts."""
+    n = tl.load(n_ptr).to(tl.int32)
+    nv = tl.maximum(n - R, 0)
+    nk = (nv + G - 1) // G * G
+    return n, nv, nk, nv // BLOCK * BLOCK
+
+
+@triton.jit
+def _storage_view(c_ptr, s_ptr, z_ptr, w_ptr, bi, hi, s_cb, s_ch, s_sb, s_sh, s_wb, s_wh,
+                  s_ct, s_cd, s_st, s_sd, s_wt, s_wd):
+    """The keys' (or values') storage of sequence ``bi``, KV head ``hi`` as the loaders take it:
+    ``(c_base, s_base, z_base, w_base, s_ct, s_cd, s_st, s_sd, s_wt, s_wd)``, the codes, scales,
+    zero points and ring window there, then the token and channel strides of the codes, of the
+    scales and zero points (which share strides) and of the window."""
+    c_base, s_base, z_base = head_bases(c_ptr, s_ptr, z_ptr, bi, hi, s_cb, s_ch, s_sb, s_sh)
+    return c_base, s_base, z_base, w_ptr + bi * s_wb + hi * s_wh, s_ct, s_cd, s_st, s_sd, s_wt, s_wd
+
+
+@triton.jit
+def _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
                 LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr,
                 KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The ``GROUP * LQ`` query rows of KV head ``hi`` of sequence ``bi``, padded to ``BLOCK_M``:
-    ``(q [BLOCK_M, DK], head, qi, qpos, row_ok)``. Row ``r`` is head ``hi * GROUP + r // LQ``, new
-    token ``qi = r % LQ`` at position ``qpos = n - LQ + qi``; padding rows are zero."""
+    ``(q [BLOCK_M, DK], qpos, row_ok, m_row, m_row0)``. Row ``r`` is head ``hi * GROUP + r // LQ``,
+    new token ``qi = r % LQ`` at position ``qpos = n - LQ + qi``; padding rows are zero. ``m_row``:
+    each row's offset into the mask; ``m_row0``: the offset of the mask row all rows share
+    (``MASK_SHARED``)."""
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < GROUP * LQ
     head = hi * GROUP + rows // LQ
@@ -606,14 +605,31 @@ def _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, bi, hi, n,
     dk = tl.arange(0, DK)
     q_ptrs = q_ptr + bi * s_qb + head[:, None] * s_qh + qi[:, None] * s_ql + dk[None, :] * s_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (dk[None, :] >= 0), other=0.0)
-    return q.to(KV_DTYPE).to(DOT_DTYPE), head, qi, qpos, row_ok
+    m_row = bi * s_mb + head * s_mh + qi * s_ml  # [BLOCK_M]
+    m_row0 = bi * s_mb + (hi * GROUP) * s_mh
+    return q.to(KV_DTYPE).to(DOT_DTYPE), qpos, row_ok, m_row, m_row0
 
 
 @triton.jit
-def _store_partial(part_acc_ptr, part_ml_ptr, part, acc, m_i, l_i, chan, row_ok,
-                   M: tl.constexpr, BLOCK_M: tl.constexpr, DV: tl.constexpr):
-    """Write partial ``part`` (``(acc [BLOCK_M, DV], m_i, l_i)``, accumulator column ``c`` holding
-    channel ``chan[c]``) to the workspace, channels in order."""
+def _mask_ahead(mask_ptr, s_mt, start, mask_len, W: tl.constexpr, BN: tl.constexpr, PER: tl.constexpr,
+                SHARED: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """:func:`_shared_mask` of the ``W`` sub-blocks at ``start`` when the rows share the mask
+    (``SHARED``), else a placeholder of its shape."""
+    if SHARED:
+        return _shared_mask(mask_ptr, s_mt, start, mask_len, W, BN, PER, MASK_BOOL)
+    else:
+        return tl.zeros((W, BN), tl.int1)
+
+
+@triton.jit
+def _store_partial(part_acc_ptr, part_ml_ptr, part, acc, m_i, l_i, row_ok,
+                   M: tl.constexpr, BLOCK_M: tl.constexpr, DV: tl.constexpr, VB: tl.constexpr, PACKED: tl.constexpr):
+    """Write partial ``part`` (``(acc [BLOCK_M, DV], m_i, l_i)``) to the workspace, channels in
+    order (``PACKED`` accumulators hold their channels in ``pair_order(DV, 32 / VB)``)."""
+    if PACKED:
+        chan = pair_order(DV, 32 // VB)  # the channel of each accumulator column
+    else:
+        chan = tl.arange(0, DV)
     rows = tl.arange(0, BLOCK_M)
     tl.store(part_acc_ptr + (part * M + rows[:, None]) * DV + chan[None, :], acc,
              mask=row_ok[:, None] & (chan[None, :] >= 0))
@@ -657,10 +673,8 @@ def _attend_kernel(
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    bi = (pid_bh // num_kv_heads).to(tl.int64)
-    hi = (pid_bh % num_kv_heads).to(tl.int64)
+    bi, hi = seq_head(pid_bh, num_kv_heads)
     KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
-    M: tl.constexpr = GROUP * LQ
     # Per-token rows of the value codes / scales are a few words long, not a multiple of 16
     # elements, so Triton would not know them aligned: with their lengths as constants it loads
     # each row as one vector (and stages it with cp.async).
@@ -670,23 +684,13 @@ def _attend_kernel(
         s_vst = VS_ROW
 
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
-    n = tl.load(n_ptr).to(tl.int32)
-    nv = tl.maximum(n - R, 0)
-    nk = (nv + G - 1) // G * G
-    fast = nv // BLOCK_N * BLOCK_N
-    q, head, qi, qpos, row_ok = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, bi, hi, n,
-                                            LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
-    m_row = bi * s_mb + head * s_mh + qi * s_ml  # [BLOCK_M] offsets into the mask
-    m_row0 = bi * s_mb + (hi * GROUP) * s_mh  # the mask row all rows share (MASK_SHARED)
-
-    kc_base = kc_ptr + bi * s_kcb + hi * s_kch
-    ks_base = ks_ptr + bi * s_ksb + hi * s_ksh
-    kz_base = kz_ptr + bi * s_ksb + hi * s_ksh
-    kw_base = kw_ptr + bi * s_kwb + hi * s_kwh
-    vc_base = vc_ptr + bi * s_vcb + hi * s_vch
-    vs_base = vs_ptr + bi * s_vsb + hi * s_vsh
-    vz_base = vz_ptr + bi * s_vsb + hi * s_vsh
-    vw_base = vw_ptr + bi * s_vwb + hi * s_vwh
+    n, nv, nk, fast = _positions(n_ptr, R, G, BLOCK_N)
+    q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
+                                                 LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
+    kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
+                       s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
+    vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
+                       s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
 
     # This split's slice [lo, hi) of [0, F), in whole blocks.
     chunk = tl.cdiv(tl.cdiv(fast, num_splits), BLOCK_N) * BLOCK_N
@@ -698,31 +702,47 @@ def _attend_kernel(
         BN: tl.constexpr = BLOCK_N // WARP_SPLIT
         m_i = tl.full((W, BLOCK_M), float("-inf"), tl.float32)
         if TRANSPOSED:
-            qw = tl.broadcast_to(tl.trans(q)[None, :, :], (W, DK, BLOCK_M))
+            q = tl.broadcast_to(tl.trans(q)[None, :, :], (W, DK, BLOCK_M))
             acc = tl.zeros((W, DV, BLOCK_M), tl.float32)
             l_i = tl.zeros((W, BN, BLOCK_M), tl.float32)
         else:
-            qw = tl.broadcast_to(q[None, :, :], (W, BLOCK_M, DK))
+            q = tl.broadcast_to(q[None, :, :], (W, BLOCK_M, DK))
             acc = tl.zeros((W, BLOCK_M, DV), tl.float32)
             l_i = tl.zeros((W, BLOCK_M, BN), tl.float32)
-        # A mask shared by all rows is read one block ahead (byte-wide loads are not staged by
-        # cp.async): its latency hides behind a whole block.
-        shared = tl.zeros((W, BN), tl.int1)
-        if HAS_MASK and MASK_SHARED:
-            shared = _shared_mask(mask_ptr + m_row0, s_mt, lo, mask_len, W, BN, 32 // KB, MASK_BOOL)
-        for start in range(lo, hi_pos, BLOCK_N):
-            ahead = shared
-            if HAS_MASK and MASK_SHARED:
-                ahead = _shared_mask(mask_ptr + m_row0, s_mt, start + BLOCK_N, mask_len, W, BN, 32 // KB, MASK_BOOL)
+    else:
+        W: tl.constexpr = 1
+        BN: tl.constexpr = BLOCK_N
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        if TRANSPOSED:
+            q = tl.trans(q)  # [DK, BLOCK_M]
+            acc = tl.zeros((DV, BLOCK_M), tl.float32)
+            l_i = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, DV), tl.float32)
+            l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # A mask shared by all rows is read one block ahead (byte-wide loads are not staged by
+    # cp.async): its latency hides behind a whole block.
+    PER: tl.constexpr = 32 // KB if PACKED else 0
+    PREFETCH: tl.constexpr = HAS_MASK and MASK_SHARED
+    shared = _mask_ahead(mask_ptr + m_row0, s_mt, lo, mask_len, W, BN, PER, PREFETCH, MASK_BOOL)
+    for start in range(lo, hi_pos, BLOCK_N):
+        ahead = _mask_ahead(mask_ptr + m_row0, s_mt, start + BLOCK_N, mask_len, W, BN, PER, PREFETCH, MASK_BOOL)
+        if WARP_SPLIT > 0:
             m_i, l_i, acc = _attend_warps_block(
-                qw, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
-                kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
-                s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
                 start, nk, nv, n, qk_scale, mask_len,
                 KB, VB, G, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
                 KV_DTYPE, DOT_DTYPE, INTERPRET,
             )
-            shared = ahead
+        else:
+            m_i, l_i, acc = _attend_block(
+                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
+                start, nk, nv, n, qk_scale, mask_len,
+                KB, VB, G, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET,
+            )
+        shared = ahead
+    if WARP_SPLIT > 0:
         # Combine the warps' states (once per program).
         l_i = tl.sum(l_i, axis=1 if TRANSPOSED else 2)  # [W, BLOCK_M]
         m_w = m_i
@@ -734,41 +754,11 @@ def _attend_kernel(
         else:
             acc = tl.sum(acc * wgt[:, :, None], axis=0)
     else:
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        if TRANSPOSED:
-            q = tl.trans(q)  # [DK, BLOCK_M]
-            acc = tl.zeros((DV, BLOCK_M), tl.float32)
-            l_i = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, DV), tl.float32)
-            l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        PER: tl.constexpr = 32 // KB if PACKED else 0
-        shared = tl.zeros((1, BLOCK_N), tl.int1)
-        if HAS_MASK and MASK_SHARED:
-            shared = _shared_mask(mask_ptr + m_row0, s_mt, lo, mask_len, 1, BLOCK_N, PER, MASK_BOOL)
-        for start in range(lo, hi_pos, BLOCK_N):
-            ahead = shared
-            if HAS_MASK and MASK_SHARED:
-                ahead = _shared_mask(mask_ptr + m_row0, s_mt, start + BLOCK_N, mask_len, 1, BLOCK_N, PER, MASK_BOOL)
-            m_i, l_i, acc = _attend_block(
-                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared,
-                kc_base, ks_base, kz_base, kw_base, vc_base, vs_base, vz_base, vw_base, mask_ptr,
-                s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
-                start, nk, nv, n, qk_scale, mask_len,
-                KB, VB, G, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
-                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET,
-            )
-            shared = ahead
         l_i = tl.sum(l_i, axis=0 if TRANSPOSED else 1)
         if TRANSPOSED:
             acc = tl.trans(acc)  # [BLOCK_M, DV]
-
-    if PACKED:
-        chan = pair_order(DV, 32 // VB)  # the channel of each accumulator column
-    else:
-        chan = tl.arange(0, DV)
     _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + TAIL_PARTS) + split,
-                   acc, m_i, l_i, chan, row_ok, M, BLOCK_M, DV)
+                   acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
 
 
 @triton.jit(do_not_specialize=["num_kv_heads", "num_splits", "mask_len"])
@@ -801,43 +791,32 @@ def _attend_tail_kernel(
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
     num_tail = tl.num_programs(1)
-    bi = (pid_bh // num_kv_heads).to(tl.int64)
-    hi = (pid_bh % num_kv_heads).to(tl.int64)
+    bi, hi = seq_head(pid_bh, num_kv_heads)
     KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
-    M: tl.constexpr = GROUP * LQ
 
     qk_scale = tl.cast(qk_scale, tl.float32)
-    n = tl.load(n_ptr).to(tl.int32)
-    nv = tl.maximum(n - R, 0)
-    nk = (nv + G - 1) // G * G
-    fast = nv // FAST_BLOCK * FAST_BLOCK
-    q, head, qi, qpos, row_ok = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, bi, hi, n,
-                                            LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
-    m_row = bi * s_mb + head * s_mh + qi * s_ml
-    m_row0 = bi * s_mb + (hi * GROUP) * s_mh
+    n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
+    q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
+                                                 LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
+    kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
+                       s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
+    vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
+                       s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = tl.zeros((BLOCK_M, DV), tl.float32)
     for start in range(fast + t * BLOCK_N, tl.minimum(fast + (t + 1) * BLOCK_N, n), BLOCK_N):
         m_i, l_i, acc = _attend_block(
-            q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None,
-            kc_ptr + bi * s_kcb + hi * s_kch, ks_ptr + bi * s_ksb + hi * s_ksh, kz_ptr + bi * s_ksb + hi * s_ksh,
-            kw_ptr + bi * s_kwb + hi * s_kwh, vc_ptr + bi * s_vcb + hi * s_vch, vs_ptr + bi * s_vsb + hi * s_vsh,
-            vz_ptr + bi * s_vsb + hi * s_vsh, vw_ptr + bi * s_vwb + hi * s_vwh, mask_ptr,
-            s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd, s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd, s_mt,
+            q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
             start, nk, nv, n, qk_scale, mask_len,
             KB, VB, G, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
             KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET,
         )
 
     l_i = tl.sum(l_i, axis=1)
-    if PACKED:
-        chan = pair_order(DV, 32 // VB)  # the channel of each accumulator column
-    else:
-        chan = tl.arange(0, DV)
     _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + num_tail) + num_splits + t,
-                   acc, m_i, l_i, chan, row_ok, M, BLOCK_M, DV)
+                   acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
 
 
 @triton.jit(do_not_specialize=["num_kv_heads", "num_parts"])
@@ -1087,27 +1066,21 @@ def attend(
     else:
         mask_bool, mask_len, mask_strides = False, 0, (0, 0, 0, 0)
 
-    if out is None:
-        out = torch.empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
     tail_parts = math.ceil((R + cfg.block_n) / TAIL_BLOCK_N)  # stage 2 programs per (sequence, KV head)
-    parts = splits + tail_parts
-    part_acc = _workspace((b * hkv, parts, group_rows, dv), q.device)  # stage 1's S, then stage 2's T
-    part_ml = _workspace((b * hkv, parts, 2, group_rows), q.device)
+    out, part_acc, part_ml = _buffers(q, dv, hkv, splits + tail_parts, out)  # stage 1's S, then stage 2's T
     qk_scale = scale * _LOG2E
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 caches: no TF32 rounding
-    # Triton's interpreter multiplies bfloat16 dot operands as raw integers: give it float32.
     interpret = interpreting()
-    dot_dtype = _TL_DTYPES[torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype]
-    mask_arg = mask if mask is not None else q
-    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg)
+    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
+               mask if mask is not None else q)
     storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
                        *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides)
     # One mask row for all of a program's query rows: constant along Lq (or Lq = 1) and across
     # the GQA group (or one head per group).
     mask_shared = mask is not None and (lq == 1 or mask_strides[2] == 0) and (hq == hkv or mask_strides[1] == 0)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=packed,
-                  HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared, DOT_DTYPE=dot_dtype,
-                  DOT_PRECISION=precision, INTERPRET=interpret)
+                  HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared,
+                  DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=precision, INTERPRET=interpret)
     launch(_attend_kernel)[(b * hkv, splits)](
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
@@ -1116,15 +1089,45 @@ def attend(
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), TAIL_PARTS=tail_parts, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits, tail_parts, qk_scale,
+                           mask_len, cfg.block_n, common)
+
+
+def _dot_dtype(dtype: torch.dtype, interpret: bool):
+    """The Triton dtype of the dot operands for a cache of ``dtype``: its own, but float32 for
+    bfloat16 under Triton's interpreter, which multiplies bfloat16 operands as raw integers."""
+    return _TL_DTYPES[torch.float32 if interpret and dtype == torch.bfloat16 else dtype]
+
+
+def _buffers(q: torch.Tensor, dv: int, hkv: int, parts, out: torch.Tensor | None):
+    """``(out, part_acc, part_ml)``: the output (``out`` when given) and the workspace of ``parts``
+    partials per (sequence, KV head) that the stages write and the merge reads."""
+    b, hq, lq, _ = q.shape
+    if out is None:
+        out = torch.empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
+    group_rows = hq // hkv * lq
+    return (out, _workspace((b * hkv, parts, group_rows, dv), q.device),
+            _workspace((b * hkv, parts, 2, group_rows), q.device))
+
+
+def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first_parts, tail_parts, qk_scale,
+                    mask_len, fast_block, common):
+    """Stage 2 over the positions stage 1 left (from ``Nv // fast_block * fast_block`` on), as
+    partials ``first_parts ..``, then stage 3: every partial merged into ``out``. ``storage`` /
+    ``storage_strides``: the tensors and strides as stage 1 takes them; ``common``: the constants
+    both stages take."""
+    q = storage[0]
+    (b, hq, lq, _), dv = q.shape, out.shape[3]
+    group_rows = hq // hkv * lq
     launch(_attend_tail_kernel)[(b * hkv, tail_parts)](
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
-        hkv, splits, qk_scale, mask_len,
-        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), FAST_BLOCK=cfg.block_n, BLOCK_N=TAIL_BLOCK_N, **common,
+        hkv, first_parts, qk_scale, mask_len,
+        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), FAST_BLOCK=fast_block, BLOCK_N=TAIL_BLOCK_N, **common,
         num_warps=4, num_stages=1,
     )
     launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
-        out, part_acc, part_ml, *out.stride(), hkv, parts,
+        out, part_acc, part_ml, *out.stride(), hkv, first_parts + tail_parts,
         LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK,
         num_warps=4,
     )
@@ -1159,17 +1162,12 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
     then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge."""
     b, hq, lq, dk = q.shape
     hkv, R, dv = v_window.shape[1], v_window.shape[2], v_window.shape[3]
-    group_rows = hq // hkv * lq
     capacity = v_scale.shape[2] + R
     splits = splits or num_splits(b * hkv, capacity, q.device, MMA_CTAS_PER_SM)
     warps = attend_mma.WARPS
     fast_block = attend_mma.GROUP_TOKENS
     tail_parts = math.ceil((R + fast_block) / TAIL_BLOCK_N)
-    parts = splits * warps + tail_parts
-    if out is None:
-        out = torch.empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
-    part_acc = _workspace((b * hkv, parts, group_rows, dv), q.device)
-    part_ml = _workspace((b * hkv, parts, 2, group_rows), q.device)
+    out, part_acc, part_ml = _buffers(q, dv, hkv, splits * warps + tail_parts, out)
     qk_scale = scale * _LOG2E
     interpret = interpreting()
     launch(attend_mma._attend_mma_kernel)[(b * hkv, splits)](
@@ -1181,23 +1179,11 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), INTERPRET=interpret,
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
     )
-    dot_dtype = _TL_DTYPES[torch.float32 if interpret and q.dtype == torch.bfloat16 else q.dtype]
-    mask_arg = q
-    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg)
+    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, q)  # q: no mask
     storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
                        *v_codes.stride(), *v_scale.stride(), *v_window.stride(), 0, 0, 0, 0)
-    launch(_attend_tail_kernel)[(b * hkv, tail_parts)](
-        *storage, part_acc, part_ml,
-        *q.stride(), *storage_strides,
-        hkv, splits * warps, qk_scale, 0,
-        LQ=lq, GROUP=hq // hkv, BLOCK_M=max(16, triton.next_power_of_2(group_rows)), KB=k_bits, VB=v_bits, G=group,
-        R=R, DK=dk, DV=dv, FAST_BLOCK=fast_block, BLOCK_N=TAIL_BLOCK_N, PACKED=True, HAS_MASK=False,
-        MASK_BOOL=False, MASK_SHARED=False, DOT_DTYPE=dot_dtype, DOT_PRECISION=None, INTERPRET=interpret,
-        num_warps=4, num_stages=1,
-    )
-    launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
-        out, part_acc, part_ml, *out.stride(), hkv, parts,
-        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK,
-        num_warps=4,
-    )
-    return out
+    common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=True,
+                  HAS_MASK=False, MASK_BOOL=False, MASK_SHARED=False, DOT_DTYPE=_dot_dtype(q.dtype, interpret),
+                  DOT_PRECISION=None, INTERPRET=interpret)
+    return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits * warps, tail_parts,
+                           qk_scale, 0, fast_block, common)

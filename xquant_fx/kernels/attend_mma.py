@@ -67,7 +67,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import round_to
+from .common import BF16_BIAS, BF16_MANT, FP16_BIAS, FP16_MANT, head_bases, round_to, seq_head
 
 #: Warps per program; each takes its own key groups and writes its own partial.
 WARPS = 4
@@ -103,16 +103,20 @@ def _pack_f32(lo, hi, KV_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _x2_asm(OP: tl.constexpr, OPERANDS: tl.constexpr, CONSTRAINTS: tl.constexpr, x, y, KV_DTYPE: tl.constexpr):
+    """One packed PTX instruction ``OP.bf16x2`` / ``OP.f16x2`` (as ``KV_DTYPE``) ``OPERANDS`` on
+    ``x`` and ``y``, an int32 register of two 16-bit floats per element."""
+    X2: tl.constexpr = ".bf16x2" if KV_DTYPE == tl.bfloat16 else ".f16x2"
+    return tl.inline_asm_elementwise(OP + X2 + OPERANDS, CONSTRAINTS, [x, y], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _cvt_pack(lo, hi, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """:func:`_pack_f32` in one instruction on the GPU (``cvt.rn.bf16x2.f32`` / ``.f16x2``)."""
     if INTERPRET:
         return _pack_f32(lo, hi, KV_DTYPE)
-    elif KV_DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
-                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        return _x2_asm("cvt.rn", ".f32 $0, $2, $1;", "=r,f,f", lo, hi, KV_DTYPE)
 
 
 @triton.jit
@@ -137,12 +141,8 @@ def _mul2(x, y, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         xl, xh = _unpack(x, KV_DTYPE)
         yl, yh = _unpack(y, KV_DTYPE)
         return _pack_f32(xl * yl, xh * yh, KV_DTYPE)
-    elif KV_DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, y],
-                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
-        return tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [x, y],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        return _x2_asm("mul.rn", " $0, $1, $2;", "=r,r,r", x, y, KV_DTYPE)
 
 
 # ------------------------------------------------------------------------------------ fragments
@@ -235,12 +235,8 @@ def _codes4(x, sh, BITS: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.con
     :func:`_byte_pairs`), as four registers of two 16-bit floats ``off_j + code``; the offsets are
     :func:`_offset` ``(j)``. 2-bit: codes at bits 0, 2, 4, 6 (the last shifted to bit 4: bit 7 is
     bfloat16's exponent); 1-bit: bits ``sh .. sh + 3``."""
-    if KV_DTYPE == tl.float16:
-        MANT: tl.constexpr = 10
-        BIAS: tl.constexpr = 15
-    else:
-        MANT: tl.constexpr = 7
-        BIAS: tl.constexpr = 127
+    MANT: tl.constexpr = FP16_MANT if KV_DTYPE == tl.float16 else BF16_MANT
+    BIAS: tl.constexpr = FP16_BIAS if KV_DTYPE == tl.float16 else BF16_BIAS
     if BITS == 2:
         r0 = _and_or(x, 0x00030003, ((BIAS + MANT) << MANT) * 0x10001, INTERPRET)
         r1 = _and_or(x, 0x000C000C, ((BIAS + MANT - 2) << MANT) * 0x10001, INTERPRET)
@@ -269,10 +265,7 @@ def _and_or(x, MASK: tl.constexpr, MAGIC: tl.constexpr, INTERPRET: tl.constexpr)
 @triton.jit
 def _offset(j: tl.constexpr, BITS: tl.constexpr, KV_DTYPE: tl.constexpr):
     """The constant ``off_j`` that :func:`_codes4` adds to code ``j`` of a byte."""
-    if KV_DTYPE == tl.float16:
-        MANT: tl.constexpr = 10
-    else:
-        MANT: tl.constexpr = 7
+    MANT: tl.constexpr = FP16_MANT if KV_DTYPE == tl.float16 else BF16_MANT
     if BITS == 2:
         K: tl.constexpr = 4 if j == 3 else 2 * j
     else:
@@ -533,8 +526,7 @@ def _attend_mma_kernel(
     KV_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    bi = (pid_bh // num_kv_heads).to(tl.int64)
-    hi = (pid_bh % num_kv_heads).to(tl.int64)
+    bi, hi = seq_head(pid_bh, num_kv_heads)
     # Value rows are a few words long: their lengths as constants let Triton load them as vectors.
     if VC_ROW > 0:
         s_vct = VC_ROW
@@ -560,12 +552,8 @@ def _attend_mma_kernel(
         x0, x1, x2, x3 = _split4(qx, NT)
         qb = qb + (_pack(x0, x1), _pack(x2, x3))
 
-    kc_base = kc_ptr + bi * s_kcb + hi * s_kch
-    ks_base = ks_ptr + bi * s_ksb + hi * s_ksh
-    kz_base = kz_ptr + bi * s_ksb + hi * s_ksh
-    vc_base = vc_ptr + bi * s_vcb + hi * s_vch
-    vs_base = vs_ptr + bi * s_vsb + hi * s_vsh
-    vz_base = vz_ptr + bi * s_vsb + hi * s_vsh
+    kc_base, ks_base, kz_base = head_bases(kc_ptr, ks_ptr, kz_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh)
+    vc_base, vs_base, vz_base = head_bases(vc_ptr, vs_ptr, vz_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh)
 
     zero = tl.zeros((NT,), tl.float32)
     m0 = tl.full((NT,), float("-inf"), tl.float32)  # running max of query rows 2t, 2t + 1

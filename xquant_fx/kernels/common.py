@@ -13,6 +13,10 @@ import triton.language as tl
 from ..config import FP8_E4M3_MAX, QUANT_BITS
 #: Largest finite float8 e4m3 value (``XQuantConfig.metadata_dtype="float8_e4m3fn"``).
 FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
+#: Mantissa bits and exponent bias of the 16-bit cache dtypes, whose bit patterns the packed
+#: decoders build directly (pick one with ``FP16_MANT if KV_DTYPE == tl.float16 else BF16_MANT``).
+FP16_MANT, FP16_BIAS = tl.constexpr(10), tl.constexpr(15)
+BF16_MANT, BF16_BIAS = tl.constexpr(7), tl.constexpr(127)
 
 
 def interpreting() -> bool:
@@ -58,6 +62,20 @@ def check_metadata(kind: str, scale: torch.Tensor, zero: torch.Tensor, window: t
                 f"float8 scales / zero points (metadata_dtype='float8_e4m3fn') need a GPU of compute capability "
                 f"8.9 or newer; this one is {major}.{minor}"
             )
+
+
+@triton.jit
+def seq_head(pid, num_heads):
+    """``(sequence, head)`` of program ``pid`` of a ``(batch * num_heads, ...)`` grid, as int64 (they
+    scale strides)."""
+    return (pid // num_heads).to(tl.int64), (pid % num_heads).to(tl.int64)
+
+
+@triton.jit
+def head_bases(c_ptr, s_ptr, z_ptr, bi, hi, s_cb, s_ch, s_sb, s_sh):
+    """The codes, scales and zero points (the last two share strides) of sequence ``bi``, head
+    ``hi``: ``(c_base, s_base, z_base)``."""
+    return c_ptr + bi * s_cb + hi * s_ch, s_ptr + bi * s_sb + hi * s_sh, z_ptr + bi * s_sb + hi * s_sh
 
 
 @triton.jit
@@ -154,12 +172,8 @@ def pair_slot_constants(NS: tl.constexpr, B: tl.constexpr, KV_DTYPE: tl.constexp
     the float ``2^(MANT - k) + code`` exactly, and adding ``neg_magic`` (``-2^(MANT - k)``) leaves
     the code as a float. ``MANT // B`` consecutive slots share one shift.
     """
-    if KV_DTYPE == tl.float16:
-        MANT: tl.constexpr = 10
-        BIAS: tl.constexpr = 15
-    else:
-        MANT: tl.constexpr = 7
-        BIAS: tl.constexpr = 127
+    MANT: tl.constexpr = FP16_MANT if KV_DTYPE == tl.float16 else BF16_MANT
+    BIAS: tl.constexpr = FP16_BIAS if KV_DTYPE == tl.float16 else BF16_BIAS
     SPB: tl.constexpr = MANT // B  # slots per shift
     j = tl.arange(0, NS)
     k = B * (j % SPB)
@@ -201,30 +215,19 @@ def decode_pairs(x, mask, magic, neg_magic, s_lo, s_hi, z_lo, z_hi,
         hi = round_to(c_hi * s_hi.to(tl.float32) + z_hi.to(tl.float32), KV_DTYPE).to(DOT_DTYPE)
     else:
         if KV_DTYPE == tl.float16:
-            y = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, s2, z2; "
-                "lop3.b32 t, $1, $2, $3, 0xEA; "
-                "add.rn.f16x2 t, t, $4; "
-                "mov.b32 s2, {$5, $6}; "
-                "mov.b32 z2, {$7, $8}; "
-                "fma.rn.f16x2 $0, t, s2, z2; }",
-                "=r,r,r,r,r,h,h,h,h",
-                [x, mask, magic, neg_magic, s_lo.to(tl.int16, bitcast=True), s_hi.to(tl.int16, bitcast=True),
-                 z_lo.to(tl.int16, bitcast=True), z_hi.to(tl.int16, bitcast=True)],
-                dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            y = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, one, s2, z2; "
-                "lop3.b32 t, $1, $2, $3, 0xEA; "
-                "mov.b32 one, 0x3F803F80; "
-                "fma.rn.bf16x2 t, t, one, $4; "
-                "mov.b32 s2, {$5, $6}; "
-                "mov.b32 z2, {$7, $8}; "
-                "fma.rn.bf16x2 $0, t, s2, z2; }",
-                "=r,r,r,r,r,h,h,h,h",
-                [x, mask, magic, neg_magic, s_lo.to(tl.int16, bitcast=True), s_hi.to(tl.int16, bitcast=True),
-                 z_lo.to(tl.int16, bitcast=True), z_hi.to(tl.int16, bitcast=True)],
-                dtype=tl.int32, is_pure=True, pack=1)
+            REGS: tl.constexpr = "{ .reg .b32 t, s2, z2; "
+            UNMAGIC: tl.constexpr = "add.rn.f16x2 t, t, $4; "
+            FMA: tl.constexpr = "fma.rn.f16x2 $0, t, s2, z2; }"
+        else:  # bfloat16: the magic taken out as t * 1 + neg_magic
+            REGS: tl.constexpr = "{ .reg .b32 t, one, s2, z2; "
+            UNMAGIC: tl.constexpr = "mov.b32 one, 0x3F803F80; fma.rn.bf16x2 t, t, one, $4; "
+            FMA: tl.constexpr = "fma.rn.bf16x2 $0, t, s2, z2; }"
+        y = tl.inline_asm_elementwise(
+            REGS + "lop3.b32 t, $1, $2, $3, 0xEA; " + UNMAGIC + "mov.b32 s2, {$5, $6}; mov.b32 z2, {$7, $8}; " + FMA,
+            "=r,r,r,r,r,h,h,h,h",
+            [x, mask, magic, neg_magic, s_lo.to(tl.int16, bitcast=True), s_hi.to(tl.int16, bitcast=True),
+             z_lo.to(tl.int16, bitcast=True), z_hi.to(tl.int16, bitcast=True)],
+            dtype=tl.int32, is_pure=True, pack=1)
         lo = y.to(tl.int16).to(KV_DTYPE, bitcast=True)
         hi = (y >> 16).to(tl.int16).to(KV_DTYPE, bitcast=True)
     return lo, hi
