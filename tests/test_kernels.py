@@ -353,6 +353,68 @@ def test_attend_with_mask(kernels, monkeypatch, n, lq, gqa, kb, vb, dtype, kind,
     assert_close_rel(got, ref, TOL[dtype])
 
 
+SINK_CASES = [
+    # n, Lq, gqa, kb, vb, S, dtype, variant, mask kind
+    pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, None, None, id="n371-s4-default"),
+    pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, "warps", None, id="n371-s4-warps"),
+    pytest.param(300, 2, 3, 2, 2, 8, torch.float16, "packed", None, id="n300-lq2-s8-packed"),
+    pytest.param(290, 1, 2, 1, 2, 3, torch.float32, "generic", None, id="n290-s3-generic-fp32"),
+    pytest.param(40, 1, 4, 2, 1, 4, torch.bfloat16, None, None, id="n40-window-only"),
+    pytest.param(3, 2, 2, 2, 1, 6, torch.float16, None, None, id="n3-lq2-fewer-tokens-than-sinks"),
+    pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, None, "bool", id="n371-s4-left-padding"),
+    pytest.param(250, 2, 4, 1, 2, 4, torch.float16, "warps-t", "finfo", id="n250-s4-additive-finfo"),
+]
+
+
+@pytest.mark.parametrize("n,lq,gqa,kb,vb,S,dtype,variant,kind", SINK_CASES)
+def test_attend_with_sink_tokens(kernels, monkeypatch, n, lq, gqa, kb, vb, S, dtype, variant, kind):
+    """Sink tokens (``XQuantConfig.sink_tokens``): positions < S come from the sink buffers, not
+    from the codes or the ring, against ``quant.attend`` over reads merged with the sinks
+    (``quant.merge_sink``); with masks (left padding over the sinks of one row), fewer stored
+    tokens than sinks, several variants. Outputs and partials start as NaN."""
+    b, hkv, dk, dv, G, R, T = 2, 2, 64, 64, 32, 64, 512
+    st = make_storage(b, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=n + S)
+    gen = torch.Generator().manual_seed(5)
+    k_sink = (3 * torch.randn(b, hkv, S, dk, generator=gen)).to(dtype)  # far from the codes' keys
+    v_sink = torch.randn(b, hkv, S, dv, generator=gen).to(dtype)
+    hq = hkv * gqa
+    q = torch.randn(b, hq, lq, dk, generator=gen).to(dtype)
+    mask = None
+    if kind is not None:
+        keep = left_padding_mask(b, lq, n + 5, [0, 2])  # row 1 pads two of its sinks
+        mask = keep if kind == "bool" else torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    length = st["v_scale"].shape[2] + R
+    nt = torch.tensor(n)
+    keys = quant.merge_sink(quant.read_keys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G,
+                                            length), k_sink)
+    values = quant.merge_sink(quant.read_values(st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], nt, vb,
+                                                G, length), v_sink)
+    ref = quant.attend(q, keys, values, nt, dk**-0.5, mask)
+    poison_workspace(kernels, monkeypatch)
+    launch = dict(splits=3, k_sink=k_sink, v_sink=v_sink)
+    if variant is not None:
+        launch["variant"] = variant
+    got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, dk**-0.5, mask, **launch)
+    assert_close_rel(got, ref, TOL[dtype])
+    # the sinks matter: attention over the plain reads differs
+    plain = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, dk**-0.5, mask)
+    assert (plain.float() - ref.float()).abs().max() > 10 * TOL[dtype] * ref.float().abs().max()
+
+
+def test_attend_sink_arguments_are_checked(kernels):
+    b, hkv, d, kb, vb, G, R, T = 1, 2, 64, 2, 1, 32, 64, 256
+    st = make_storage(b, hkv, d, d, kb, vb, G, R, T, torch.float16, seed=2)
+    q = torch.randn(b, 2 * hkv, 1, d).half()
+    args = (q, *storage_args(st), torch.tensor(100), kb, vb, G, 0.125)
+    sink = torch.zeros(b, hkv, 4, d, dtype=torch.float16)
+    with pytest.raises(ValueError, match="both k_sink and v_sink"):
+        kernels.attend.attend(*args, k_sink=sink)
+    with pytest.raises(ValueError, match="v_sink"):
+        kernels.attend.attend(*args, k_sink=sink, v_sink=sink.float())
+    with pytest.raises(ValueError, match="no sinks"):
+        kernels.attend.attend(*args, k_sink=sink, v_sink=sink, variant="mma")
+
+
 def test_mask_changes_the_result(kernels):
     """The padded row differs from the unmasked attention (the mask is not ignored) and the
     unpadded row does not."""
@@ -410,6 +472,13 @@ def test_ops_run_the_kernels_under_the_interpreter(kernels, monkeypatch):
     assert_close_rel(out, expect, TOL[dtype])
     expect = reference_attend(q, got, got["k_codes"], got["v_codes"], n, kb, vb, G, 0.125, mask)
     assert_close_rel(out_masked, expect, TOL[dtype])
+    # with sink tokens: the kernels against the op's own reference branch
+    k_sink, v_sink = torch.randn(B, H, 4, d).to(dtype), torch.randn(B, H, 4, d).to(dtype)
+    args = (q, *storage_args(got), torch.tensor(n), kb, vb, G, 0.125, mask, k_sink, v_sink)
+    monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
+    out_sinks = torch.ops.xquant.attend(*args)
+    monkeypatch.delenv("XQUANT_FORCE_KERNELS")
+    assert_close_rel(out_sinks, torch.ops.xquant.attend(*args), TOL[dtype])
 
 
 

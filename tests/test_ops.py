@@ -65,6 +65,25 @@ def test_opcheck_attend(n, lq, dtype):
                           (q, *[st[name] for name in ORDER], torch.tensor(n), 2, 1, 32, 0.125))
 
 
+def test_opcheck_attend_and_reads_with_sinks():
+    st = make_storage()
+    q = torch.randn(2, 8, 1, 64)
+    k_sink, v_sink = torch.randn(2, 2, 4, 64), torch.randn(2, 2, 4, 64)
+    args = (q, *[st[name] for name in ORDER], torch.tensor(150), 2, 1, 32, 0.125, None, k_sink, v_sink)
+    torch.library.opcheck(torch.ops.xquant.attend.default, args)
+    read = (st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], torch.tensor(150), 2, 32, 256, k_sink)
+    torch.library.opcheck(torch.ops.xquant.read_keys.default, read)
+    keys = torch.ops.xquant.read_keys(*read)
+    plain = torch.ops.xquant.read_keys(*read[:-1])
+    assert torch.equal(keys[:, :, :4], k_sink) and torch.equal(keys[:, :, 4:], plain[:, :, 4:])
+    # attend with sinks is attention over the reads merged with them
+    values = torch.ops.xquant.read_values(st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"],
+                                          torch.tensor(150), 1, 32, 256, v_sink)
+    assert torch.allclose(torch.ops.xquant.attend(*args), quant.attend(q, keys, values, torch.tensor(150), 0.125))
+    with pytest.raises(ValueError, match="both k_sink and v_sink"):
+        torch.ops.xquant.attend(*args[:-1])
+
+
 def test_cpu_dispatches_to_the_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(ops.quant, "append_token", lambda *a: calls.append("append_token"))

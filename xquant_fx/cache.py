@@ -51,9 +51,9 @@ a token, so it keeps its layers in full precision and costs what a 16-bit cache 
 Quality options (:class:`XQuantConfig`). ``sink_tokens``: positions below S are written to the
 sink buffers as they arrive and always read from there; when position S is stored, the ring slots
 of positions < S take a copy of it, so that the key group holding the sinks is quantized from
-ordinary tokens (:func:`quant.append_sink`). A read with sinks is not a bare read op, so the fuse
-pass leaves such layers on dequantize + SDPA (the attend kernel would need a third source for
-positions < S). ``rotation="hadamard"``: every quantized tensor, window and sinks included, is
+ordinary tokens (:func:`quant.append_sink`). Reads pass the sink buffers to the read ops, and
+the fuse pass passes them on to ``xquant::attend``, whose kernels mask positions < S in the codes
+and the ring and attend to the sinks as one more partial of the split-K merge. ``rotation="hadamard"``: every quantized tensor, window and sinks included, is
 stored multiplied by the Hadamard matrix (``xquant::hadamard``, its own inverse) and reads are
 multiplied back; the fuse pass rotates the query and the attention output instead.
 ``level_fit="lsq"``: decode steps store through the reference (:func:`quant.append_key` /

@@ -296,11 +296,8 @@ class XQuantLayer(StaticLayer):
             getattr(self, f"{kind}_zero")[:b],
             getattr(self, f"{kind}_window")[:b],
             n, bits, self.G, self.max_cache_len,
+            getattr(self, f"{kind}_sink")[:b] if self.S else None,  # the op merges the sinks in
         )
-        # Sinks make the read something other than a bare read op, so the fuse_kv_attention pass
-        # leaves this layer on dequantize + SDPA: the attend kernel has no sink input yet.
-        if self.S:
-            x = quant.merge_sink(x, getattr(self, f"{kind}_sink")[:b])
         return self._rotate(kind, x)
 
     def read_stored(self, kind: str, b: int, n: int, length: int | None = None) -> torch.Tensor:

@@ -23,9 +23,10 @@ clamped to +-448 and rounded, read as float32, on both paths alike)::
         int k_bits, int v_bits, int group, float k_eta, float v_eta) -> ()
     xquant::attend(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor k_window,
         Tensor v_codes, Tensor v_scale, Tensor v_zero, Tensor v_window, Tensor n,
-        int k_bits, int v_bits, int group, float scale, Tensor? mask=None) -> Tensor
+        int k_bits, int v_bits, int group, float scale, Tensor? mask=None,
+        Tensor? k_sink=None, Tensor? v_sink=None) -> Tensor
     xquant::read_keys(Tensor codes, Tensor scale, Tensor zero, Tensor window, Tensor n,
-        int bits, int group, int length) -> Tensor          # quant.read_keys, plain torch
+        int bits, int group, int length, Tensor? sink=None) -> Tensor   # quant.read_keys, plain torch
     xquant::read_values(...same...) -> Tensor                 # quant.read_values, plain torch
     xquant::hadamard(Tensor x) -> Tensor                      # quant.hadamard, plain torch
     xquant::moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, int keep=-1)
@@ -39,7 +40,9 @@ clamped to +-448 and rounded, read as float32, on both paths alike)::
 ``read_keys`` / ``read_values`` are the eager cache read (dequantize everything, attention runs
 on the result). They are ops, not inline torch code, so that the graph pass
 :mod:`xquant_fx.passes.fuse_kv_attention` can find them and fuse them with the attention that
-reads them into one ``attend``.
+reads them into one ``attend``. With ``XQuantConfig.sink_tokens`` the reads and ``attend`` take the
+layer's sink buffers (``[B, H, S, D]``, the first ``S`` positions in full precision), which stand
+in for those positions.
 """
 
 from __future__ import annotations
@@ -99,26 +102,32 @@ def attend(
     v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, v_window: torch.Tensor,
     n: torch.Tensor,
     k_bits: int, v_bits: int, group: int, scale: float, mask: Optional[torch.Tensor] = None,
+    k_sink: Optional[torch.Tensor] = None, v_sink: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of ``q [b, Hq, Lq, Dk]`` (positions ``n - Lq .. n - 1``) over the quantized
     layer holding ``n`` tokens (0-d int64 tensor); ``[b, Hq, Lq, Dv]`` in ``q.dtype``.
-    ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scale, mask)``; ``mask``
-    as transformers passes it to SDPA (bool or additive, broadcastable to ``[b, Hq, Lq, M]``)."""
+    ``quant.attend(q, quant.read_keys(..., k_sink), quant.read_values(..., v_sink), n, scale, mask)``;
+    ``mask`` as transformers passes it to SDPA (bool or additive, broadcastable to ``[b, Hq, Lq,
+    M]``); ``k_sink`` / ``v_sink`` (both or neither, ``[B, Hkv, S, D]``) hold positions ``< S``."""
+    if (k_sink is None) != (v_sink is None):
+        raise ValueError("attend: pass both k_sink and v_sink, or neither")
     if uses_kernels(q):
         from .kernels.attend import attend as kernel_attend
 
         return kernel_attend(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                             k_bits, v_bits, group, scale, mask)
+                             k_bits, v_bits, group, scale, mask, k_sink=k_sink, v_sink=v_sink)
     b = q.shape[0]
     length = v_scale.shape[2] + v_window.shape[2]  # code capacity + ring: every position < n
     keys = quant.read_keys(k_codes[:b], k_scale[:b], k_zero[:b], k_window[:b], n, k_bits, group, length)
     values = quant.read_values(v_codes[:b], v_scale[:b], v_zero[:b], v_window[:b], n, v_bits, group, length)
+    if k_sink is not None:
+        keys, values = quant.merge_sink(keys, k_sink[:b]), quant.merge_sink(values, v_sink[:b])
     return quant.attend(q, keys, values, n, scale, mask)
 
 
 @attend.register_fake
 def _attend_fake(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                 k_bits, v_bits, group, scale, mask=None) -> torch.Tensor:
+                 k_bits, v_bits, group, scale, mask=None, k_sink=None, v_sink=None) -> torch.Tensor:
     b, hq, lq, _ = q.shape
     return q.new_empty((b, hq, lq, v_window.shape[-1]))
 
@@ -126,19 +135,25 @@ def _attend_fake(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero
 # --------------------------------------------------------------------------- read_keys / read_values
 @torch.library.custom_op("xquant::read_keys", mutates_args=())
 def read_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, window: torch.Tensor,
-              n: torch.Tensor, bits: int, group: int, length: int) -> torch.Tensor:
-    """Keys ``[b, H, length, D]`` as attention sees them: :func:`xquant_fx.quant.read_keys`."""
-    return quant.read_keys(codes, scale, zero, window, n, bits, group, length)
+              n: torch.Tensor, bits: int, group: int, length: int,
+              sink: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Keys ``[b, H, length, D]`` as attention sees them: :func:`xquant_fx.quant.read_keys`, with
+    positions ``< S`` from ``sink [b, H, S, D]`` if given (:func:`xquant_fx.quant.merge_sink`)."""
+    keys = quant.read_keys(codes, scale, zero, window, n, bits, group, length)
+    return keys if sink is None else quant.merge_sink(keys, sink)
 
 
 @torch.library.custom_op("xquant::read_values", mutates_args=())
 def read_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, window: torch.Tensor,
-                n: torch.Tensor, bits: int, group: int, length: int) -> torch.Tensor:
-    """Values ``[b, H, length, D]`` as attention sees them: :func:`xquant_fx.quant.read_values`."""
-    return quant.read_values(codes, scale, zero, window, n, bits, group, length)
+                n: torch.Tensor, bits: int, group: int, length: int,
+                sink: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Values ``[b, H, length, D]`` as attention sees them: :func:`xquant_fx.quant.read_values`, with
+    positions ``< S`` from ``sink`` if given."""
+    values = quant.read_values(codes, scale, zero, window, n, bits, group, length)
+    return values if sink is None else quant.merge_sink(values, sink)
 
 
-def _read_fake(codes, scale, zero, window, n, bits, group, length):
+def _read_fake(codes, scale, zero, window, n, bits, group, length, sink=None):
     return window.new_empty((window.shape[0], window.shape[1], length, window.shape[-1]))
 
 

@@ -84,8 +84,11 @@ def test_fused_graph_matches_eager_step_by_step():
     with torch.no_grad():
         for t in range(150, 158):
             position = torch.tensor([[t]])
-            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
             got = step(ids[:, t : t + 1], position_ids=position, **{arg: cache}).logits
+            monkeypatch.delenv("XQUANT_FORCE_KERNELS", raising=False)  # the eager reference
+            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
+            if kernels:
+                monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
     assert report.hits == {"fuse_kv_attention": 2, "prune_moe_router": 0, "router_topk": 0} and report.graphs == 1
 
@@ -113,30 +116,35 @@ def test_declines_on_prefill_and_on_a_head_reordering_view():
     assert fuse_kv_attention(gm) == 0
 
 
-@pytest.mark.parametrize("spec,fused", [("xquant-1.38:rotation=hadamard", True), ("kivi-2:sink_tokens=4", False)])
-def test_quality_options_fuse_or_decline_and_keep_outputs(spec, fused):
+@pytest.mark.parametrize("spec,kernels", [("xquant-1.38:rotation=hadamard", False), ("kivi-2:sink_tokens=4", False),
+                                          ("xquant-1.38:sink_tokens=3,rotation=hadamard", False),
+                                          ("xquant-1.38:sink_tokens=3,rotation=hadamard", True)])
+def test_quality_options_fuse_and_keep_outputs(spec, kernels, monkeypatch):
     """A rotating cache fuses: the query is rotated before attend and the output after it (the
-    reads' own rotations are gone). Sinks decline (the attend kernel has no sink input): the layer
-    stays on SDPA. Either way the graph gives the eager logits step by step."""
+    reads' own rotations are gone). A cache with sink tokens fuses with its sink buffers passed to
+    attend. Either way the graph gives the eager logits step by step; ``kernels``: the fused
+    graph's ops run the Triton kernels (interpreter) instead of their reference."""
+    rotated, sinks = "rotation" in spec, "sink_tokens" in spec
     model = mini_model("llama", num_hidden_layers=2)
     ids, captured = prefilled(model, spec)
     gm = capture(model, captured, ids[:, 150:151], 150)  # runs a step: the comparison below takes fresh caches
     # per layer: the new key and value rotated for storing, the two reads rotated back
-    assert count(gm, "xquant.hadamard") == (8 if fused else 0)
+    assert count(gm, "xquant.hadamard") == (8 if rotated else 0)
     hits = fuse_kv_attention(gm)
     gm.recompile()
-    assert hits == (2 if fused else 0)
-    if fused:
-        attends = [n for n in gm.graph.nodes if "xquant.attend" in str(n.target)]
-        assert len(attends) == 2 and count(gm, "read_keys") == 0
-        for node in attends:
+    assert hits == 2
+    attends = [n for n in gm.graph.nodes if "xquant.attend" in str(n.target)]
+    assert len(attends) == 2 and count(gm, "read_keys") == 0 and count(gm, "scaled_dot_product_attention") == 0
+    for node in attends:
+        assert len(node.args) == (17 if sinks else 15)  # k_sink, v_sink after the mask
+        if rotated:
             assert "xquant.hadamard" in str(node.args[0].target)  # rotated query
             assert [str(u.target) for u in node.users] == ["xquant.hadamard.default"]  # rotated output
-        assert count(gm, "xquant.hadamard") == 8  # the reads' two became the query's and the output's
-    else:
-        assert count(gm, "scaled_dot_product_attention") == 2
+    assert count(gm, "xquant.hadamard") == (8 if rotated else 0)  # the reads' two became the query's and the output's
     _, cache = prefilled(model, spec)
     _, ref_cache = prefilled(model, spec)
+    if kernels:
+        monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
     report = PassReport()
     torch._dynamo.reset()
     step = torch.compile(model.forward, backend=lambda g, i, **_: run_passes(g, report).forward, fullgraph=True)
@@ -144,7 +152,10 @@ def test_quality_options_fuse_or_decline_and_keep_outputs(spec, fused):
     with torch.no_grad():
         for t in range(150, 156):
             position = torch.tensor([[t]])
-            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
             got = step(ids[:, t : t + 1], position_ids=position, **{arg: cache}).logits
+            monkeypatch.delenv("XQUANT_FORCE_KERNELS", raising=False)  # the eager reference
+            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
+            if kernels:
+                monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
-    assert report.hits["fuse_kv_attention"] == (2 if fused else 0)
+    assert report.hits["fuse_kv_attention"] == 2

@@ -400,14 +400,18 @@ def _shared_mask(mask_ptr, s_mt, start, mask_len, W: tl.constexpr, BN: tl.conste
 
 @triton.jit
 def _mask_scores(scores, pos, qpos, row_ok, m_row, shared, mask_ptr, s_mt, mask_len,
-                 MIXED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr):
-    """Apply the causal limit (``MIXED`` blocks: ``pos <= qpos``) and the caller's mask to
+                 MIXED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
+                 SINKS: tl.constexpr):
+    """Apply the causal limit (``MIXED`` blocks: ``pos <= qpos``), the sink floor (``SINKS > 0``:
+    positions below it are the sink buffers', attended apart) and the caller's mask to
     ``scores`` (log2 units). ``pos`` / ``qpos`` / ``row_ok`` / ``m_row`` / ``shared`` broadcast
     against ``scores``: positions, each row's position, whether the row is a real query row, each
     row's offset into the mask, and (``MASK_SHARED``) the mask values all rows share
     (:func:`_shared_mask`). Mask positions at or past ``mask_len`` are masked."""
     if MIXED:
         scores = tl.where(pos <= qpos, scores, float("-inf"))
+    if SINKS > 0:
+        scores = tl.where(pos >= SINKS, scores, float("-inf"))
     if HAS_MASK:
         if MASK_SHARED:
             m = shared
@@ -463,6 +467,7 @@ def _attend_block(
     PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     MASK_SHARED: tl.constexpr,
     KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     """One online-softmax step of the shared-block kernel over ``BLOCK_N`` positions for the
     ``BLOCK_M`` query rows.
@@ -510,13 +515,13 @@ def _attend_block(
     if TRANSPOSED:
         scores = tl.dot(keys, q, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         scores = _mask_scores(scores, pos[:, None], qpos[None, :], row_ok[None, :], m_row[None, :], shared[:, None],
-                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
         p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 0)
         acc += tl.dot(values, _dot_operand(p, KV_DTYPE, DOT_DTYPE), input_precision=DOT_PRECISION)
     else:
         scores = tl.dot(q, keys, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         scores = _mask_scores(scores, pos[None, :], qpos[:, None], row_ok[:, None], m_row[:, None], shared[None, :],
-                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
         p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
         acc += tl.dot(_dot_operand(p, KV_DTYPE, DOT_DTYPE), values, input_precision=DOT_PRECISION)
     return m_i, l_i, acc
@@ -529,7 +534,7 @@ def _attend_warps_block(
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MIXED: tl.constexpr,
     TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
-    KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, SINKS: tl.constexpr,
 ):
     """One online-softmax step of the warp-split kernel: ``W`` sub-blocks of ``BN`` positions,
     sub-block ``w`` for warp ``w`` (a leading batch axis: Triton gives each warp one batch of a
@@ -552,14 +557,14 @@ def _attend_warps_block(
         scores = tl.dot(keys, q) * qk_scale  # [W, BN, BLOCK_M]
         scores = _mask_scores(scores, pos[:, :, None], qpos[None, None, :], row_ok[None, None, :],
                               m_row[None, None, :], shared[:, :, None], mask_ptr, s_mt, mask_len,
-                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
         p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
         acc += tl.dot(values, _dot_operand(p, KV_DTYPE, DOT_DTYPE))
     else:
         scores = tl.dot(q, keys) * qk_scale  # [W, BLOCK_M, BN]
         scores = _mask_scores(scores, pos[:, None, :], qpos[None, :, None], row_ok[None, :, None],
                               m_row[None, :, None], shared[:, None, :], mask_ptr, s_mt, mask_len,
-                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED)
+                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
         p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 2)
         acc += tl.dot(_dot_operand(p, KV_DTYPE, DOT_DTYPE), values)
     return m_i, l_i, acc
@@ -659,7 +664,7 @@ def _attend_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPLIT: tl.constexpr,
     PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     MASK_SHARED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, TAIL_PARTS: tl.constexpr,
+    VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, TAIL_PARTS: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Stage 1, grid ``(b * Hkv, S)``: the whole blocks below ``F = Nv // BLOCK_N * BLOCK_N``
     (keys and values all from codes), split ``S`` ways; see the module docstring. ``WARP_SPLIT``:
@@ -732,14 +737,14 @@ def _attend_kernel(
                 q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
                 start, nk, nv, n, qk_scale, mask_len,
                 KB, VB, G, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
-                KV_DTYPE, DOT_DTYPE, INTERPRET,
+                KV_DTYPE, DOT_DTYPE, INTERPRET, SINKS,
             )
         else:
             m_i, l_i, acc = _attend_block(
                 q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
                 start, nk, nv, n, qk_scale, mask_len,
                 KB, VB, G, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
-                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET,
+                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
             )
         shared = ahead
     if WARP_SPLIT > 0:
@@ -778,7 +783,7 @@ def _attend_tail_kernel(
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, FAST_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Stage 2, grid ``(b * Hkv, T)``: the positions ``[F, n)`` that stage 1 left (fewer than
     ``R + FAST_BLOCK <= T * BLOCK_N``: the ring window, the codes next to it, the causal edge),
@@ -811,7 +816,7 @@ def _attend_tail_kernel(
             q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
             start, nk, nv, n, qk_scale, mask_len,
             KB, VB, G, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
-            KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET,
+            KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
         )
 
     l_i = tl.sum(l_i, axis=1)
@@ -821,15 +826,17 @@ def _attend_tail_kernel(
 
 @triton.jit(do_not_specialize=["num_kv_heads", "num_parts"])
 def _attend_merge_kernel(
-    out_ptr, part_acc_ptr, part_ml_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr, sink_acc_ptr, sink_ml_ptr,
     s_ob, s_oh, s_ol, s_od,
     num_kv_heads, num_parts,
-    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, PARTS_BLOCK: tl.constexpr, HAS_SINK: tl.constexpr,
 ):
     """Stage 3, grid ``(b * Hkv * GROUP * Lq,)``: program ``pid`` merges the ``S + T`` partials
     of query row ``pid % (GROUP * Lq)`` of (sequence, KV head) ``pid // (GROUP * Lq)`` into
     ``out``, ``PARTS_BLOCK`` partials at a time (the count is a run-time value: it follows the
-    batch, which is dynamic under ``torch.compile``)."""
+    batch, which is dynamic under ``torch.compile``). With ``HAS_SINK``, one more partial in the
+    same layout, the sink tokens' (``sink_acc [b * Hkv, M, DV]``, ``sink_ml [b * Hkv, 2, M]``),
+    merged first."""
     M: tl.constexpr = GROUP * LQ
     pid = tl.program_id(0)
     bh = (pid // M).to(tl.int64)
@@ -841,6 +848,10 @@ def _attend_merge_kernel(
     m_run = tl.full((1,), float("-inf"), tl.float32)
     l_run = tl.zeros((1,), tl.float32)
     acc_run = tl.zeros((DV,), tl.float32)
+    if HAS_SINK:  # the first partial: nothing to rescale yet
+        m_run = tl.load(sink_ml_ptr + bh * 2 * M + r + tl.arange(0, 1))
+        l_run = tl.load(sink_ml_ptr + bh * 2 * M + M + r + tl.arange(0, 1))
+        acc_run = tl.load(sink_acc_ptr + (bh * M + r) * DV + dv)
     for start in range(0, num_parts, PARTS_BLOCK):
         s = start + tl.arange(0, PARTS_BLOCK)
         ok = s < num_parts
@@ -985,7 +996,7 @@ def attend(
     n: torch.Tensor,
     k_bits: int, v_bits: int, group: int, scale: float, mask: torch.Tensor | None = None,
     *, splits: int | None = None, out: torch.Tensor | None = None, config: AttendConfig | None = None,
-    variant: str | None = None,
+    variant: str | None = None, k_sink: torch.Tensor | None = None, v_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of ``q [b, Hq, Lq, Dk]`` (positions ``n - Lq .. n - 1``, causal among
     them) over a quantized layer; returns ``out [b, Hq, Lq, Dv]`` in ``q.dtype``.
@@ -998,7 +1009,9 @@ def attend(
     ``[b, Hq, Lq, M]``, bool (True attends) or additive float, positions at or past ``M`` masked.
     ``splits`` overrides :func:`num_splits`; ``out`` receives the result; ``config`` overrides
     :func:`block_config`; ``variant`` (one of :data:`VARIANTS`) overrides
-    :func:`default_variant` (tests, benchmarks).
+    :func:`default_variant` (tests, benchmarks). ``k_sink [B, Hkv, S, Dk]`` / ``v_sink [B, Hkv, S,
+    Dv]`` (``XQuantConfig.sink_tokens``, both or neither): positions ``< S`` are read from them,
+    not from the codes or the ring (:func:`_sink_partial`); the ``mma`` variant takes none.
     """
     check_bits("k_bits", k_bits)
     check_bits("v_bits", v_bits)
@@ -1023,9 +1036,10 @@ def attend(
     check_metadata("value", v_scale, v_zero, v_window)
     if lq > R:
         raise ValueError(f"{lq} query tokens exceed the residual window R={R}")
+    sinks = _check_sinks(k_sink, v_sink, b, hkv, dk, dv, q.dtype)
     group_rows = hq // hkv * lq
     block_m = max(16, triton.next_power_of_2(group_rows))
-    mma_ok = mask is None and attend_mma.supports(q.dtype, k_bits, v_bits, group, dk, dv, group_rows,
+    mma_ok = mask is None and not sinks and attend_mma.supports(q.dtype, k_bits, v_bits, group, dk, dv, group_rows,
                                                   _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale))
     variant = variant or default_variant(q.dtype, block_m, mma_ok, v_scale.shape[2] + R)
     if variant not in VARIANTS:
@@ -1034,7 +1048,7 @@ def attend(
         if not mma_ok:
             raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, power-of-two head "
                              "dims of at least 32 (values 64), at most 8 query rows per KV head, unit channel strides, "
-                             "key and value metadata of one dtype in whole int32 words, and no mask")
+                             "key and value metadata of one dtype in whole int32 words, no mask and no sinks")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                            k_bits, v_bits, group, scale, splits, out)
     packed = not variant.startswith("generic")
@@ -1080,7 +1094,8 @@ def attend(
     mask_shared = mask is not None and (lq == 1 or mask_strides[2] == 0) and (hq == hkv or mask_strides[1] == 0)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=packed,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared,
-                  DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=precision, INTERPRET=interpret)
+                  DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=precision, INTERPRET=interpret,
+                  SINKS=sinks)
     launch(_attend_kernel)[(b * hkv, splits)](
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
@@ -1089,8 +1104,52 @@ def attend(
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), TAIL_PARTS=tail_parts, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    sink_partial = _sink_partial(q, k_sink, v_sink, n, qk_scale, hkv, mask) if sinks else None
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits, tail_parts, qk_scale,
-                           mask_len, cfg.block_n, common)
+                           mask_len, cfg.block_n, common, sink_partial)
+
+
+def _check_sinks(k_sink, v_sink, b, hkv: int, dk: int, dv: int, dtype: torch.dtype) -> int:
+    """The number of sink tokens ``S`` (0 without sinks), after checking the two buffers."""
+    if k_sink is None and v_sink is None:
+        return 0
+    if k_sink is None or v_sink is None:
+        raise ValueError("attend: pass both k_sink and v_sink, or neither")
+    S = k_sink.shape[2]
+    for name, t, d in (("k_sink", k_sink, dk), ("v_sink", v_sink, dv)):
+        if t.dim() != 4 or t.shape[1] != hkv or t.shape[2] != S or t.shape[3] != d or t.dtype != dtype:
+            raise ValueError(f"attend: {name} {tuple(t.shape)} {t.dtype} is not [batch, {hkv}, S, {d}] {dtype}")
+    if S < 1:
+        raise ValueError("attend: sink buffers must hold at least one position")
+    return S
+
+
+def _sink_partial(q, k_sink, v_sink, n, qk_scale: float, hkv: int, mask=None):
+    """The sink tokens' partial for the merge, in the stages' layout: ``(acc [b * Hkv, M, Dv], ml
+    [b * Hkv, 2, M])`` float32, ``M = GROUP * Lq`` rows (row ``r``: head ``kv_head * GROUP + r //
+    Lq``, token ``r % Lq``), running max in log2 units. A few positions per row: plain torch.
+    Sink ``j`` is visible to the token at ``qpos = n - Lq + r % Lq`` if ``j <= qpos`` and the
+    caller's ``mask`` (expanded to ``[b, Hq, Lq, M]``, bool as uint8, or additive) keeps it."""
+    b, hq, lq, dk = q.shape
+    S, dv = k_sink.shape[2], v_sink.shape[3]
+    rows = hq // hkv * lq
+    scores = q.reshape(b, hkv, rows, dk).float() @ k_sink[:b].float().transpose(-1, -2) * qk_scale  # [b, Hkv, M, S]
+    qpos = n - lq + torch.arange(rows, device=q.device) % lq
+    scores = scores.masked_fill(torch.arange(S, device=q.device) > qpos[:, None], float("-inf"))
+    if mask is not None:
+        m = mask[..., :S].reshape(b, hkv, rows, -1)
+        if m.shape[-1] < S:  # positions at or past the mask's length are masked
+            m = torch.cat([m, m.new_full((*m.shape[:3], S - m.shape[-1]), 0 if m.dtype == torch.uint8
+                                         else float("-inf"))], -1)
+        if m.dtype == torch.uint8:
+            scores = scores.masked_fill(m == 0, float("-inf"))
+        else:
+            m = m.float()
+            scores = scores + torch.where(m == float("-inf"), m, m.clamp(min=-2.3586e38) * _LOG2E)
+    top = scores.amax(-1)
+    p = torch.exp2(scores - torch.where(top == float("-inf"), 0.0, top)[..., None])
+    acc = p @ v_sink[:b].float()
+    return acc.reshape(b * hkv, rows, dv), torch.stack([top, p.sum(-1)], 2).reshape(b * hkv, 2, rows)
 
 
 def _dot_dtype(dtype: torch.dtype, interpret: bool):
@@ -1111,11 +1170,11 @@ def _buffers(q: torch.Tensor, dv: int, hkv: int, parts, out: torch.Tensor | None
 
 
 def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first_parts, tail_parts, qk_scale,
-                    mask_len, fast_block, common):
+                    mask_len, fast_block, common, sink_partial=None):
     """Stage 2 over the positions stage 1 left (from ``Nv // fast_block * fast_block`` on), as
-    partials ``first_parts ..``, then stage 3: every partial merged into ``out``. ``storage`` /
-    ``storage_strides``: the tensors and strides as stage 1 takes them; ``common``: the constants
-    both stages take."""
+    partials ``first_parts ..``, then stage 3: every partial merged into ``out``, with
+    ``sink_partial`` (:func:`_sink_partial`) when given. ``storage`` / ``storage_strides``: the
+    tensors and strides as stage 1 takes them; ``common``: the constants both stages take."""
     q = storage[0]
     (b, hq, lq, _), dv = q.shape, out.shape[3]
     group_rows = hq // hkv * lq
@@ -1126,9 +1185,10 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
         BLOCK_M=max(16, triton.next_power_of_2(group_rows)), FAST_BLOCK=fast_block, BLOCK_N=TAIL_BLOCK_N, **common,
         num_warps=4, num_stages=1,
     )
+    sink_acc, sink_ml = sink_partial if sink_partial is not None else (part_acc, part_ml)
     launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
-        out, part_acc, part_ml, *out.stride(), hkv, first_parts + tail_parts,
-        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK,
+        out, part_acc, part_ml, sink_acc, sink_ml, *out.stride(), hkv, first_parts + tail_parts,
+        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK, HAS_SINK=sink_partial is not None,
         num_warps=4,
     )
     return out
@@ -1184,6 +1244,6 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
                        *v_codes.stride(), *v_scale.stride(), *v_window.stride(), 0, 0, 0, 0)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=True,
                   HAS_MASK=False, MASK_BOOL=False, MASK_SHARED=False, DOT_DTYPE=_dot_dtype(q.dtype, interpret),
-                  DOT_PRECISION=None, INTERPRET=interpret)
+                  DOT_PRECISION=None, INTERPRET=interpret, SINKS=0)
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits * warps, tail_parts,
                            qk_scale, 0, fast_block, common)

@@ -2,14 +2,14 @@
 
 Matches, in the Dynamo FX graph (torch-level IR, before AOT autograd)::
 
-    keys   = xquant.read_keys(k_codes, k_scale, k_zero, k_window, n, k_bits, group, T)   # [b, Hkv, T, Dk]
-    values = xquant.read_values(v_codes, v_scale, v_zero, v_window, n, v_bits, group, T)
+    keys   = xquant.read_keys(k_codes, k_scale, k_zero, k_window, n, k_bits, group, T[, k_sink])  # [b, Hkv, T, Dk]
+    values = xquant.read_values(v_codes, v_scale, v_zero, v_window, n, v_bits, group, T[, v_sink])
     K, V   = repeat_kv(keys), repeat_kv(values)        # x[:, :, None].expand(b, Hkv, r, T, D).reshape(b, Hkv*r, T, D)
                                                        #   or nothing, with enable_gqa=True
     out    = scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=s)     # q: [b, Hq, Lq, Dk]
 
 and replaces ``out`` with ``xquant.attend(q, k_codes, ..., v_window, n, k_bits, v_bits, group, s,
-mask)``: one pass over the packed codes instead of dequantizing the whole cache to bf16 and
+mask[, k_sink, v_sink])``: one pass over the packed codes instead of dequantizing the whole cache to bf16 and
 reading it again. The reads are erased when nothing else uses them.
 
 A rotating cache (``XQuantConfig.rotation``) reads ``keys = xquant.hadamard(read_keys(...))``
@@ -20,8 +20,8 @@ Hk = q . k``) and ``out = hadamard(attend(q', ...))`` when values are rotated (a
 ``Hv`` gives ``H out``). The attend kernel needs no change.
 
 Declines (logged at DEBUG) when: the key/value chain is anything but the GQA repeat above (any
-other reshaping could reorder heads; a read merged with sink tokens, ``XQuantConfig.sink_tokens``,
-is such a chain: the attend kernel has no sink input, so those layers stay on SDPA), keys and values come from different ``n``, dropout is on,
+other reshaping could reorder heads), keys and values come from different ``n`` or one has sink
+tokens and the other not, dropout is on,
 ``is_causal`` is set, the query has more than ``MAX_QUERY_LEN`` rows (prefill stays on SDPA),
 or the query's heads, length or head_dim are not static (the batch may be dynamic).
 """
@@ -111,6 +111,15 @@ def _read_node(node, op, hq: int, gqa: bool):
     return (node, rotated) if is_call(node, op) else (None, False)
 
 
+def _read_args(node) -> tuple:
+    """``(codes, scale, zero, window, n, bits, group, length, sink)`` of a read op node (``sink``
+    None when the layer keeps no sink tokens)."""
+    names = ("codes", "scale", "zero", "window", "n", "bits", "group", "length", "sink")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    return tuple(args.get(name) for name in names)
+
+
 def _sdpa_args(node) -> dict:
     args = dict(zip(_SDPA_ARGS, node.args))
     args.update(node.kwargs)
@@ -140,10 +149,11 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
         if k_read is None or v_read is None:
             logger.debug("fuse_kv_attention: %s declined, key/value are not a GQA view of xquant reads", node.name)
             continue
-        kc, ks, kz, kw, n, kb, group, length = k_read.args
-        vc, vs, vz, vw, n_v, vb, group_v, length_v = v_read.args
-        if n is not n_v or group != group_v or length != length_v:
-            logger.debug("fuse_kv_attention: %s declined, keys and values disagree on n/group/length", node.name)
+        kc, ks, kz, kw, n, kb, group, length, k_sink = _read_args(k_read)
+        vc, vs, vz, vw, n_v, vb, group_v, length_v, v_sink = _read_args(v_read)
+        if n is not n_v or group != group_v or length != length_v or (k_sink is None) != (v_sink is None):
+            logger.debug("fuse_kv_attention: %s declined, keys and values disagree on n/group/length/sinks",
+                         node.name)
             continue
         scale = a.get("scale")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(dk)
@@ -154,6 +164,7 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
                 query.meta.update(a["query"].meta)
             fused = gm.graph.call_function(
                 attend, (query, kc, ks, kz, kw, vc, vs, vz, vw, n, kb, vb, group, scale, a.get("attn_mask"))
+                + ((k_sink, v_sink) if k_sink is not None else ())
             )
             fused.meta.update(node.meta)
             out = fused
