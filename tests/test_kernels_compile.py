@@ -19,9 +19,10 @@ def test_kernels_compile_for_sm90():
     compiled = [line for line in done.stdout.splitlines() if line.startswith("compiled")]
     names = {line.split()[1] for line in compiled}
     assert names == {"_moe_align_kernel", "_moe_up_kernel", "_moe_down_kernel", "_moe_combine_kernel",
-                     "_topk_kernel", "_router_logits_kernel", "_attend_mma_kernel", "_attend_tail_kernel",
+                     "_topk_kernel", "_router_logits_kernel", "_attend_mma_kernel", "_attend_kernel",
                      "_attend_merge_kernel"}, done.stdout
     assert any("_attend_mma_kernel" in line and "'META16': False" in line for line in compiled)
+    assert any("_attend_kernel" in line and "'STAGE': 2" in line for line in compiled)  # the mma path's tail
     assert any("'SLOTS': True" in line for line in compiled) and any("'SLOTS': False" in line for line in compiled)
     assert any("'KEEP': 3" in line for line in compiled)
     assert any("'FOLD': True" in line for line in compiled) and any("'FOLD': False" in line for line in compiled)

@@ -22,7 +22,7 @@ METADATA_FILE = "xquant_fx.json"
 MANIFEST_FILE = "xquant_fx_manifest.json"
 DECODE, PREFILL = "decode", "prefill"
 #: Top-level Triton kernels of :mod:`xquant_fx.kernels` whose launches :func:`inspect_package` looks for.
-XQUANT_KERNELS = ("_append_token_kernel", "_attend_kernel", "_attend_tail_kernel", "_attend_merge_kernel")
+XQUANT_KERNELS = ("_append_token_kernel", "_attend_kernel", "_attend_merge_kernel")
 
 _DTYPES = {str(dt): dt for dt in (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64,
                                    torch.float8_e4m3fn)}

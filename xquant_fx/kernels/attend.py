@@ -15,11 +15,12 @@ batch size):
    ``S`` slices. Program ``(bh, s)`` runs the ``GROUP * Lq`` query rows of KV head ``bh`` (padded
    to ``BLOCK_M``) over slice ``s`` with an online softmax in float32 and writes a partial
    ``(acc, max, sum)``. No masked loads, no ring reads, no causal test: the fast path only.
-2. Stage 2, :func:`_attend_tail_kernel`, grid ``(b * Hkv, T)``: the ``< R + BLOCK_N`` positions
-   ``[F, n)`` (codes next to the boundaries, the ring, the causal edge), one ``TAIL_BLOCK_N``
-   block per program, as partials ``S .. S + T - 1``. A separate kernel because the two-source,
-   masked blocks need many more registers than stage 1's loop; compiled together they set the
-   occupancy of the whole kernel (255 registers instead of 162).
+2. Stage 2, the same :func:`_attend_kernel` with ``STAGE=2``, grid ``(b * Hkv, T)``: the ``< R +
+   BLOCK_N`` positions ``[F, n)`` (codes next to the boundaries, the ring, the causal edge), one
+   ``TAIL_BLOCK_N`` block per program, as partials ``S .. S + T - 1``. A separate compilation (the
+   ``STAGE`` branch is a constant) because the two-source, masked blocks need many more
+   registers than stage 1's loop; compiled into one program they would set the occupancy of both
+   (255 registers instead of 162).
 3. Stage 3, :func:`_attend_merge_kernel`, grid ``(b * Hkv * GROUP * Lq,)``: merges the ``S + T``
    partials of one query row, ``MERGE_BLOCK`` at a time (their count is a run-time value).
 
@@ -665,19 +666,30 @@ def _attend_kernel(
     PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     MASK_SHARED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, TAIL_PARTS: tl.constexpr, SINKS: tl.constexpr,
+    STAGE: tl.constexpr, FAST_BLOCK: tl.constexpr,
 ):
-    """Stage 1, grid ``(b * Hkv, S)``: the whole blocks below ``F = Nv // BLOCK_N * BLOCK_N``
-    (keys and values all from codes), split ``S`` ways; see the module docstring. ``WARP_SPLIT``:
-    the number of warps ``W`` taking ``BLOCK_N / W`` positions each (:func:`_attend_warps_block`),
-    or 0 for the shared-block loop (:func:`_attend_block`).
+    """Stages 1 and 2 (``STAGE``) of the decode attention; see the module docstring.
 
-    Writes its partial: ``part_acc [b * Hkv, S + T, GROUP * Lq, DV]`` unnormalised output and
-    ``part_ml [b * Hkv, S + T, 2, GROUP * Lq]`` running max (log2 units) and sum, float32 (an
-    empty slice writes ``-inf, 0, 0``; the last ``T`` partials are stage 2's). Query row ``r`` of
-    the block is head ``kv_head * GROUP + r // Lq``, new token ``r % Lq``.
+    Stage 1, grid ``(b * Hkv, S)``: the whole blocks below ``F = Nv // BLOCK_N * BLOCK_N`` (keys
+    and values all from codes; ``FAST_BLOCK == BLOCK_N``), split ``S`` ways. ``WARP_SPLIT``: the
+    number of warps ``W`` taking ``BLOCK_N / W`` positions each (:func:`_attend_warps_block`), or
+    0 for the shared-block loop (:func:`_attend_block`).
+
+    Stage 2, grid ``(b * Hkv, T)`` with ``T = TAIL_PARTS``: the positions ``[F, n)`` that stage 1
+    left (``F`` in blocks of ``FAST_BLOCK``, stage 1's; fewer than ``R + FAST_BLOCK <= T *
+    BLOCK_N``: the ring window, the codes next to it, the causal edge), one block of ``BLOCK_N``
+    positions per program, on all warps (:func:`_attend_block`, mixed path, ``q K^T``
+    orientation; ``WARP_SPLIT = 0``, not ``TRANSPOSED``). Compiled apart from stage 1 (the
+    ``STAGE`` branch is resolved at compile time), so that its masked, two-source blocks (codes
+    below the boundaries, ring slots above) do not raise stage 1's register count.
+
+    Program ``p`` writes partial ``p`` (stage 1) or ``S + p`` (stage 2): ``part_acc [b * Hkv, S +
+    T, GROUP * Lq, DV]`` unnormalised output and ``part_ml [b * Hkv, S + T, 2, GROUP * Lq]``
+    running max (log2 units) and sum, float32 (an empty slice writes ``-inf, 0, 0``). Query row
+    ``r`` of the block is head ``kv_head * GROUP + r // Lq``, new token ``r % Lq``.
     """
     pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+    program = tl.program_id(1)
     bi, hi = seq_head(pid_bh, num_kv_heads)
     KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
     # Per-token rows of the value codes / scales are a few words long, not a multiple of 16
@@ -689,117 +701,6 @@ def _attend_kernel(
         s_vst = VS_ROW
 
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
-    n, nv, nk, fast = _positions(n_ptr, R, G, BLOCK_N)
-    q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
-                                                 LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
-    kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
-                       s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
-    vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
-                       s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
-
-    # This split's slice [lo, hi) of [0, F), in whole blocks.
-    chunk = tl.cdiv(tl.cdiv(fast, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi_pos = tl.minimum(lo + chunk, fast)
-
-    if WARP_SPLIT > 0:
-        W: tl.constexpr = WARP_SPLIT
-        BN: tl.constexpr = BLOCK_N // WARP_SPLIT
-        m_i = tl.full((W, BLOCK_M), float("-inf"), tl.float32)
-        if TRANSPOSED:
-            q = tl.broadcast_to(tl.trans(q)[None, :, :], (W, DK, BLOCK_M))
-            acc = tl.zeros((W, DV, BLOCK_M), tl.float32)
-            l_i = tl.zeros((W, BN, BLOCK_M), tl.float32)
-        else:
-            q = tl.broadcast_to(q[None, :, :], (W, BLOCK_M, DK))
-            acc = tl.zeros((W, BLOCK_M, DV), tl.float32)
-            l_i = tl.zeros((W, BLOCK_M, BN), tl.float32)
-    else:
-        W: tl.constexpr = 1
-        BN: tl.constexpr = BLOCK_N
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        if TRANSPOSED:
-            q = tl.trans(q)  # [DK, BLOCK_M]
-            acc = tl.zeros((DV, BLOCK_M), tl.float32)
-            l_i = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, DV), tl.float32)
-            l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    # A mask shared by all rows is read one block ahead (byte-wide loads are not staged by
-    # cp.async): its latency hides behind a whole block.
-    PER: tl.constexpr = 32 // KB if PACKED else 0
-    PREFETCH: tl.constexpr = HAS_MASK and MASK_SHARED
-    shared = _mask_ahead(mask_ptr + m_row0, s_mt, lo, mask_len, W, BN, PER, PREFETCH, MASK_BOOL)
-    for start in range(lo, hi_pos, BLOCK_N):
-        ahead = _mask_ahead(mask_ptr + m_row0, s_mt, start + BLOCK_N, mask_len, W, BN, PER, PREFETCH, MASK_BOOL)
-        if WARP_SPLIT > 0:
-            m_i, l_i, acc = _attend_warps_block(
-                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
-                start, nk, nv, n, qk_scale, mask_len,
-                KB, VB, G, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
-                KV_DTYPE, DOT_DTYPE, INTERPRET, SINKS,
-            )
-        else:
-            m_i, l_i, acc = _attend_block(
-                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
-                start, nk, nv, n, qk_scale, mask_len,
-                KB, VB, G, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
-                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
-            )
-        shared = ahead
-    if WARP_SPLIT > 0:
-        # Combine the warps' states (once per program).
-        l_i = tl.sum(l_i, axis=1 if TRANSPOSED else 2)  # [W, BLOCK_M]
-        m_w = m_i
-        m_i = tl.max(m_w, axis=0)  # [BLOCK_M]
-        wgt = tl.math.exp2(m_w - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])  # [W, BLOCK_M]
-        l_i = tl.sum(l_i * wgt, axis=0)
-        if TRANSPOSED:
-            acc = tl.trans(tl.sum(acc * wgt[:, None, :], axis=0))  # [BLOCK_M, DV]
-        else:
-            acc = tl.sum(acc * wgt[:, :, None], axis=0)
-    else:
-        l_i = tl.sum(l_i, axis=0 if TRANSPOSED else 1)
-        if TRANSPOSED:
-            acc = tl.trans(acc)  # [BLOCK_M, DV]
-    _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + TAIL_PARTS) + split,
-                   acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
-
-
-@triton.jit(do_not_specialize=["num_kv_heads", "num_splits", "mask_len"])
-def _attend_tail_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr,
-    part_acc_ptr, part_ml_ptr,
-    s_qb, s_qh, s_ql, s_qd,
-    s_kcb, s_kch, s_kct, s_kcd,
-    s_ksb, s_ksh, s_kst, s_ksd,
-    s_kwb, s_kwh, s_kwt, s_kwd,
-    s_vcb, s_vch, s_vct, s_vcd,
-    s_vsb, s_vsh, s_vst, s_vsd,
-    s_vwb, s_vwh, s_vwt, s_vwd,
-    s_mb, s_mh, s_ml, s_mt,
-    num_kv_heads, num_splits, qk_scale, mask_len,
-    LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, FAST_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, SINKS: tl.constexpr,
-):
-    """Stage 2, grid ``(b * Hkv, T)``: the positions ``[F, n)`` that stage 1 left (fewer than
-    ``R + FAST_BLOCK <= T * BLOCK_N``: the ring window, the codes next to it, the causal edge),
-    one block per program; program ``t`` writes partial ``S + t`` after stage 1's ``S``.
-
-    A separate kernel so that the masked, two-source blocks (codes below the boundaries, ring
-    slots above) do not raise stage 1's register count. Its blocks are ``BLOCK_N`` positions on
-    all warps (:func:`_attend_block`, mixed path, ``q K^T`` orientation).
-    """
-    pid_bh = tl.program_id(0)
-    t = tl.program_id(1)
-    num_tail = tl.num_programs(1)
-    bi, hi = seq_head(pid_bh, num_kv_heads)
-    KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
-
-    qk_scale = tl.cast(qk_scale, tl.float32)
     n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
     q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
                                                  LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
@@ -808,19 +709,88 @@ def _attend_tail_kernel(
     vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
                        s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc = tl.zeros((BLOCK_M, DV), tl.float32)
-    for start in range(fast + t * BLOCK_N, tl.minimum(fast + (t + 1) * BLOCK_N, n), BLOCK_N):
-        m_i, l_i, acc = _attend_block(
-            q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
-            start, nk, nv, n, qk_scale, mask_len,
-            KB, VB, G, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
-            KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
-        )
+    if STAGE == 1:
+        # This split's slice [lo, hi) of [0, F), in whole blocks.
+        chunk = tl.cdiv(tl.cdiv(fast, num_splits), BLOCK_N) * BLOCK_N
+        lo = program * chunk
+        hi_pos = tl.minimum(lo + chunk, fast)
 
-    l_i = tl.sum(l_i, axis=1)
-    _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + num_tail) + num_splits + t,
+        if WARP_SPLIT > 0:
+            W: tl.constexpr = WARP_SPLIT
+            BN: tl.constexpr = BLOCK_N // WARP_SPLIT
+            m_i = tl.full((W, BLOCK_M), float("-inf"), tl.float32)
+            if TRANSPOSED:
+                q = tl.broadcast_to(tl.trans(q)[None, :, :], (W, DK, BLOCK_M))
+                acc = tl.zeros((W, DV, BLOCK_M), tl.float32)
+                l_i = tl.zeros((W, BN, BLOCK_M), tl.float32)
+            else:
+                q = tl.broadcast_to(q[None, :, :], (W, BLOCK_M, DK))
+                acc = tl.zeros((W, BLOCK_M, DV), tl.float32)
+                l_i = tl.zeros((W, BLOCK_M, BN), tl.float32)
+        else:
+            W: tl.constexpr = 1
+            BN: tl.constexpr = BLOCK_N
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            if TRANSPOSED:
+                q = tl.trans(q)  # [DK, BLOCK_M]
+                acc = tl.zeros((DV, BLOCK_M), tl.float32)
+                l_i = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, DV), tl.float32)
+                l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        # A mask shared by all rows is read one block ahead (byte-wide loads are not staged by
+        # cp.async): its latency hides behind a whole block.
+        PER: tl.constexpr = 32 // KB if PACKED else 0
+        PREFETCH: tl.constexpr = HAS_MASK and MASK_SHARED
+        shared = _mask_ahead(mask_ptr + m_row0, s_mt, lo, mask_len, W, BN, PER, PREFETCH, MASK_BOOL)
+        for start in range(lo, hi_pos, BLOCK_N):
+            ahead = _mask_ahead(mask_ptr + m_row0, s_mt, start + BLOCK_N, mask_len, W, BN, PER, PREFETCH, MASK_BOOL)
+            if WARP_SPLIT > 0:
+                m_i, l_i, acc = _attend_warps_block(
+                    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
+                    start, nk, nv, n, qk_scale, mask_len,
+                    KB, VB, G, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                    KV_DTYPE, DOT_DTYPE, INTERPRET, SINKS,
+                )
+            else:
+                m_i, l_i, acc = _attend_block(
+                    q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
+                    start, nk, nv, n, qk_scale, mask_len,
+                    KB, VB, G, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                    KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
+                )
+            shared = ahead
+        if WARP_SPLIT > 0:
+            # Combine the warps' states (once per program).
+            l_i = tl.sum(l_i, axis=1 if TRANSPOSED else 2)  # [W, BLOCK_M]
+            m_w = m_i
+            m_i = tl.max(m_w, axis=0)  # [BLOCK_M]
+            wgt = tl.math.exp2(m_w - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])  # [W, BLOCK_M]
+            l_i = tl.sum(l_i * wgt, axis=0)
+            if TRANSPOSED:
+                acc = tl.trans(tl.sum(acc * wgt[:, None, :], axis=0))  # [BLOCK_M, DV]
+            else:
+                acc = tl.sum(acc * wgt[:, :, None], axis=0)
+        else:
+            l_i = tl.sum(l_i, axis=0 if TRANSPOSED else 1)
+            if TRANSPOSED:
+                acc = tl.trans(acc)  # [BLOCK_M, DV]
+        part = program
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = tl.zeros((BLOCK_M, DV), tl.float32)
+        for start in range(fast + program * BLOCK_N, tl.minimum(fast + (program + 1) * BLOCK_N, n), BLOCK_N):
+            m_i, l_i, acc = _attend_block(
+                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
+                start, nk, nv, n, qk_scale, mask_len,
+                KB, VB, G, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
+            )
+
+        l_i = tl.sum(l_i, axis=1)
+        part = num_splits + program
+    _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + TAIL_PARTS) + part,
                    acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
 
 
@@ -1102,7 +1072,7 @@ def attend(
         hkv, splits, qk_scale, mask_len,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, WARP_SPLIT=warp_split, TRANSPOSED=variant.endswith("-t"),
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), TAIL_PARTS=tail_parts, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STAGE=1, FAST_BLOCK=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     sink_partial = _sink_partial(q, k_sink, v_sink, n, qk_scale, hkv, mask) if sinks else None
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits, tail_parts, qk_scale,
@@ -1178,11 +1148,12 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
     q = storage[0]
     (b, hq, lq, _), dv = q.shape, out.shape[3]
     group_rows = hq // hkv * lq
-    launch(_attend_tail_kernel)[(b * hkv, tail_parts)](
+    launch(_attend_kernel)[(b * hkv, tail_parts)](
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
         hkv, first_parts, qk_scale, mask_len,
-        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), FAST_BLOCK=fast_block, BLOCK_N=TAIL_BLOCK_N, **common,
+        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), BLOCK_N=TAIL_BLOCK_N, WARP_SPLIT=0, TRANSPOSED=False,
+        VC_ROW=0, VS_ROW=0, TAIL_PARTS=tail_parts, **common, STAGE=2, FAST_BLOCK=fast_block,
         num_warps=4, num_stages=1,
     )
     sink_acc, sink_ml = sink_partial if sink_partial is not None else (part_acc, part_ml)
