@@ -319,12 +319,16 @@ class XQuantConfig:
         return resolve_moe_top_k(self.moe_top_k, num_moe_layers, model_k)
 
     # ------------------------------------------------------------------ presets
-    PRESETS = ("fp16", "kivi-2", "kivi-4", "asymkv-1.5", "xquant-1.38", "xquant-1.15")
+    PRESETS = ("fp16", "kivi-2", "kivi-4", "asymkv-1.5", "xquant-1.38", "xquant-1.15", "kivi-2+", "xquant-1.38+")
 
     @classmethod
     def preset(cls, name: str) -> "XQuantConfig":
         """The named preset (docs/quality.md, "Presets"): ``fp16``, ``kivi-2``, ``kivi-4``, ``asymkv-1.5``,
-        ``xquant-1.38``, ``xquant-1.15``."""
+        ``xquant-1.38`` (the paper's configuration, reproduced), ``xquant-1.15``; and the two
+        recommended ones, the quality options on top of a layout (chosen by the measurements in
+        docs/quality.md; they need power-of-two head dims): ``kivi-2+`` (2-bit keys and values, 8
+        sink tokens, Hadamard rotation, float8 metadata) and ``xquant-1.38+`` (``xquant-1.38``'s
+        layout with 4 sink tokens, Hadamard rotation, least-squares levels, float8 metadata)."""
         builders = {
             "fp16": dict(k_bits=16, v_bits=16),
             "kivi-2": dict(k_bits=2, v_bits=2),
@@ -333,6 +337,9 @@ class XQuantConfig:
             "xquant-1.38": dict(k_bits=2, v_bits=1, v_share_from=0.5, eta=dict(DEFAULT_ETA)),
             # Keys shared over the last quarter, values over the whole depth: 1.125 code bits at L=32.
             "xquant-1.15": dict(k_bits=2, v_bits=1, k_share_from=0.75, v_share_from=0, eta=dict(DEFAULT_ETA)),
+            "kivi-2+": dict(k_bits=2, v_bits=2, sink_tokens=8, rotation="hadamard", metadata_dtype="float8_e4m3fn"),
+            "xquant-1.38+": dict(k_bits=2, v_bits=1, v_share_from=0.5, eta={}, sink_tokens=4, rotation="hadamard",
+                                 level_fit="lsq", metadata_dtype="float8_e4m3fn"),
         }
         if name not in builders:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(cls.PRESETS)}")
