@@ -11,6 +11,7 @@ from xquant_fx.cli import main as cli_main
 from xquant_fx.config import LayerPlan
 from xquant_fx.config_search import (
     DecodeSimulator,
+    QualityOptions,
     Score,
     Sensitivity,
     allocate,
@@ -86,6 +87,36 @@ def test_simulator_equals_decode(mini, ids, config):
         assert score.kl > 0
 
 
+@pytest.mark.parametrize("options", [
+    QualityOptions(sink_tokens=5, rotation="hadamard", level_fit="lsq"),
+    QualityOptions(sink_tokens=3, rotation="hadamard", metadata_dtype="float8_e4m3fn"),
+], ids=["sinks-rotation-lsq", "sinks-rotation-minmax-float8"])
+def test_plan_path_with_options_equals_decode(mini, ids, options):
+    """The path the search takes, ``run(plans, eta, options=...)``, recorded and replayed from a
+    layer as the sensitivities are, equals the token-by-token decode of the config it stands for
+    (a simulator built without options or float8 metadata: the options come with the run)."""
+    sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R)
+    eta = {} if options.level_fit == "lsq" else {1: 1 / 6, 2: 0.09}
+    base = [LayerPlan(i, 2, 2) for i in range(LAYERS)]
+    sim.run(base, eta, record=True, options=options)
+    plans = list(base)
+    plans[3] = LayerPlan(3, 2, 2, k_shares=True)  # the odd layer of pair 1 reads layer 2's key codes
+    plans[4] = LayerPlan(4, 1, 2)
+    config = options.apply(XQuantConfig(k_bits=(2, 2, 2, 2, 1, 2), v_bits=2, k_share_from=2, residual_length=R,
+                                        eta=eta))
+    assert config.resolve(LAYERS) == plans
+    replayed = sim.run(plans, eta, start=2, options=options)
+    assert replayed == sim.run(plans, eta, options=options) == sim.score(config)
+    assert replayed.nll == pytest.approx(_decode_nll_mean(mini, ids, config, P), rel=1e-5, abs=1e-6)
+    assert replayed.kl > 0 and replayed != sim.run(plans, eta)  # the options change the result
+    with pytest.raises(ValueError, match="options differ from the recorded pass"):
+        sim.run(plans, eta, start=2)
+    with pytest.raises(ValueError, match="replaces eta"):
+        sim.run(plans, {1: 1 / 6}, options=QualityOptions(level_fit="lsq"))
+    with pytest.raises(ValueError, match="sink_tokens"):
+        sim.run(plans, {}, options=QualityOptions(sink_tokens=R))
+
+
 def test_replayed_layers_equal_a_full_pass(mini, ids):
     sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R)
     base = [LayerPlan(i, 2, 2) for i in range(LAYERS)]
@@ -148,9 +179,9 @@ def test_budget_below_minimum_raises_naming_it(mini, ids):
 
 
 def test_stored_budget_and_no_sharing(mini, ids):
-    free = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
-    bound = search(mini, 1.5, input_ids=ids, residual_length=R, prefill=P, compare_presets=False,
-                   stored_budget_bits=free.stored_bits - 0.1)
+    off = dict(input_ids=ids, residual_length=R, prefill=P, compare_presets=False, options="off")
+    free = search(mini, 1.5, **off)
+    bound = search(mini, 1.5, **off, stored_budget_bits=free.stored_bits - 0.1)
     assert bound.stored_bits <= free.stored_bits - 0.1 and bound.code_bits < free.code_bits
     plain = search(mini, 1.25, input_ids=ids, residual_length=R, prefill=P, compare_presets=False, sharing=False)
     assert not any(p.k_shares or p.v_shares for p in plain.config.resolve(LAYERS))
@@ -166,9 +197,10 @@ def test_search_with_float8_metadata(found, mini, ids):
     assert fp8.config.metadata_dtype == "float8_e4m3fn" and plain.config.metadata_dtype is None
     assert fp8.stored_bits < plain.stored_bits
     assert fp8.score.nll == pytest.approx(_decode_nll_mean(mini, ids, fp8.config, P), rel=1e-5, abs=1e-6)
+    # a simulator scores every config with the config's own metadata dtype, whatever it was built with
     sim = DecodeSimulator(mini, ids, prefill=P, group_size=G, residual_length=R, metadata_dtype="float8_e4m3fn")
-    with pytest.raises(ValueError, match="metadata_dtype=None"):
-        sim.score(plain.config)
+    assert sim.score(plain.config) == plain.score
+    assert sim.score(fp8.config) == fp8.score
 
 
 def test_found_config_is_usable_by_the_cache_and_evaluate(found, mini, ids):
@@ -185,6 +217,114 @@ def test_found_config_is_usable_by_the_cache_and_evaluate(found, mini, ids):
     assert rows[1].code_bits == pytest.approx(result.code_bits, abs=1e-4)
     assert rows[1].ppl == pytest.approx(result.score.ppl, rel=1e-4)
     assert rows[0].ppl == pytest.approx(result.reference.ppl, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- quality options
+def _stored(model, config, length=8192):
+    return XQuantCache(model.config, config, max_cache_len=length).memory_report(torch.bfloat16)["stored_bits"]
+
+
+def test_search_picks_the_quality_options(found, mini):
+    """By default the search chooses sinks, rotation and level fit (the metadata dtype too, with a
+    stored budget); the config carries them, fits the budget, and the summary names them and the screen."""
+    for result in found:
+        cfg = result.config
+        assert cfg.sink_tokens in (0, 4, 8) and cfg.rotation in (None, "hadamard") and cfg.level_fit in ("minmax", "lsq")
+        assert cfg.metadata_dtype is None  # no stored budget: the model dtype costs no quality
+        assert result.options == QualityOptions.of(cfg)
+        assert result.code_bits <= result.budget_bits + 1e-9
+        assert result.stored_bits == pytest.approx(_stored(mini, cfg))
+        if cfg.level_fit == "lsq":
+            assert cfg.eta == {}
+        assert len(result.screen) == 3 * 2 * 2 and any(r.allocated for r in result.screen)
+        assert min(result.screen, key=lambda r: r.score.kl).allocated  # the screen's best is allocated
+        text = result.summary()
+        assert f"options: sink_tokens={cfg.sink_tokens}, rotation={cfg.rotation}, level_fit={cfg.level_fit}" in text
+        assert "option screen" in text and "sinks=8, hadamard, lsq" in text
+        assert "metadata_dtype: the model dtype: no stored budget" in text
+    # on this model sinks pay: the configs found keep some
+    assert any(r.config.sink_tokens for r in found)
+
+
+def test_search_options_under_a_stored_budget(mini, ids):
+    """A stored budget that only float8 metadata reaches at the code budget: float8 is chosen, both
+    budgets hold, and the model dtype was tried (verified) at the code bits it leaves."""
+    budget = 1.5
+    fp8_floor = _stored(mini, XQuantConfig(k_bits=2, v_bits=1, residual_length=R, metadata_dtype="float8_e4m3fn",
+                                           sink_tokens=8))
+    result = search(mini, budget, input_ids=ids, residual_length=R, prefill=P, compare_presets=False,
+                    stored_budget_bits=fp8_floor + 0.01)
+    cfg = result.config
+    assert cfg.metadata_dtype == "float8_e4m3fn"
+    assert result.code_bits <= budget + 1e-9 and result.stored_bits <= fp8_floor + 0.01 + 1e-9
+    assert result.stored_bits == pytest.approx(_stored(mini, cfg))
+    assert any(c.config.metadata_dtype is None for c in result.candidates)
+    assert all(c.stored_bits <= fp8_floor + 0.01 + 1e-9 for c in result.candidates)
+    assert "code bits the stored budget leaves: model dtype" in result.summary()
+
+
+def test_user_fixed_options_are_kept(mini, ids):
+    kw = dict(input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
+    fixed = search(mini, 1.25, **kw, sink_tokens=4, rotation=None, level_fit="minmax", metadata_dtype=None)
+    cfg = fixed.config
+    assert (cfg.sink_tokens, cfg.rotation, cfg.level_fit, cfg.metadata_dtype) == (4, None, "minmax", None)
+    assert fixed.screen == [] and "options" in fixed.summary()
+    assert all(how == "fixed by the caller" for how in fixed.options_how.values())
+    assert all(QualityOptions.of(c.config) == QualityOptions(4) for c in fixed.candidates)
+    # one option fixed, the others searched: the screen holds only combinations with it
+    lsq = search(mini, 1.25, **kw, level_fit="lsq", rotation=["hadamard"])
+    assert lsq.config.level_fit == "lsq" and lsq.config.eta == {} and lsq.config.rotation == "hadamard"
+    assert len(lsq.screen) == 3 and all(r.options.level_fit == "lsq" and r.eta == {} for r in lsq.screen)
+    assert all(c.config.level_fit == "lsq" for c in lsq.candidates)  # no eta refinement for lsq
+    # given candidates are searched over
+    some = search(mini, 1.25, **kw, sink_tokens=(0, 2), rotation=None, level_fit="minmax")
+    assert some.config.sink_tokens in (0, 2) and len(some.screen) == 2
+    with pytest.raises(ValueError, match="sink_tokens=64"):
+        search(mini, 1.25, **kw, sink_tokens=R)
+    with pytest.raises(ValueError, match="options='bogus'"):
+        search(mini, 1.25, **kw, options="bogus")
+
+
+def test_options_off_is_the_search_without_options(mini, ids):
+    kw = dict(input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
+    off = search(mini, 1.25, **kw, options="off")
+    assert QualityOptions.of(off.config) == QualityOptions() and off.screen == []
+    assert "off (options='off')" in off.summary()
+    explicit = search(mini, 1.25, **kw, sink_tokens=0, rotation=None, level_fit="minmax", metadata_dtype=None)
+    assert explicit.config == off.config and explicit.score == off.score
+    # "off" leaves given options alone
+    assert search(mini, 1.25, **kw, options="off", sink_tokens=4).config.sink_tokens == 4
+
+
+def test_rotation_is_not_chosen_for_non_power_of_two_head_dims():
+    model = mini_model("llama", num_hidden_layers=4, head_dim=96)
+    ids = ByteTokenizer()(calibration_text()).input_ids[0, :160].view(1, 160)
+    kw = dict(input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
+    result = search(model, 1.5, **{**kw, "compare_presets": True}, sink_tokens=(0, 4))
+    assert result.config.rotation is None
+    assert result.presets and all(c.config.rotation is None for c in result.presets)  # rotated presets left out
+    assert all(r.options.rotation is None for r in result.screen) and len(result.screen) == 4
+    assert "hadamard skipped: head dims (96, 96) are not powers of two" in result.summary()
+    with pytest.raises(ValueError, match="power-of-two head dims"):
+        search(model, 1.5, **kw, rotation="hadamard")
+
+
+def test_sinks_that_do_not_fit_the_stored_budget_are_not_chosen(mini, ids):
+    """At 256 stored tokens a sink costs 1/16 bit per value: a stored budget just above the
+    smallest config without sinks leaves no room for any."""
+    kw = dict(input_ids=ids, residual_length=R, prefill=P, compare_presets=False, stored_len=256,
+              metadata_dtype=None, rotation=None, level_fit="minmax")
+    floor = _stored(mini, XQuantConfig(k_bits=1, v_bits=1, k_share_from=0, v_share_from=0, residual_length=R), 256)
+    with_4 = _stored(mini, XQuantConfig(k_bits=1, v_bits=1, k_share_from=0, v_share_from=0, residual_length=R,
+                                        sink_tokens=4), 256)
+    assert with_4 > floor + 0.2
+    result = search(mini, 0.75, **kw, stored_budget_bits=floor + 0.01)
+    assert result.config.sink_tokens == 0 and result.stored_bits <= floor + 0.01 + 1e-9
+    assert "4, 8 dropped: no config with them fits the stored budget" in result.summary()
+    # room for 4 sinks but not 8: 8 is dropped, and a config with sinks pays for them in code bits
+    roomy = search(mini, 2.0, **kw, stored_budget_bits=with_4 + 0.01)
+    assert roomy.config.sink_tokens in (0, 4) and roomy.stored_bits <= with_4 + 0.01 + 1e-9
+    assert "8 dropped" in roomy.summary()
 
 
 # ----------------------------------------------------------------------------- sharing
@@ -216,6 +356,18 @@ def test_allocation_shares_only_when_it_costs_less_per_bit():
     rates = sharing_rates(_synthetic(share_cost=0.05), 4, (1, 2))
     assert rates["k"] == pytest.approx((0.025, 0.01))
     assert allocate(_synthetic(0.05), 4, 3, (1, 2), mode="none") is None  # below 8 bits only sharing fits
+
+
+def test_allocation_spends_the_budget_despite_negative_measurements():
+    """A layer measured better at one bit than at two (noise) does not make the allocation leave
+    code bits unspent: fewer bits never predict a lower KL, and equal predictions take more bits."""
+    sens = _synthetic(share_cost=0.05)
+    sens.layer[(1, "k", 1)] = -0.003
+    sens.layer[(2, "v", 1)] = -0.001
+    alloc = allocate(sens, 4, 15, (1, 2), mode="both")
+    assert alloc.code_total == 15 and alloc.predicted_increase == pytest.approx(0.0)
+    assert alloc.k_bits[1] == 1 or alloc.v_bits[2] == 1  # the one bit to drop goes to a "free" tensor
+    assert allocate(sens, 4, 16, (1, 2), mode="none").code_total == 16
 
 
 def test_search_reports_its_sharing_decision(found):

@@ -1,9 +1,10 @@
-"""Config search: per-layer key/value bits, cross-layer sharing and eta under a code-bit budget.
+"""Config search: per-layer key/value bits, cross-layer sharing, eta and the quality options
+(sink tokens, rotation, level fit, metadata dtype) under a code-bit and an optional stored-bit budget.
 
 ``search(model, budget_bits=1.4, tokenizer=tok)`` returns the :class:`XQuantConfig` it found for
-that model, with a readable report (:meth:`SearchResult.summary`): bits and sharing per layer, eta,
-code and stored bits, and the decode-condition perplexity and KL on the calibration text next to
-full precision and the presets.
+that model, with a readable report (:meth:`SearchResult.summary`): the options chosen and the
+screen that chose them, bits and sharing per layer, eta, code and stored bits, and the
+decode-condition perplexity and KL on the calibration text next to full precision and the presets.
 
 What it measures, and why
 -------------------------
@@ -29,8 +30,28 @@ text, and on a few hundred tokens it is far less noisy. Perplexity is reported b
 
 The search
 ----------
+0. **Quality options** (:mod:`.options`). The candidates: ``sink_tokens`` in (0, 4, 8) (below
+   ``residual_length``), ``rotation`` None or ``"hadamard"`` (only None when the head dims are not
+   powers of two), ``level_fit`` ``"minmax"`` or ``"lsq"``, and ``metadata_dtype`` None or float8
+   when a stored budget is given (without one, float8 only loses quality). An option the caller
+   gives is fixed; ``options="off"`` leaves the others off (the search as it was before them).
+   With a stored budget, sink counts and metadata dtypes with which not even the smallest config
+   fits are dropped, and the metadata dtype the measurements use is the one that leaves the most
+   code bits under the stored budget (stored bits are affine in code bits; float8 halves the
+   scales' and zero points' cost). The **screen** scores every combination of sinks, rotation and
+   level fit (12 at most) on one reference plan per budget: every layer at the same key and value
+   widths, nearest the code bits the budgets leave (K2/V1 near 1.4 bits, K2/V2 near 2), min-max
+   levels with the eta of step 1 measured with the options off. The allocation (steps 1-4) then
+   runs under the best combination and, when the level fit is searched, the best with the other
+   level fit too (``option_candidates=2``): least squares helps one-bit tensors and hurts two-bit
+   ones, so which wins depends on the final mix of widths, and min-max gets its own eta under the
+   options. Sensitivities are measured under the combination, since sinks and rotation change
+   which layers are sensitive. At verification, sinks cost stored bits, so a combination's
+   allocation is also verified with fewer sinks when they buy code bits, and with the model-dtype
+   metadata at the code bits it leaves. ``level_fit="lsq"`` configs have no eta (the fit replaces
+   calibration): steps 1 and 5's eta are skipped for them.
 1. **eta** per bit width, by grid (the paper's grid, plus 1/4 for one bit): ``eta_2`` on the
-   all-2-bit cache, ``eta_1`` on the all-1-bit cache.
+   all-2-bit cache, ``eta_1`` on the all-1-bit cache (under the options).
 2. **Sensitivities**, one change at a time from the all-2-bit cache (calibrated): each layer's keys,
    then values, at each other width; and for each layer pair (2j, 2j+1) and tensor, the pair at
    each width with the odd layer reading the even layer's codes. ``2 L (|bits| - 1) + L |bits|``
@@ -52,8 +73,7 @@ The search
 5. Budgets requested in one call are solved from the smallest up, and a larger budget never
    returns a config that scores worse than a smaller budget's (it falls back to that one).
 
-What it does not search: the metadata dtype (``metadata_dtype=`` is given, and the search
-simulates and counts it), the group size and the full-precision window (they change stored bits,
+What it does not search: the group size and the full-precision window (they change stored bits,
 not code bits: a longer window would buy quality with bytes the code-bit budget does not count;
 give a ``stored_budget_bits`` to bound those bytes too), 16-bit tensors (14 extra bits each) and,
 by default, 4-bit tensors (``bits=(1, 2, 4)`` adds them; on SmolLM2 no layer gained measurably from
@@ -62,10 +82,13 @@ Sharing can only start at a layer and run to the end (the config's ``*_share_fro
 that range a pair with equal bits must share; the allocation works within that rule. Models with
 sliding-window layers are refused.
 
-Cost on SmolLM2-135M (30 layers, one 384-token calibration window, 256 positions scored, fp32):
-161 forwards for three budgets in one call (2 reference/base, 7 eta, 120 sensitivities, 4
-verifications and up to 5 eta trials per budget, 5 presets), 143 s on one thread of a 2-core Xeon
-shared with other jobs (0.5 to 0.9 s a forward); the sensitivities are three quarters of it.
+Cost on SmolLM2-135M (30 layers, one 384-token calibration window, 256 positions scored, fp32),
+with ``options="off"``: 161 forwards for three budgets in one call (2 reference/base, 7 eta, 120
+sensitivities, 4 verifications and up to 5 eta trials per budget, 5 presets), 143 s on one thread
+of a 2-core Xeon shared with other jobs (0.5 to 0.9 s a forward); the sensitivities are three
+quarters of it. Searching the options adds the screen (12 forwards per reference plan), a second
+eta and sensitivity measurement (about 130 forwards) and the verification of the second
+combination: roughly twice the cost (``SearchResult.timings`` has it per stage).
 Decoding the same 256 positions token by token through the cache costs 30 to 60 s per candidate.
 ``SearchResult.seconds`` and ``forwards`` record a run's own cost; ``tokens`` trades cost for a
 longer calibration context.
@@ -82,11 +105,12 @@ and the calibration text).
 from .allocation import Allocation, Sensitivity, allocate, measure_sensitivity, sharing_rates
 from .entry import (CALIBRATION_MODULES, DEFAULT_ETA_GRID, calibration_text, check_disjoint, minimum_code_bits,
                     search)
+from .options import DEFAULT_SINKS, SEARCH, ScreenRow
 from .report import Candidate, SearchResult, format_results
-from .simulator import DecodeSimulator, Score
+from .simulator import DecodeSimulator, QualityOptions, Score
 
 __all__ = [
-    "CALIBRATION_MODULES", "DEFAULT_ETA_GRID", "Allocation", "Candidate", "DecodeSimulator", "Score", "SearchResult",
-    "Sensitivity", "allocate", "calibration_text", "check_disjoint", "format_results", "measure_sensitivity",
-    "minimum_code_bits", "search", "sharing_rates",
+    "CALIBRATION_MODULES", "DEFAULT_ETA_GRID", "DEFAULT_SINKS", "SEARCH", "Allocation", "Candidate", "DecodeSimulator",
+    "QualityOptions", "Score", "ScreenRow", "SearchResult", "Sensitivity", "allocate", "calibration_text",
+    "check_disjoint", "format_results", "measure_sensitivity", "minimum_code_bits", "search", "sharing_rates",
 ]

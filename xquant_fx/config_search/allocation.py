@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from ..config import LayerPlan, XQuantConfig
-from .simulator import DecodeSimulator, Score
+from .simulator import DecodeSimulator, QualityOptions, Score
 
 _KINDS = ("k", "v")
 _MODES = ("none", "keys", "values", "both")
@@ -19,6 +19,7 @@ class Sensitivity:
 
     ``layer[(l, kind, bits)]``: layer ``l``'s keys (``kind="k"``) or values at ``bits``;
     ``shared[(j, kind, bits)]``: pair (2j, 2j+1) at ``bits``, the odd layer reading the even one's codes.
+    ``options``: the quality options every pass ran under (``None``: the simulator's defaults).
     """
 
     base_bits: int
@@ -26,6 +27,7 @@ class Sensitivity:
     eta: dict[int, float]
     layer: dict[tuple[int, str, int], float] = field(default_factory=dict)
     shared: dict[tuple[int, str, int], float] = field(default_factory=dict)
+    options: QualityOptions | None = None
 
     def of_layer(self, index: int, kind: str, bits: int) -> float:
         return 0.0 if bits == self.base_bits else self.layer[(index, kind, bits)]
@@ -38,12 +40,14 @@ def _plan_with(plans: list[LayerPlan], index: int, **changes) -> list[LayerPlan]
 
 
 def measure_sensitivity(sim: DecodeSimulator, bits: Sequence[int], eta: dict[int, float], base_bits: int,
-                        sharing: bool = True, progress: bool = False) -> Sensitivity:
-    """One-change-at-a-time KL increases from the all-``base_bits`` cache (see :class:`Sensitivity`)."""
+                        sharing: bool = True, progress: bool = False, options: QualityOptions | None = None
+                        ) -> Sensitivity:
+    """One-change-at-a-time KL increases from the all-``base_bits`` cache (see :class:`Sensitivity`),
+    every pass under ``options`` (sinks and rotation change which layers are sensitive)."""
     L = sim.num_layers
     base_plans = [LayerPlan(i, base_bits, base_bits) for i in range(L)]
-    base = sim.run(base_plans, eta, record=True)
-    sens = Sensitivity(base_bits=base_bits, base=base, eta=dict(eta))
+    base = sim.run(base_plans, eta, record=True, options=options)
+    sens = Sensitivity(base_bits=base_bits, base=base, eta=dict(eta), options=options)
     jobs = []
     for layer in range(L):
         for kind in _KINDS:
@@ -58,17 +62,17 @@ def measure_sensitivity(sim: DecodeSimulator, bits: Sequence[int], eta: dict[int
     if progress:
         from tqdm import tqdm
 
-        jobs = tqdm(jobs, desc="sensitivities", leave=False)
+        jobs = tqdm(jobs, desc="sensitivities" + (f" ({options.label})" if options else ""), leave=False)
     for what, index, kind, b in jobs:
         if what == "layer":
             plans = _plan_with(base_plans, index, **{f"{kind}_bits": b})
-            sens.layer[(index, kind, b)] = sim.run(plans, eta, start=index).kl - base.kl
+            sens.layer[(index, kind, b)] = sim.run(plans, eta, start=index, options=options).kl - base.kl
         else:
             even, odd = 2 * index, 2 * index + 1
             plans = _plan_with(base_plans, even, **{f"{kind}_bits": b})
             plans = _plan_with(plans, odd, **{f"{kind}_bits": b, f"{kind}_shares": True})
             start = odd if b == base_bits else even
-            sens.shared[(index, kind, b)] = sim.run(plans, eta, start=start).kl - base.kl
+            sens.shared[(index, kind, b)] = sim.run(plans, eta, start=start, options=options).kl - base.kl
     return sens
 
 
@@ -85,19 +89,38 @@ class Allocation:
     predicted_increase: float  # sum of the chosen changes' sensitivities
 
     def config(self, eta: dict[int, float], group_size: int, residual_length: int, name: str,
-               metadata_dtype: str | None = None) -> XQuantConfig:
-        return XQuantConfig(k_bits=self.k_bits, v_bits=self.v_bits, k_share_from=self.k_share_from,
-                            v_share_from=self.v_share_from, eta=dict(eta), group_size=group_size,
-                            residual_length=residual_length, name=name, metadata_dtype=metadata_dtype)
+               metadata_dtype: str | None = None, options: QualityOptions | None = None) -> XQuantConfig:
+        """The config of this allocation; ``options`` (when given) set sinks, rotation, level fit
+        and metadata dtype (``metadata_dtype`` is then ignored)."""
+        config = XQuantConfig(k_bits=self.k_bits, v_bits=self.v_bits, k_share_from=self.k_share_from,
+                              v_share_from=self.v_share_from, eta=dict(eta), group_size=group_size,
+                              residual_length=residual_length, name=name, metadata_dtype=metadata_dtype)
+        return config if options is None else options.apply(config)
 
     @property
     def shares(self) -> bool:
         return self.k_share_from is not None or self.v_share_from is not None
 
 
+def _prior(increase: float, bits: int, base_bits: int, shared: bool = False) -> float:
+    """A measured increase as the allocation counts it: fewer bits or sharing never predicts a
+    lower KL than the base (a negative measurement is calibration noise or an accidental
+    cancellation that the evaluation text does not repeat), more bits never a higher one. Without
+    this the allocation leaves code bits unspent for a few noisy layers."""
+    if shared or bits < base_bits:
+        return max(increase, 0.0)
+    return min(increase, 0.0)
+
+
 def _kind_tables(sens: Sensitivity, kind: str, num_layers: int, bits: Sequence[int], starts: Sequence[int | None]):
     """For each sharing start pair (``None``: no sharing), the exact knapsack over layer pairs:
-    ``{code bits of this kind: (increase, bits per layer)}``; the best over the starts per total."""
+    ``{code bits of this kind: (increase, bits per layer)}``; the best over the starts per total.
+    Increases are the measured ones through :func:`_prior`."""
+    base = sens.base_bits
+
+    def layer(index: int, b: int) -> float:
+        return _prior(sens.of_layer(index, kind, b), b, base)
+
     pairs = num_layers // 2
     best: dict[int, tuple[float, tuple[int, ...], int | None]] = {}
     for start in starts:
@@ -109,13 +132,13 @@ def _kind_tables(sens: Sensitivity, kind: str, num_layers: int, bits: Sequence[i
             for be in bits:
                 for bo in bits:
                     if can_share and be == bo:  # equal bits in the sharing range: the odd layer shares
-                        options.append((be, sens.shared[(j, kind, be)], (be, bo)))
+                        options.append((be, _prior(sens.shared[(j, kind, be)], be, base, shared=True), (be, bo)))
                     else:
-                        options.append((be + bo, sens.of_layer(even, kind, be) + sens.of_layer(odd, kind, bo), (be, bo)))
+                        options.append((be + bo, layer(even, be) + layer(odd, bo), (be, bo)))
             table = _knapsack_step(table, options)
         if num_layers % 2:
             last = num_layers - 1
-            table = _knapsack_step(table, [(b, sens.of_layer(last, kind, b), (b,)) for b in bits])
+            table = _knapsack_step(table, [(b, layer(last, b), (b,)) for b in bits])
         for cost, (inc, layer_bits) in table.items():
             if cost not in best or inc < best[cost][0] - 1e-12:
                 best[cost] = (inc, layer_bits, None if start is None else 2 * start)
@@ -136,7 +159,8 @@ def allocate(sens: Sensitivity, num_layers: int, code_total: int, bits: Sequence
              ) -> Allocation | None:
     """The allocation with the least predicted KL increase whose code bits sum to at most
     ``code_total`` (over layers and K/V), sharing as ``mode`` allows (``none``, ``keys``,
-    ``values``, ``both``); ``None`` if no allocation fits."""
+    ``values``, ``both``); ``None`` if no allocation fits. Of equal predictions, the one with more
+    code bits (the measurements cannot tell them apart; more bits do not add error)."""
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r}: one of {_MODES}")
     all_starts = [None] + list(range(num_layers // 2))
@@ -147,7 +171,9 @@ def allocate(sens: Sensitivity, num_layers: int, code_total: int, bits: Sequence
     best = None
     for ck, (ik, kb, ks) in sorted(k_table.items()):
         for cv, (iv, vb, vs) in sorted(v_table.items()):
-            if ck + cv <= code_total and (best is None or ik + iv < best[0] - 1e-12):
+            if ck + cv > code_total:
+                continue
+            if best is None or ik + iv < best[0] - 1e-12 or (ik + iv <= best[0] + 1e-12 and ck + cv > best[1]):
                 best = (ik + iv, ck + cv, kb, vb, ks, vs)
     if best is None:
         return None

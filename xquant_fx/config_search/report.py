@@ -7,7 +7,7 @@ from typing import Sequence
 
 from ..config import LayerPlan, XQuantConfig
 from .allocation import Sensitivity
-from .simulator import Score
+from .simulator import QualityOptions, Score
 
 @dataclass
 class Candidate:
@@ -43,7 +43,15 @@ class SearchResult:
     stored_dtype: str = "bf16"
     notes: list[str] = field(default_factory=list)
     num_layers: int = 0
-    sensitivity: Sensitivity | None = None  # the measurements the allocation used
+    sensitivity: Sensitivity | None = None  # the measurements the winner was allocated from
+    options_how: dict[str, str] = field(default_factory=dict)  # how each quality option was decided
+    screen: list = field(default_factory=list)  # ScreenRow per option combination (empty: not screened)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage of the search call
+
+    @property
+    def options(self) -> QualityOptions:
+        """The quality options of the config found (sinks, rotation, level fit, metadata dtype)."""
+        return QualityOptions.of(self.config)
 
     def layer_table(self) -> str:
         """Per-layer bits; ``s`` marks a tensor that reads the previous layer's codes."""
@@ -67,6 +75,11 @@ class SearchResult:
             f"budget {budget} -> {cfg.name}: {self.code_bits:.4f} code bits, {self.stored_bits:.3f} stored bits "
             f"({self.stored_dtype}, {self.stored_len} tokens)",
             f"  calibration: {self.calibration}",
+            f"  options: sink_tokens={cfg.sink_tokens}, rotation={cfg.rotation}, level_fit={cfg.level_fit}, "
+            f"metadata_dtype={cfg.metadata_dtype}",
+        ]
+        lines += [f"    {name}: {how}" for name, how in self.options_how.items()]
+        lines += [
             f"  eta: {eta}; sharing starts: {', '.join(shares) or 'none'}",
             _indent(self.layer_table(), "  "),
             f"  score: ppl {self.score.ppl:.3f} (full precision {ref.ppl:.3f}), KL {self.score.kl:.4g} nats/token"
@@ -74,6 +87,10 @@ class SearchResult:
             f"  sharing: {self.sharing}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
+        if self.screen:
+            lines.append(f"  option screen (every layer {self.screen[0].plan}, no sharing; KL on the calibration text; "
+                         "allocated: the allocation ran under it):")
+            lines.append(_indent(_screen_table(self.screen), "    "))
         lines.append("  verified candidates:")
         lines.append(_indent(_candidate_table(self.candidates), "    "))
         if presets:
@@ -86,7 +103,9 @@ class SearchResult:
         if self.presets:
             lines.append("presets on the same text:")
             lines.append(_indent(_candidate_table(self.presets), "  "))
-        lines.append(f"search cost: {self.forwards} forwards, {self.seconds:.1f} s (all budgets of the call)")
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
+        lines.append(f"search cost: {self.forwards} forwards, {self.seconds:.1f} s (all budgets of the call"
+                     + (f"; {stages}" if stages else "") + ")")
         return "\n".join(lines)
 
 
@@ -129,3 +148,12 @@ def _candidate_table(cands: list[Candidate]) -> str:
     rows = [[c.label, c.config.name, f"{c.code_bits:.4f}", f"{c.stored_bits:.3f}", f"{c.score.ppl:.3f}",
              f"{c.score.kl:.4g}", "" if c.predicted_kl is None else f"{c.predicted_kl:.4g}"] for c in cands]
     return tabulate(rows, headers=["candidate", "config", "code bits", "stored bits", "ppl", "KL", "predicted KL"])
+
+
+def _screen_table(rows) -> str:
+    from tabulate import tabulate
+
+    table = [[r.options.label, ", ".join(f"eta_{b} = {_fmt_eta(e)}" for b, e in sorted(r.eta.items())) or "none",
+              f"{r.score.ppl:.3f}", f"{r.score.kl:.4g}", "yes" if r.allocated else ""]
+             for r in sorted(rows, key=lambda r: r.score.kl)]
+    return tabulate(table, headers=["options", "eta", "ppl", "KL", "allocated"])

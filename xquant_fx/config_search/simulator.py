@@ -60,6 +60,49 @@ class Score:
         return math.exp(self.nll)
 
 
+@dataclass(frozen=True)
+class QualityOptions:
+    """The config fields besides the per-layer plan and eta that change what the cache reads back:
+    ``sink_tokens``, ``rotation``, ``level_fit`` and ``metadata_dtype`` (:class:`XQuantConfig`)."""
+
+    sink_tokens: int = 0
+    rotation: str | None = None
+    level_fit: str = "minmax"
+    metadata_dtype: str | None = None
+
+    def __post_init__(self):
+        # validated as XQuantConfig validates them (sinks against the window: DecodeSimulator.check_options)
+        checked = XQuantConfig(residual_length=1 << 30, group_size=32, **self._fields())
+        object.__setattr__(self, "metadata_dtype", checked.metadata_dtype)  # a torch dtype -> its name
+
+    def _fields(self) -> dict:
+        return dict(sink_tokens=self.sink_tokens, rotation=self.rotation, level_fit=self.level_fit,
+                    metadata_dtype=self.metadata_dtype)
+
+    @classmethod
+    def of(cls, config: XQuantConfig) -> "QualityOptions":
+        return cls(config.sink_tokens, config.rotation, config.level_fit, config.metadata_dtype)
+
+    def apply(self, config: XQuantConfig) -> XQuantConfig:
+        """``config`` with these options (eta cleared for ``level_fit="lsq"``, which replaces it)."""
+        eta = {} if self.level_fit == "lsq" else config.eta
+        return config.replace(eta=eta, **self._fields())
+
+    @property
+    def label(self) -> str:
+        """Short text, e.g. ``sinks=4, hadamard, lsq, fp8 metadata`` (``none``: all off)."""
+        parts = []
+        if self.sink_tokens:
+            parts.append(f"sinks={self.sink_tokens}")
+        if self.rotation:
+            parts.append(self.rotation)
+        if self.level_fit != "minmax":
+            parts.append(self.level_fit)
+        if self.metadata_dtype:
+            parts.append({"float8_e4m3fn": "fp8"}.get(self.metadata_dtype, self.metadata_dtype) + " metadata")
+        return ", ".join(parts) or "none"
+
+
 class DecodeSimulator:
     """Decode-condition scores of cache plans on fixed text, one parallel forward per plan.
 
@@ -71,10 +114,11 @@ class DecodeSimulator:
         prefill: at most ``residual_length`` (default: ``residual_length``).
         group_size, residual_length: G and R of the configs it will score.
 
-    ``run(plans, eta)`` scores one per-layer plan (any plan, including sharing patterns a config
-    cannot express) and returns a :class:`Score`; the module docstring says how and why it equals
-    the cache's decode. ``score(config)`` also applies the config's ``sink_tokens``, ``rotation``
-    and ``level_fit`` as the cache does (the search itself leaves them off).
+    ``run(plans, eta, options=...)`` scores one per-layer plan (any plan, including sharing
+    patterns a config cannot express) under :class:`QualityOptions` (sink tokens, rotation, level
+    fit, metadata dtype; default: all off and the simulator's ``metadata_dtype``) and returns a
+    :class:`Score`; the module docstring says how and why it equals the cache's decode.
+    ``score(config)`` is ``run`` on the config's plan, eta and options.
     """
 
     def __init__(self, model, ids: torch.Tensor, prefill: int | None = None, group_size: int = 32,
@@ -89,6 +133,7 @@ class DecodeSimulator:
         self.num_layers = len(self.layers)
         self.G, self.R = group_size, residual_length
         self.metadata_dtype = XQuantConfig(metadata_dtype=metadata_dtype).metadata_dtype  # validated
+        self.head_dims = kv_geometry(model.config)[2:]
         segments, length = ids.shape
         prefill = residual_length if prefill is None else prefill
         if not 1 <= prefill <= min(residual_length, length - 1):
@@ -108,8 +153,7 @@ class DecodeSimulator:
         self.forwards = 0
         self._plans: list[LayerPlan] = []
         self._eta: dict[int, float] = {}
-        # (sink_tokens, rotation, level_fit) of the config being scored; the search's runs keep the defaults.
-        self._options: tuple[int, str | None, str] = (0, None, "minmax")
+        self._options = self.default_options  # those of the pass running
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._recorded: dict | None = None
@@ -128,39 +172,64 @@ class DecodeSimulator:
     def full_precision_plans(self) -> list[LayerPlan]:
         return [LayerPlan(i, FULL_PRECISION, FULL_PRECISION) for i in range(self.num_layers)]
 
+    @property
+    def default_options(self) -> QualityOptions:
+        """What ``run`` applies when given no options: all off, the simulator's metadata dtype."""
+        return QualityOptions(metadata_dtype=self.metadata_dtype)
+
+    @property
+    def rotation_fits(self) -> bool:
+        """Whether ``rotation="hadamard"`` applies to this model (power-of-two head dims)."""
+        return all(d > 0 and d & (d - 1) == 0 for d in self.head_dims)
+
+    def check_options(self, options: QualityOptions, eta: dict[int, float] | None = None) -> None:
+        """Raise ``ValueError`` if the cache would refuse ``options`` (with ``eta``) on this model."""
+        if not 0 <= options.sink_tokens < self.R:
+            raise ValueError(f"sink_tokens={options.sink_tokens}: must be in [0, residual_length={self.R})")
+        if options.rotation is not None and not self.rotation_fits:
+            raise ValueError(f"rotation={options.rotation!r} needs power-of-two head dims; this model's key/value "
+                             f"head dims are {self.head_dims}")
+        if eta and options.level_fit == "lsq" and any(eta.values()):
+            raise ValueError(f"level_fit='lsq' replaces eta calibration; got eta={eta!r}")
+
     def plans(self, config: XQuantConfig) -> list[LayerPlan]:
         """The per-layer plan of ``config`` on this model, as the cache resolves it."""
-        if (config.group_size, config.residual_length, config.metadata_dtype) != (self.G, self.R, self.metadata_dtype):
+        if (config.group_size, config.residual_length) != (self.G, self.R):
             raise ValueError(f"config {config.name!r} has group_size={config.group_size}, residual_length="
-                             f"{config.residual_length}, metadata_dtype={config.metadata_dtype}; this simulator was "
-                             f"built for {self.G}, {self.R} and {self.metadata_dtype}")
+                             f"{config.residual_length}; this simulator was built for {self.G} and {self.R}")
         return config.resolve(self.num_layers)
 
     def score(self, config: XQuantConfig) -> Score:
+        """Decode-condition score of ``config``: its plan, eta and quality options (any metadata dtype)."""
         plans = self.plans(config)
         if all(p.k_bits == FULL_PRECISION and p.v_bits == FULL_PRECISION for p in plans):
             return self.reference  # the reference pass is this plan
-        self._options = (config.sink_tokens, config.rotation, config.level_fit)
-        try:
-            return self.run(plans, config.eta)
-        finally:
-            self._options = (0, None, "minmax")
+        return self.run(plans, config.eta, options=QualityOptions.of(config))
 
-    def run(self, plans: list[LayerPlan], eta: dict[int, float], start: int = 0, record: bool = False) -> Score:
-        """Score ``plans`` (one :class:`LayerPlan` per layer) with calibration ``eta``.
+    def run(self, plans: list[LayerPlan], eta: dict[int, float], start: int = 0, record: bool = False,
+            options: QualityOptions | None = None) -> Score:
+        """Score ``plans`` (one :class:`LayerPlan` per layer) with calibration ``eta`` under
+        ``options`` (default :attr:`default_options`), exactly as a cache of those settings decodes.
 
         ``record=True`` keeps this pass's layer outputs; ``start=l`` then reuses that recorded pass
-        for layers ``< l``, whose plans and eta must be the recorded pass's (checked)."""
+        for layers ``< l``, whose plans, eta and options must be the recorded pass's (checked)."""
         if len(plans) != self.num_layers:
             raise ValueError(f"{len(plans)} plans for a model with {self.num_layers} layers")
+        options = self.default_options if options is None else options
+        self.check_options(options, eta)
         recorded = None
         if start:
             recorded = self._recorded
             if recorded is None:
                 raise RuntimeError("run(start > 0) needs a recorded pass first (record=True)")
-            if plans[:start] != recorded["plans"][:start] or eta != recorded["eta"]:
-                raise ValueError(f"run(start={start}): the plans below layer {start} or eta differ from the recorded pass")
-        logits = self._forward(plans, eta, self.ids[:, self.P - 1 : -1], start, recorded, record)
+            if plans[:start] != recorded["plans"][:start] or eta != recorded["eta"] or options != recorded["options"]:
+                raise ValueError(f"run(start={start}): the plans below layer {start}, eta or the options differ from "
+                                 "the recorded pass")
+        self._options = options
+        try:
+            logits = self._forward(plans, eta, self.ids[:, self.P - 1 : -1], start, recorded, record)
+        finally:
+            self._options = self.default_options
         return self._score(logits)
 
     # ------------------------------------------------------------------ passes
@@ -202,7 +271,8 @@ class DecodeSimulator:
         if record:
             for i in range(start):
                 outputs[i] = recorded["outputs"][i]
-            self._recorded = {"outputs": outputs, "kv": dict(self._kv), "plans": list(plans), "eta": dict(eta)}
+            self._recorded = {"outputs": outputs, "kv": dict(self._kv), "plans": list(plans), "eta": dict(eta),
+                              "options": self._options}
         return out.logits
 
     def _score(self, logits: torch.Tensor) -> Score:
@@ -257,7 +327,8 @@ class DecodeSimulator:
     def _read_back(self, layer: int, plan: LayerPlan, x: torch.Tensor, kind: str) -> torch.Tensor:
         """``x`` as the cache reads it back from codes (keys: whole groups only), float32."""
         G = self.G
-        sinks, rotation, fit = self._options
+        o = self._options
+        sinks, rotation, fit = o.sink_tokens, o.rotation, o.level_fit
         bits = plan.k_bits if kind == "k" else plan.v_bits
         shares = plan.k_shares if kind == "k" else plan.v_shares
         eta = float(self._eta.get(bits, 0.0))
@@ -281,7 +352,7 @@ class DecodeSimulator:
             if fit == "lsq":
                 scale, zero = quantize(grouped(x), bits, G, 0.0, fit, codes)[1:]
         # scale and zero point stored as the cache stores them: the activation dtype or metadata_dtype
-        md = quant.metadata_dtype(self.metadata_dtype, x.dtype)
+        md = quant.metadata_dtype(o.metadata_dtype, x.dtype)
         out = dequantize(codes, quant.to_metadata(scale, md), quant.to_metadata(zero, md), G).to(x.dtype)
         if sinks:
             out = torch.cat([x[:, :, :sinks], out[:, :, sinks:]], 2)[:, :, : out.shape[2]]
