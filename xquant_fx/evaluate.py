@@ -7,8 +7,13 @@
   flushed as they leave it, sharing layers reading their partner's codes.
 * **Agreement** with full precision: the fraction of those decode steps whose greedy (top-1)
   prediction equals the full-precision cache's on the same inputs.
-* **Retrieval**: a pass key hidden at several depths of a long filler text, asked for after it
-  and answered by greedy generation; a hit when the key's digits appear in the answer.
+* **Retrieval** (``k/N``): N pass-key prompts, a five-digit key said once, at one of several
+  depths of a repetitive filler text, at several prompt lengths (:func:`retrieval_cases`;
+  by default 8 depths from 0 to 0.875 of the filler at 512, 1024 and 2048 tokens: 24 cases,
+  seeded, the same for every config). Each prompt ends by starting the answer (``What is the pass
+  key? The pass key is``); it is prefilled into the config's cache but for its last token, and the
+  answer is decoded greedily one token at a time (:func:`retrieve`), so every key token is
+  predicted from the quantized cache. A hit when the greedy answer is the key's tokens.
 
 The corpus by default is CPython's own ``LICENSE.txt`` followed by the docstrings of a fixed list
 of standard-library modules: it ships with every CPython, so numbers reproduce on any machine with
@@ -27,11 +32,14 @@ import csv
 import hashlib
 import importlib
 import inspect
+import itertools
 import logging
 import math
 import os
+import random
 import re
 import sysconfig
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -85,9 +93,10 @@ class EvalRow:
 @dataclass(frozen=True)
 class RunInfo:
     """What an eval run's rows share and the table's header states: the model, the number of
-    scored tokens, the settings (``segments=8 segment_len=640 prefill=128 depths=0.1/0.5/0.9
-    filler=100 corpus=default``), the environment (``torch ..., transformers ..., fp32 CPU``) and
-    the date. Rows of runs that differ in anything but the date do not go into one table."""
+    scored tokens, the settings (``segments=8 segment_len=640 prefill=128
+    depths=0/0.125/.../0.875 lengths=512/1024/2048 seed=0 corpus=default``), the environment
+    (``torch ..., transformers ..., fp32 CPU``) and the date. Rows of runs that differ in anything
+    but the date do not go into one table."""
 
     model: str
     scored_tokens: int
@@ -96,12 +105,16 @@ class RunInfo:
     date: str
 
 
-def run_settings(segments: int, segment_len: int, prefill: int, depths, n_filler: int, text: str | None) -> str:
+def run_settings(segments: int, segment_len: int, prefill: int, depths, lengths, text: str | None,
+                 retrieval_seed: int = 0) -> str:
     """The settings string of :class:`RunInfo` (a custom corpus by its SHA-256 prefix)."""
     corpus = "default" if text is None else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:12]
-    depth_text = "/".join(f"{d:g}" for d in depths) if depths else "none"
-    return (f"segments={segments} segment_len={segment_len} prefill={prefill} depths={depth_text} "
-            f"filler={n_filler} corpus={corpus}")
+    if depths and lengths:
+        retrieval_text = (f"depths={'/'.join(f'{d:g}' for d in depths)} lengths={'/'.join(str(n) for n in lengths)} "
+                          f"seed={retrieval_seed}")
+    else:
+        retrieval_text = "depths=none"
+    return f"segments={segments} segment_len={segment_len} prefill={prefill} {retrieval_text} corpus={corpus}"
 
 
 def stamp(rows: list[EvalRow], run: RunInfo) -> list[EvalRow]:
@@ -138,28 +151,158 @@ def decode_nll(model, segments: torch.Tensor, xq: XQuantConfig, prefill: int, pr
     return torch.stack(nll, 1), torch.stack(top1, 1)
 
 
-PASSKEY = "68413"
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# ---------------------------------------------------------------------------------- pass-key retrieval
+# A cue, filler sentences repeated to the prompt length, the needle (one sentence, the key said once) at
+# a depth of the filler, and a question whose answer the prompt starts: the model's greedy continuation
+# must be the key. SmolLM2-135M answers all 24 default cases with the full-precision cache; a needle that
+# repeats the key ("Remember it. {key} is the pass key.") is easier for a quantized cache too, so it tells
+# caches apart less (benchmarks/retrieval_formats.py compares the formats).
+RETRIEVAL_INTRO = ("There is an important piece of information hidden in a lot of irrelevant text. Find it and "
+                   "memorize it. I will quiz you about it.\n\n")
+RETRIEVAL_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                    "There and back again.")
+RETRIEVAL_NEEDLE = " The pass key is {key}."
+RETRIEVAL_QUESTION = "\n\nWhat is the pass key? The pass key is"
+RETRIEVAL_LENGTHS = (512, 1024, 2048)
+RETRIEVAL_DEPTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
-def passkey_prompt(tokenizer, depth: float, n_filler: int, key: str = PASSKEY) -> torch.Tensor:
-    parts = [FILLER] * n_filler
-    parts.insert(int(round(depth * n_filler)), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    question = ("There is an important piece of information hidden in a lot of irrelevant text. Find it and "
-                "memorize it.\n\n" + "".join(parts) + "\n\nWhat is the pass key?")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt")
-    return ids if torch.is_tensor(ids) else ids["input_ids"]
+@dataclass(frozen=True)
+class RetrievalCase:
+    """One pass-key prompt of ``length`` tokens (``prompt``): the cue, ``filler_len`` tokens of
+    filler sentences (the first cut to fit) with the needle sentence (``needle_len`` tokens,
+    stating ``key``) inserted at token ``needle_start``, after the ``filler_before`` filler tokens
+    that make the sentence boundary nearest to ``depth`` of the filler (0: right after the cue, 1:
+    right before the question), then the question, ending with the start of the answer.
+    A hit when greedy decoding continues it with ``answer`` (the key's tokens)."""
+
+    length: int
+    depth: float
+    key: str
+    prompt: tuple[int, ...]
+    answer: tuple[int, ...]
+    needle_start: int
+    needle_len: int
+    filler_len: int
+    filler_before: int
+
+    @property
+    def filler_depth(self) -> float:
+        """The fraction of the filler that precedes the needle (``depth``, to a sentence)."""
+        return self.filler_before / self.filler_len if self.filler_len else 0.0
 
 
-def retrieval(model, tokenizer, xq: XQuantConfig, depths, n_filler: int, new_tokens: int = 12) -> list[bool]:
-    hits = []
-    for depth in depths:
-        ids = passkey_prompt(tokenizer, depth, n_filler).to(model.device)
-        cache = XQuantCache(model.config, xq, max_cache_len=ids.shape[1] + new_tokens)
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **{cache_argument(model): cache})
-        hits.append(PASSKEY in tokenizer.decode(out[0, ids.shape[1]:]))
-    return hits
+def _token_ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=special).input_ids
+    ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+    return ids[0] if ids and isinstance(ids[0], list) else ids
+
+
+def _split_answer(tokenizer, question: str, key: str) -> tuple[list[int], list[int]]:
+    """``(question ids, answer ids)``: the tokens of ``question + " " + key`` cut where the key's own
+    tokens start, so the prompt ends as that text's tokenization does (``" "`` is a token of its own
+    before digits in some tokenizers, part of the first digit's in others)."""
+    full = _token_ids(tokenizer, f"{question} {key}")
+    for head in (question + " ", question):
+        ids = _token_ids(tokenizer, head)
+        if full[: len(ids)] == ids and len(full) > len(ids):
+            return ids, full[len(ids):]
+    raise ValueError(f"this tokenizer does not split {question!r} + ' {key}' after the question: cannot cut the "
+                     "answer off the prompt")
+
+
+def retrieval_key(seed: int, length: int, depth: float) -> str:
+    """The case's five-digit pass key: a function of the seed, the length and the depth only, so a
+    case is the same whatever other lengths and depths run with it."""
+    return str(random.Random(f"xquant-retrieval:{seed}:{length}:{depth!r}").randrange(10_000, 100_000))
+
+
+def retrieval_cases(tokenizer, lengths=RETRIEVAL_LENGTHS, depths=RETRIEVAL_DEPTHS,
+                    seed: int = 0) -> list[RetrievalCase]:
+    """The pass-key cases, ``lengths x depths`` of them (length-major), each exactly ``length``
+    tokens long. ``ValueError`` when a length leaves no room for filler."""
+    intro = _token_ids(tokenizer, RETRIEVAL_INTRO, special=True)
+    sentences = [_token_ids(tokenizer, " " + s) for s in RETRIEVAL_FILLER]
+    cases = []
+    for length in lengths:
+        for depth in depths:
+            key = retrieval_key(seed, length, depth)
+            needle = _token_ids(tokenizer, RETRIEVAL_NEEDLE.format(key=key))
+            question, answer = _split_answer(tokenizer, RETRIEVAL_QUESTION, key)
+            n_filler = length - len(intro) - len(needle) - len(question)
+            if n_filler < 1:
+                raise ValueError(f"retrieval length {length}: too short, the prompt without filler takes "
+                                 f"{length - n_filler} tokens")
+            # Whole sentences, the first cut to the length: every place the needle can go (0 and
+            # each sentence's end) is a sentence boundary.
+            filler, ends = [], []
+            for i in itertools.count():
+                if len(filler) >= n_filler:
+                    break
+                filler += sentences[i % len(sentences)]
+                ends.append(len(filler))
+            cut = len(filler) - n_filler
+            filler = filler[cut:]
+            bounds = [0] + [e - cut for e in ends if e > cut]
+            before = min(bounds, key=lambda b: (abs(b - depth * n_filler), b))
+            prompt = intro + filler[:before] + needle + filler[before:] + question
+            cases.append(RetrievalCase(length=length, depth=depth, key=key, prompt=tuple(prompt), answer=tuple(answer),
+                                       needle_start=len(intro) + before, needle_len=len(needle), filler_len=n_filler,
+                                       filler_before=before))
+    return cases
+
+
+def retrieve(model, cases: list[RetrievalCase], xq: XQuantConfig, max_batch_tokens: int = 16384,
+             stop_early: bool = True, progress: bool = False) -> list[list[int]]:
+    """Greedy answers (token ids) of ``cases`` under decode conditions: cases of one length are run
+    as a batch (at most ``max_batch_tokens`` prompt tokens) through one :class:`XQuantCache`; all
+    but the prompt's last token are prefilled, then that token and each answer token so far are fed
+    alone, so every answer token, the first included, is predicted by a decode step that reads the
+    prompt from the quantized cache. Up to ``len(case.answer)`` tokens per case; with
+    ``stop_early`` a batch stops once every case in it has left its answer (fewer tokens then)."""
+    arg = cache_argument(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    batches = []
+    for length, group in itertools.groupby(range(len(cases)), key=lambda i: cases[i].length):
+        group = list(group)
+        size = max(1, max_batch_tokens // length)
+        batches += [group[i : i + size] for i in range(0, len(group), size)]
+    answers: list[list[int]] = [[] for _ in cases]
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"{xq.name} retrieval", leave=False)
+    with torch.no_grad():
+        for batch in batches:
+            if any(len(cases[i].prompt) != cases[batch[0]].length for i in batch):
+                raise ValueError("a retrieval batch must hold prompts of one length")
+            prompts = torch.tensor([cases[i].prompt for i in batch], device=model.device)
+            steps = max(len(cases[i].answer) for i in batch)
+            cache = XQuantCache(model.config, xq, max_batch_size=len(batch),
+                                max_cache_len=prompts.shape[1] + steps - 1)
+            if prompts.shape[1] > 1:
+                model(prompts[:, :-1], **keep, **{arg: cache})
+            token = prompts[:, -1:]
+            alive = [True] * len(batch)
+            for step in range(steps):
+                token = model(token, **{arg: cache}).logits[:, -1].argmax(-1, keepdim=True)
+                for row, i in enumerate(batch):
+                    answers[i].append(int(token[row]))
+                    want = cases[i].answer
+                    alive[row] = alive[row] and step < len(want) and answers[i][step] == want[step]
+                if stop_early and not any(alive):
+                    break
+    return answers
+
+
+def retrieval_hits(cases: list[RetrievalCase], answers: list[list[int]]) -> list[bool]:
+    """Whether each greedy answer starts with its case's key tokens."""
+    return [list(answer[: len(case.answer)]) == list(case.answer) for case, answer in zip(cases, answers)]
+
+
+def retrieval(model, cases: list[RetrievalCase], xq: XQuantConfig, progress: bool = False) -> list[bool]:
+    """Hits of ``cases`` under ``xq`` (:func:`retrieve`)."""
+    return retrieval_hits(cases, retrieve(model, cases, xq, progress=progress))
 
 
 def evaluate(
@@ -170,11 +313,13 @@ def evaluate(
     segments: int = 8,
     segment_len: int = 640,
     prefill: int = 128,
-    depths=(0.1, 0.5, 0.9),
-    n_filler: int = 100,
+    depths=RETRIEVAL_DEPTHS,
+    lengths=RETRIEVAL_LENGTHS,
     progress: bool = True,
+    retrieval_seed: int = 0,
 ) -> list[EvalRow]:
-    """One row per preset (``fp16`` first: the reference for Δppl and agreement)."""
+    """One row per preset (``fp16`` first: the reference for Δppl and agreement). Retrieval runs
+    the ``lengths x depths`` pass-key cases of :func:`retrieval_cases` (none when either is empty)."""
     configs = [_as_config(p) for p in presets]
     for xq in configs:
         if xq.prunes_experts:
@@ -192,9 +337,17 @@ def evaluate(
     if not 1 <= prefill <= min(window, segment_len - 1):
         raise ValueError(f"prefill={prefill}: must be in [1, min(residual_length of every config = {window}, "
                          f"segment_len - 1 = {segment_len - 1})]")
-    bad = [d for d in depths or () if not 0.0 <= d <= 1.0]
-    if bad or n_filler < 0:
-        raise ValueError(f"depths {list(depths or ())} / n_filler {n_filler}: depths in [0, 1], n_filler >= 0")
+    depths, lengths = tuple(depths or ()), tuple(lengths or ())
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths {list(depths)}: fractions of the filler, in [0, 1]")
+    if any(not isinstance(n, int) or n < 2 for n in lengths):
+        raise ValueError(f"lengths {list(lengths)}: prompt lengths, ints of at least 2 tokens")
+    # Built before any config runs: a length too short, or too long for the model, fails now.
+    cases = retrieval_cases(tokenizer, lengths, depths, retrieval_seed) if depths and lengths else []
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if cases and limit and max(c.length + len(c.answer) for c in cases) > limit:
+        raise ValueError(f"lengths {list(lengths)}: the model takes at most {limit} positions "
+                         "(max_position_embeddings), a prompt and its answer together")
     ids = tokenizer(text or default_corpus(), return_tensors="pt").input_ids[0]
     need = segments * segment_len
     if ids.numel() < need:
@@ -215,7 +368,9 @@ def evaluate(
         ppl = math.exp(nll.double().mean().item())
         ref_top1 = top1 if ref_top1 is None else ref_top1
         ref_ppl = ppl if ref_ppl is None else ref_ppl
-        hits = retrieval(model, tokenizer, xq, depths, n_filler) if depths else []
+        start = time.perf_counter()
+        hits = retrieval(model, cases, xq, progress) if cases else []
+        logger.info("%s: retrieval %d/%d in %.0f s", xq.name, sum(hits), len(hits), time.perf_counter() - start)
         rows.append(EvalRow(
             config=xq.name,
             code_bits=round(report["code_bits"], 4),

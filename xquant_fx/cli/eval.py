@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..config import METADATA_DTYPES, XQuantConfig
+from ..evaluate import RETRIEVAL_DEPTHS, RETRIEVAL_LENGTHS
 from .memory import spec_arg
 
 
@@ -21,8 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--segment-len", type=int, default=640)
     parser.add_argument("--prefill", type=int, default=128)
-    parser.add_argument("--depths", nargs="*", type=float, default=[0.1, 0.5, 0.9])
-    parser.add_argument("--filler", type=int, default=100, help="filler sentences of the pass-key prompt")
+    parser.add_argument("--depths", nargs="*", type=float, default=list(RETRIEVAL_DEPTHS), metavar="D",
+                        help="pass-key retrieval: where the key sits, as fractions of the filler text (0: first, "
+                             "1: last, before the question); each depth runs at each --retrieval-lengths "
+                             "(default: %(default)s); no values: no retrieval")
+    parser.add_argument("--retrieval-lengths", nargs="*", type=int, default=list(RETRIEVAL_LENGTHS), metavar="TOKENS",
+                        help="pass-key prompt lengths in tokens, up to the model's max_position_embeddings "
+                             "(default: %(default)s; retrieval costs about as many forward tokens as "
+                             "len(--depths) x their sum, per config); no values: no retrieval")
+    parser.add_argument("--retrieval-seed", type=int, default=0,
+                        help="seed of the pass keys (the same cases for every config of a run)")
     parser.add_argument("--out", type=Path, default=Path("eval-results"))
     parser.add_argument("--append", action="store_true",
                         help="merge the new rows into --out's eval.csv (a row of the same name is replaced in place, "
@@ -101,8 +110,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[str | None, str | None]:
         except RuntimeError as err:
             raise ValueError(str(err)) from None
     for name, value, low in (("--segments", args.segments, 1), ("--segment-len", args.segment_len, 2),
-                             ("--prefill", args.prefill, 1), ("--filler", args.filler, 0),
-                             ("--search-tokens", args.search_tokens, 2)):
+                             ("--prefill", args.prefill, 1), ("--search-tokens", args.search_tokens, 2),
+                             *(("--retrieval-lengths", n, 64) for n in args.retrieval_lengths)):
         if value < low:
             raise ValueError(f"{name} {value}: must be at least {low}")
     # Decode-condition scoring prefills at most the full-precision window of every config (fp16,
@@ -143,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     run = evaluate.RunInfo(
         model=name,
         scored_tokens=args.segments * (args.segment_len - args.prefill),
-        settings=evaluate.run_settings(args.segments, args.segment_len, args.prefill, args.depths, args.filler, text),
+        settings=evaluate.run_settings(args.segments, args.segment_len, args.prefill, args.depths,
+                                       args.retrieval_lengths, text, args.retrieval_seed),
         environment=f"torch {torch.__version__}, transformers {transformers.__version__}, fp32 CPU",
         date=str(datetime.date.today()),
     )
@@ -180,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         print(search.format_results(found), end="\n\n")
         configs += [result.config for result in found]
     rows = evaluate.stamp(evaluate.evaluate(model, tokenizer, configs, text, args.segments, args.segment_len,
-                                            args.prefill, args.depths, args.filler), run)
+                                            args.prefill, args.depths, args.retrieval_lengths,
+                                            retrieval_seed=args.retrieval_seed), run)
     meta = evaluate.meta_line(rows)
     try:
         table = evaluate.merge_rows(old_rows, rows)
