@@ -86,9 +86,14 @@ def write(rows: list[dict], args, scored: int) -> None:
                      headers=("config", "code bits", "stored bits (bf16, 8k)", "ppl", "ppl / fp", "Δppl %",
                               "KL nats/token", "s"), tablefmt="github")
     args.out.with_suffix(".md").write_text(f"# Ablation, {meta}\n\nCommand: `{command}`\n\n{table}\n")
-    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+    write_csv(args.out.with_suffix(".csv"), meta, command, FIELDS, rows)
+
+
+def write_csv(path: Path, meta: str, command: str, fields, rows: list[dict]) -> None:
+    """``rows`` as CSV under two comment lines: the run's settings and the command that made it."""
+    with open(path, "w", newline="") as f:
         f.write(f"# {meta}\n# command: {command}\n")
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 

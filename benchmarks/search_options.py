@@ -17,7 +17,6 @@ Writes ``<out>.md`` and ``<out>.csv`` (date, versions, command, per-layer plans,
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import logging
 import math
@@ -30,6 +29,9 @@ import transformers
 
 from xquant_fx import XQuantCache, evaluate, smollm2
 from xquant_fx.config_search import DecodeSimulator, calibration_text, check_disjoint, search
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_ablation import write_csv  # noqa: E402
 
 FIELDS = ("budget", "options", "config", "sink_tokens", "rotation", "level_fit", "metadata_dtype", "eta", "code_bits",
           "stored_bits", "ppl", "ppl_ratio", "delta_ppl_pct", "kl", "calib_kl", "search_s", "eval_s", "k_bits",
@@ -119,11 +121,7 @@ def write(rows: list[dict], reports: list[str], args, scored: int, ref_ppl: floa
     args.out.with_suffix(".md").write_text(
         f"# Searched configs with quality options, {meta}\n\nCommand: `{command}`\n\n{table}\n\n"
         f"## Search reports (calibration text)\n\n{body}\n")
-    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-        f.write(f"# {meta}\n# command: {command}\n")
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out.with_suffix(".csv"), meta, command, FIELDS, rows)
 
 
 if __name__ == "__main__":
