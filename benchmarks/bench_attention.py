@@ -5,6 +5,7 @@ Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
     python benchmarks/bench_attention.py [--out benchmarks/results] [--quick]
         [--variants mma,warps-t,warps-t@64,warps,packed,generic] [--time-budget 330]
     python benchmarks/bench_attention.py --profile mma     # one shape, for ncu (see profile())
+    python benchmarks/bench_attention.py --options         # decode cost of the quality options
 
 1. Checks the kernels against the ``xquant_fx.quant`` reference on the GPU (asserts): the write
    kernel bit-exact over several decode steps; fused attention, every variant of ``--variants``,
@@ -31,6 +32,14 @@ Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
    points, window, q; the bf16 cache for SDPA) over its time; ``%copy`` compares with step 2.
    Configurations still untimed when ``--time-budget`` seconds have passed are skipped (and
    listed), so that one run stays within about six minutes.
+
+``--options`` instead measures what each quality option of ``XQuantConfig`` costs a decode step
+(``xquant-1.38`` layout, K2/V1, through the ops a compiled model calls): the attend op plain, with
+4 and 8 sink tokens, with float8 metadata, with the Hadamard rotation moved onto the query and the
+output (``xquant::hadamard`` twice, as the fuse pass places it), and all together; and the write:
+the append kernel (min-max levels) against the torch write with min-max and with least-squares
+levels (``level_fit="lsq"`` stays on the torch write), eager and compiled. It checks the options'
+attend against ``quant`` first and writes ``attention_options.md`` / ``.csv``.
 
 Caches are filled with random codes and scales (no write path for 128k tokens). Writes
 ``attention.md`` and ``attention.csv`` into ``--out`` (GPU, date, versions, registers of each
@@ -386,6 +395,152 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
     return rows
 
 
+OPTION_SHAPES = ((1, 4096), (8, 32768), (32, 32768))
+
+
+def with_options(st: dict, b: int, sinks: int, fp8: bool, device, seed: int = 0) -> tuple[dict, dict]:
+    """``st`` with float8 metadata if ``fp8`` (clamped as the cache stores it), and the sink
+    buffers ``k_sink`` / ``v_sink [b, Hkv, sinks, D]`` as attend keyword arguments."""
+    if fp8:
+        st = {name: quant.to_metadata(t, torch.float8_e4m3fn) if name.endswith(("scale", "zero")) else t
+              for name, t in st.items()}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    extra = {}
+    if sinks:
+        extra = {name: torch.randn(b, HKV, sinks, D, generator=gen, device=device).to(DTYPE)
+                 for name in ("k_sink", "v_sink")}
+    return st, extra
+
+
+def check_options(device) -> None:
+    """The attend op with sinks, float8 metadata and both, against ``quant`` (asserts)."""
+    kb, vb, _, _ = LAYOUTS["k2v1"]
+    for sinks, fp8, n in ((4, False, 3001), (0, True, 3001), (8, True, 777), (8, True, 5)):
+        st, extra = with_options(make_storage(2, 4096, kb, vb, device, seed=n), 2, sinks, fp8, device, seed=n)
+        q = torch.randn(2, HQ, 1, D, device=device, dtype=DTYPE)
+        nt = torch.tensor(n, device=device)
+        length = st["v_scale"].shape[2] + R
+        keys = quant.read_keys(st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G, length)
+        values = quant.read_values(st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], nt, vb, G, length)
+        if sinks:
+            keys, values = quant.merge_sink(keys, extra["k_sink"]), quant.merge_sink(values, extra["v_sink"])
+        ref = quant.attend(q, keys, values, nt, D**-0.5)
+        got = torch.ops.xquant.attend(q, *storage_args(st), nt, kb, vb, G, D**-0.5, **extra)
+        err = rel_err(got, ref)
+        assert err < 2e-2, f"attend with {sinks} sinks, fp8={fp8}, n={n}: rel err {err:.3g}"
+    print("option checks passed: attend with sinks / float8 metadata within 2e-2 of quant", flush=True)
+
+
+def bench_options(device, copy_gbps: float, time_budget: float, started: float) -> tuple[list[dict], list[str]]:
+    """Decode cost of each quality option (see the module docstring); rows and skipped shapes."""
+    kb, vb, k_eta, v_eta = LAYOUTS["k2v1"]
+    rows, skipped = [], []
+    hadamard = torch.ops.xquant.hadamard
+
+    def torch_write(kn, vn, pos, st, fit):
+        quant.append_key(kn, pos, st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], kb, G, k_eta, fit)
+        quant.append_value(vn, pos, st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], vb, G, v_eta, fit)
+
+    compiled_writes = {fit: torch.compile(torch_write, fullgraph=True, dynamic=True) for fit in ("minmax", "lsq")}
+    for b, ctx in OPTION_SHAPES:
+        if time.time() - started > time_budget:
+            skipped.append(f"batch {b} context {ctx // 1024}k (time budget)")
+            continue
+        n = torch.tensor(ctx, device=device)
+        q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
+        base = make_storage(b, ctx, kb, vb, device, seed=b + ctx)
+        nbytes = quant_read_bytes(b, ctx, kb, vb)
+        plain_us = None
+        for label, sinks, fp8, rotate in (("plain", 0, False, False), ("4 sinks", 4, False, False),
+                                          ("8 sinks", 8, False, False), ("float8 metadata", 0, True, False),
+                                          ("hadamard", 0, False, True),
+                                          ("4 sinks + hadamard + float8", 4, True, True)):
+            st, extra = with_options(base, b, sinks, fp8, device)
+            args = storage_args(st)
+
+            def step(args=args, extra=extra, rotate=rotate):
+                qq = hadamard(q) if rotate else q
+                out = torch.ops.xquant.attend(qq, *args, n, kb, vb, G, D**-0.5, **extra)
+                return hadamard(out) if rotate else out
+
+            us = time_graph(step)
+            plain_us = plain_us or us
+            meta_bytes = 0 if not fp8 else -(2 * math.ceil(max(ctx - R, 0) / G) * D
+                                             + 2 * max(ctx - R, 0) * (D // G)) * b * HKV  # one byte per value less
+            rows.append(dict(method="attend", option=label, batch=b, context=ctx, us=us, vs_plain=us / plain_us,
+                             gbps=(nbytes + meta_bytes) / (us * 1e-6) / 1e9,
+                             pct_copy=100 * (nbytes + meta_bytes) / (us * 1e-6) / 1e9 / copy_gbps))
+        # The write of one decode step (all KV heads), at a position that completes a key group.
+        kn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
+        vn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
+        pos = torch.tensor(ctx - G, device=device)  # pos - R starts a key group: the write quantizes it
+        st = {name: t.clone() for name, t in base.items()}
+        args = storage_args(st)
+
+        def write(fit, compiled=False):
+            fn = compiled_writes[fit] if compiled else torch_write
+            return lambda: fn(kn, vn, pos, st, fit)
+
+        writes = [("append kernel (min-max)",
+                   lambda: torch.ops.xquant.append_token(kn, vn, pos, *args, kb, vb, G, k_eta, v_eta)),
+                  ("torch write, min-max, eager", write("minmax")),
+                  ("torch write, lsq, eager", write("lsq")),
+                  ("torch write, min-max, compiled", write("minmax", True)),
+                  ("torch write, lsq, compiled", write("lsq", True))]
+        kernel_us = None
+        for label, fn in writes:
+            try:
+                us = time_graph(fn)
+            except Exception as exc:  # noqa: BLE001  (report, do not abort the run)
+                print(f"  write {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+                continue
+            kernel_us = kernel_us or us
+            rows.append(dict(method="append", option=label, batch=b, context=ctx, us=us, vs_plain=us / kernel_us,
+                             gbps=float("nan"), pct_copy=float("nan")))
+        for row in rows[-len(writes) - 6:]:
+            if row["batch"] == b and row["context"] == ctx:
+                print(f"  {row['method']:>6} {row['option']:>32} b={b:<3} ctx={ctx:<6} {row['us']:9.1f} us  "
+                      f"x{row['vs_plain']:5.2f}", flush=True)
+        del base, st, args
+        torch.cuda.empty_cache()
+    return rows, skipped
+
+
+def write_options(rows, meta, skipped, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = ["method", "option", "batch", "context", "us", "vs_plain", "gbps", "pct_copy"]
+    with open(out_dir / "attention_options.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["gpu", "date", "torch", "triton", "copy_gbps", *fields])
+        for row in rows:
+            writer.writerow([meta["gpu"], meta["date"], meta["torch"], meta["triton"], f"{meta['copy_gbps']:.0f}",
+                             *[f"{row[f]:.2f}" if isinstance(row[f], float) else row[f] for f in fields]])
+    lines = [
+        "# Decode cost of the quality options (xquant-1.38 layout: K2/V1, Llama-3-8B attention shapes)",
+        "",
+        f"GPU {meta['gpu']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
+        f"Copy bandwidth {meta['copy_gbps']:.0f} GB/s. Each row one CUDA graph, median of "
+        "`triton.testing.do_bench` (L2 flushed). `attend` rows: one layer's attention op as a compiled "
+        "model calls it (`hadamard`: plus `xquant::hadamard` on the query and the output); "
+        "x = time over the plain row. `append` rows: one layer's decode-step write at a position that "
+        "quantizes a key group; x = time over the append kernel.",
+        "",
+        "Command: `python benchmarks/bench_attention.py --options`.",
+        "",
+    ]
+    if skipped:
+        lines += ["Skipped: " + ", ".join(skipped) + ".", ""]
+    lines += ["| op | option | batch | context | µs | × plain | % copy BW |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        pct = "" if math.isnan(row["pct_copy"]) else f"{row['pct_copy']:.0f}"
+        lines.append(f"| {row['method']} | {row['option']} | {row['batch']} | {row['context'] // 1024}k | "
+                     f"{row['us']:.1f} | {row['vs_plain']:.2f} | {pct} |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "attention_options.md").write_text(table)
+    return table
+
+
 def write_results(rows, meta, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = ["method", "batch", "context", "us", "speedup", "bytes", "gbps", "pct_copy", "note"]
@@ -452,6 +607,8 @@ def main(argv=None) -> int:
                         help="seconds after which configurations still untimed are skipped")
     parser.add_argument("--no-compile-check", action="store_true")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not for reports)")
+    parser.add_argument("--options", action="store_true",
+                        help="only the decode cost of the quality options (sinks, float8 metadata, rotation, lsq)")
     parser.add_argument("--profile", metavar="SPEC",
                         help="only run variant SPEC at batch 8, 128k, five times, no CUDA graph (for ncu)")
     args = parser.parse_args(argv)
@@ -471,6 +628,13 @@ def main(argv=None) -> int:
     meta = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
                 torch=torch.__version__, triton=triton.__version__, stats={}, skipped=[])
     print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']} variants {variants}", flush=True)
+    if args.options:
+        check_options(device)
+        meta["copy_gbps"] = copy_bandwidth(device)
+        rows, skipped = bench_options(device, meta["copy_gbps"], args.time_budget, started)
+        print(write_options(rows, meta, skipped, args.out))
+        print(f"total {time.time() - started:.0f} s")
+        return 0
 
     if not args.skip_checks:
         check_kernels(device, variants)
