@@ -193,3 +193,66 @@ def test_kernel_analysis_is_memoized_per_signature(monkeypatch):
     assert len(calls) == 5
     assert getattr(wrap, name) is before  # restored after the block
     assert backend._analysis_key(Foreign(), ours, {}) is None
+
+
+@pytest.mark.parametrize("mode, options, whole", [
+    (None, {}, False),
+    ("reduce-overhead", {}, True),
+    (None, {"triton.cudagraphs": True}, True),
+    ("reduce-overhead", {"xquant_inline_kernels": True}, False),
+    (None, {"xquant_inline_kernels": False}, True),
+])
+def test_ops_stay_whole_under_cuda_graphs_unless_told(monkeypatch, mode, options, whole):
+    """With CUDA graphs the backend keeps each ``triton_op`` one call (no trace of its launch
+    code); otherwise, or when told, Inductor traces into it."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from xquant_fx.backend import xquant
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.append((torch._functorch.config.decompose_custom_triton_ops, dict(config_patches)))
+        return gm
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    xquant(gm, [torch.randn(1, 2)], mode=mode, options=dict(options))
+    assert seen[0][0] is (not whole)
+    assert "xquant_inline_kernels" not in seen[0][1]  # the backend's own option is not Inductor's
+    assert torch._functorch.config.decompose_custom_triton_ops  # restored
+
+
+def test_whole_ops_are_reinplaced_on_the_cache_and_match_eager(monkeypatch):
+    """The kernel path (interpreter) compiled with the ops whole: each layer's write is one
+    ``append_token`` call on the cache's own buffers (no copy of them in the generated code), each
+    attention one ``attend`` call, and the tokens equal eager decoding through the same ops."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
+    model = mini_model("llama", num_hidden_layers=2)
+    ids = torch.randint(1, 128, (2, 170), generator=torch.Generator().manual_seed(1))
+    arg = cache_argument(model)
+
+    def decode(step, steps=3):
+        cache = XQuantCache(model.config, "kivi-2", max_cache_len=176, max_batch_size=2)  # > the 128-token window
+        with torch.no_grad():
+            token = model(ids, **{arg: cache}).logits[:, -1:].argmax(-1)
+            codes = cache.layers[0].storage["k_codes"]  # allocated by the first write
+            tokens = [token]
+            for i in range(steps):
+                pos = torch.tensor([[170 + i]]).expand(2, 1)
+                token = step(token, position_ids=pos, **{arg: cache}).logits[:, -1:].argmax(-1)
+                tokens.append(token)
+        assert cache.layers[0].storage["k_codes"] is codes
+        return torch.cat(tokens, 1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="xquant", options={"xquant_inline_kernels": False},
+                             fullgraph=True)
+    got, codes = run_and_get_code(decode, compiled)
+    assert torch.equal(got, decode(model.forward))
+    code = "\n".join(codes)
+    assert code.count("torch.ops.xquant.append_token.default(") == 2
+    assert code.count("torch.ops.xquant.attend.default(") == 2
+    assert ".clone()" not in code and "aten.copy_" not in code

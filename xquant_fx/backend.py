@@ -9,6 +9,8 @@ Inductor (``mode="reduce-overhead"`` gives CUDA graphs), except the backend's ow
   :class:`xquant_fx.XQuantConfig`), or ``moe_plan`` (what :func:`xquant_fx.optimize` passes): the
   expert pruning of :mod:`xquant_fx.passes.prune_moe_router`;
 * ``xquant_verbose``: print the passes' hits for every graph compiled;
+* ``xquant_inline_kernels``: whether Inductor traces into the ``xquant::`` ops (below); default:
+  not under CUDA graphs (``reduce-overhead``, ``max-autotune``), yes otherwise;
 * ``mode``: as torch.compile's ``mode`` (which torch.compile does not take together with options).
 
 Inductor caches compiled graphs on disk, keyed by the graph it is given, and that graph names the
@@ -18,7 +20,19 @@ and :func:`xquant_fx.export`, hand Inductor a no-op post-grad pass whose ``uuid`
 package's sources (:func:`source_stamp`); Inductor puts that uuid into its cache keys. A user's own
 ``post_grad_custom_pre_pass`` is left in place (and the stamp is then not added).
 
-Compile time: for every launch of a user-defined Triton kernel in a graph, Inductor asks Triton
+Compile time, and the ops as opaque calls: the ``xquant::`` ops are ``triton_op``\ s, which
+Inductor normally traces into (their Python launch code runs under fake tensors, twice, once per
+call site: 64 sites in a 32-layer decode step) so that it can launch the Triton kernels itself.
+Under CUDA graphs that buys nothing at run time: the launch code runs once, at capture, and the
+replay is the same kernels either way. So with CUDA graphs the backend compiles with
+``torch._functorch.config.decompose_custom_triton_ops`` off (the switch ``torch.export`` uses to
+keep them whole): each op stays one extern call, its register_fake gives the shapes, and its
+declared mutations are reinplaced on the cache buffers like any in-place op (no copies: checked in
+the tests on the generated code). Without CUDA graphs the launch code would run every step, so
+there Inductor inlines the kernels. ``xquant_fx.export`` always inlines (AOTInductor must embed the
+kernels). ``options={"xquant_inline_kernels": ...}`` overrides the choice.
+
+When the kernels are inlined: for every launch of a user-defined Triton kernel in a graph, Inductor asks Triton
 for the kernel's TTIR and walks it to learn which tensor arguments the launch writes, twice (while
 tracing with fake tensors and while lowering). A decode step launches the same few ``xquant``
 kernels with the same constants in every layer, so a 32-layer step repeated that analysis ~250
@@ -150,6 +164,7 @@ def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, op
     patches = dict(options or {})
     mode = mode or patches.pop("mode", None)  # torch.compile refuses mode and options together
     verbose = bool(patches.pop("xquant_verbose", False))
+    inline = patches.pop("xquant_inline_kernels", None)
     ctx = PassContext(moe=plan_from_options(patches))
     graph_report = PassReport()
     run_passes(gm, graph_report, ctx=ctx)
@@ -163,8 +178,19 @@ def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, op
 
     if mode and mode != "default":
         patches = {**torch._inductor.list_mode_options(mode), **patches}
-    with memoized_kernel_analysis():
+    if inline is None:
+        inline = not patches.get("triton.cudagraphs", False)
+    with memoized_kernel_analysis(), _kernels_inlined(bool(inline)):
         return compile_fx(gm, example_inputs, config_patches=with_source_stamp(patches))
+
+
+def _kernels_inlined(inline: bool):
+    """Within the block, AOTAutograd traces into the ``triton_op``\ s (``inline``) or keeps each
+    one whole (module docstring). A torch without the switch always inlines."""
+    config = torch._functorch.config
+    if inline or not hasattr(config, "decompose_custom_triton_ops"):
+        return contextlib.nullcontext()
+    return config.patch(decompose_custom_triton_ops=False)
 
 
 def register() -> None:
