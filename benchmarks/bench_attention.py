@@ -507,14 +507,8 @@ def bench_options(device, copy_gbps: float, time_budget: float, started: float) 
 
 
 def write_options(rows, meta, skipped, out_dir: Path) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["method", "option", "batch", "context", "us", "vs_plain", "gbps", "pct_copy"]
-    with open(out_dir / "attention_options.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["gpu", "date", "torch", "triton", "copy_gbps", *fields])
-        for row in rows:
-            writer.writerow([meta["gpu"], meta["date"], meta["torch"], meta["triton"], f"{meta['copy_gbps']:.0f}",
-                             *[f"{row[f]:.2f}" if isinstance(row[f], float) else row[f] for f in fields]])
+    write_csv(out_dir / "attention_options.csv", meta, rows,
+              ["method", "option", "batch", "context", "us", "vs_plain", "gbps", "pct_copy"])
     lines = [
         "# Decode cost of the quality options (xquant-1.38 layout: K2/V1, Llama-3-8B attention shapes)",
         "",
@@ -541,15 +535,20 @@ def write_options(rows, meta, skipped, out_dir: Path) -> str:
     return table
 
 
-def write_results(rows, meta, out_dir: Path) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fields = ["method", "batch", "context", "us", "speedup", "bytes", "gbps", "pct_copy", "note"]
-    with open(out_dir / "attention.csv", "w", newline="") as fh:
+def write_csv(path: Path, meta: dict, rows: list[dict], fields: list[str]) -> None:
+    """``rows`` (their ``fields``) as CSV, each row prefixed with the run's GPU, date and versions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["gpu", "date", "torch", "triton", "copy_gbps", *fields])
         for row in rows:
             writer.writerow([meta["gpu"], meta["date"], meta["torch"], meta["triton"], f"{meta['copy_gbps']:.0f}",
                              *[f"{row[f]:.2f}" if isinstance(row[f], float) else row[f] for f in fields]])
+
+
+def write_results(rows, meta, out_dir: Path) -> str:
+    write_csv(out_dir / "attention.csv", meta, rows,
+              ["method", "batch", "context", "us", "speedup", "bytes", "gbps", "pct_copy", "note"])
     lines = [
         "# Decode attention, Llama-3-8B shapes (32 q / 8 kv heads, head_dim 128, Lq = 1, n = context)",
         "",
