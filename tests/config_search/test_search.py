@@ -404,3 +404,21 @@ def test_eval_command_searches_and_evaluates(tmp_path, monkeypatch, capsys):
     assert "Calibration text" in (tmp_path / "search.md").read_text()
     assert cli_main(["eval", "--search", "0.1", "--out", str(tmp_path)]) == 2
     assert "below the minimum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, expected", [([], "search"), (["--search-metadata-dtype", "model"], None),
+                                            (["--search-metadata-dtype", "float8_e4m3fn"], "float8_e4m3fn")])
+def test_eval_command_searches_the_metadata_dtype_by_default(tmp_path, monkeypatch, flag, expected):
+    """``eval --search`` leaves the metadata dtype to the search (float8 tried under a stored budget)
+    unless the command fixes it."""
+    from xquant_fx import config_search, smollm2
+
+    model = mini_model("llama", num_hidden_layers=2)
+    monkeypatch.setattr(smollm2, "load", lambda dtype=None: (model, ByteTokenizer()))
+    seen = {}
+    monkeypatch.setattr(config_search, "search", lambda *args, **kwargs: seen.update(kwargs) or [])
+    monkeypatch.setattr(config_search, "format_results", lambda found: "")
+    args = ["eval", "--presets", "fp16", "--segments", "1", "--segment-len", "160", "--prefill", "64", "--depths",
+            "--search", "1.4", "--search-stored", "2.1", "--out", str(tmp_path), *flag]
+    assert cli_main(args) == 0
+    assert seen["metadata_dtype"] == expected and seen["stored_budget_bits"] == 2.1

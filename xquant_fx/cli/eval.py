@@ -47,8 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-tokens", type=int, default=384, help="calibration tokens of the search")
     parser.add_argument("--search-stored", type=float, default=None, metavar="BITS",
                         help="also bound the searched configs' stored bits (bf16, 8k tokens)")
-    parser.add_argument("--search-metadata-dtype", default=None, choices=METADATA_DTYPES,
-                        help="searched configs store scales and zero points so (default: the model dtype)")
+    parser.add_argument("--search-metadata-dtype", default="search", choices=("search", "model", *METADATA_DTYPES),
+                        help="how searched configs store scales and zero points: 'search' (default) tries float8 "
+                             "when --search-stored bounds the stored bits, else keeps the model dtype; 'model' or "
+                             "a dtype fixes it")
+
+
+def _metadata_choice(value: str):
+    """``--search-metadata-dtype`` as :func:`xquant_fx.search` takes it (``"model"``: None)."""
+    return None if value == "model" else value
 
 
 def _budget_list(text: str) -> list[float]:
@@ -187,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
         search.check_disjoint(calibration, text or evaluate.default_corpus())
         found = search.search(model, args.search, tokenizer, text=search_text,
                               tokens=args.search_tokens, stored_budget_bits=args.search_stored,
-                              metadata_dtype=args.search_metadata_dtype, progress=True)
+                              metadata_dtype=_metadata_choice(args.search_metadata_dtype),
+                              progress=True)
         print(search.format_results(found), end="\n\n")
         configs += [result.config for result in found]
     rows = evaluate.stamp(evaluate.evaluate(model, tokenizer, configs, text, args.segments, args.segment_len,
