@@ -266,7 +266,7 @@ def check_kernels(device, variants: list[str]) -> None:
         err = rel_err(torch.ops.xquant.attend(q, *storage_args(st), nt, kb, vb, G, D**-0.5, mask), ref)
         assert err < 2e-2, f"attend op with a {mask.dtype} mask: rel err {err:.3g}"
         if mask.dtype == torch.bool:
-            for spec in (spec for spec in variants if not spec.startswith("mma")):  # mma: no mask (op falls back)
+            for spec in variants:
                 err = rel_err(run_variant(spec, q, storage_args(st), nt, kb, vb, mask=mask), ref)
                 assert err < 2e-2, f"attend {spec} with a bool mask: rel err {err:.3g}"
     print("checks passed: append bit-exact, attend within 2e-2 (every variant, with and without masks)", flush=True)
@@ -331,10 +331,13 @@ def dequant_temp_bytes(b: int, ctx: int) -> int:
     return 24 * b * HKV * ctx * D
 
 
-def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str], stats: dict) -> list[dict]:
+def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str], stats: dict,
+                 with_mask: bool = False) -> list[dict]:
     rows = []
     n = torch.tensor(ctx, device=device)
     q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
+    # transformers' decode mask over a cache without padding: [b, 1, 1, ctx], all True
+    mask = torch.ones(b, 1, 1, ctx, device=device, dtype=torch.bool) if with_mask else None
 
     def add(method, us, nbytes, note=""):
         rows.append(dict(method=method, batch=b, context=ctx, us=us, bytes=nbytes,
@@ -355,17 +358,18 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
         capacity = st["v_scale"].shape[2] + R
         for spec in variants if name == "k2v1" else variants[:1]:
             variant, config = parse_variant(spec)
-            us = time_graph(lambda: run_variant(spec, q, args, n, kb, vb))
+            us = time_graph(lambda: run_variant(spec, q, args, n, kb, vb, mask=mask))
             cfg = config or attend_kernels.block_config(variant, 8 if variant == "warps-t" else 16, D, D, kb)
             ctas = attend_kernels.MMA_CTAS_PER_SM if variant == "mma" else cfg.ctas_per_sm
             splits = attend_kernels.num_splits(b * HKV, capacity, device, ctas)
             key = (spec, name)
             if key not in stats:
                 if variant == "mma":  # its own kernel (run 35's table showed another kernel's numbers here)
-                    stats[key] = kernel_stats(attend_kernels.attend_mma._attend_mma_kernel, KB=kb, VB=vb)
+                    stats[key] = kernel_stats(attend_kernels.attend_mma._attend_mma_kernel, KB=kb, VB=vb,
+                                              HAS_MASK=with_mask)
                 else:
                     stats[key] = kernel_stats(
-                        attend_kernels._attend_kernel, BLOCK_N=cfg.block_n, KB=kb, VB=vb, HAS_MASK=False,
+                        attend_kernels._attend_kernel, BLOCK_N=cfg.block_n, KB=kb, VB=vb, HAS_MASK=with_mask,
                         WARP_SPLIT=cfg.num_warps if variant.startswith("warps") else 0,
                         TRANSPOSED=variant.endswith("-t"), PACKED=not variant.startswith("generic"))
             add(f"attend-{name}/{spec}", us, quant_read_bytes(b, ctx, kb, vb), f"{splits} splits")
@@ -555,7 +559,8 @@ def write_results(rows, meta, out_dir: Path) -> str:
         f"GPU {meta['gpu']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
         f"Copy bandwidth {meta['copy_gbps']:.0f} GB/s (read + write). G={G}, R={R}, bf16.",
         "",
-        f"Checks: {meta['checks']}. Compile: {meta['compile']}.",
+        f"Checks: {meta['checks']}. Compile: {meta['compile']}. "
+        f"Attend calls {'with' if meta.get('mask') else 'without'} a decode mask (bool [b, 1, 1, n], all True).",
         "",
         "Stage-1 kernels: " + "; ".join(f"{spec} ({layout}): {s}" for (spec, layout), s in meta["stats"].items()) + ".",
         "",
@@ -606,6 +611,8 @@ def main(argv=None) -> int:
                         help="seconds after which configurations still untimed are skipped")
     parser.add_argument("--no-compile-check", action="store_true")
     parser.add_argument("--skip-checks", action="store_true", help="skip the correctness checks (not for reports)")
+    parser.add_argument("--mask", action="store_true",
+                        help="attend calls take transformers' decode mask (bool [b, 1, 1, n], all True), as in a model")
     parser.add_argument("--options", action="store_true",
                         help="only the decode cost of the quality options (sinks, float8 metadata, rotation, lsq)")
     parser.add_argument("--profile", metavar="SPEC",
@@ -625,7 +632,7 @@ def main(argv=None) -> int:
         return profile(args.profile, device)
     started = time.time()
     meta = dict(gpu=torch.cuda.get_device_name(device), date=datetime.date.today().isoformat(),
-                torch=torch.__version__, triton=triton.__version__, stats={}, skipped=[])
+                torch=torch.__version__, triton=triton.__version__, stats={}, skipped=[], mask=args.mask)
     print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']} variants {variants}", flush=True)
     if args.options:
         check_options(device)
@@ -657,7 +664,7 @@ def main(argv=None) -> int:
                 meta["skipped"].append(f"batch {b} context {ctx // 1024}k (time budget)")
                 print(f"skip batch {b} context {ctx}: past the time budget", flush=True)
                 continue
-            config_rows = bench_config(b, ctx, device, meta["copy_gbps"], variants, meta["stats"])
+            config_rows = bench_config(b, ctx, device, meta["copy_gbps"], variants, meta["stats"], args.mask)
             for row in config_rows:
                 print(f"  {row['method']:>26} b={b:<3} ctx={ctx:<7} {row['us']:9.1f} us  "
                       f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s  {row['note']}", flush=True)

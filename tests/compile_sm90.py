@@ -133,7 +133,7 @@ def scenarios():
 def attend_scenarios():
     """The ``mma`` variant of decode attention (stage 1 on raw codes, then the tail and merge
     kernels) at the layouts it takes: K2/V1 and K2/V2 in bf16 and fp16, float8 metadata, 1-bit
-    keys, head_dim 64, GQA 1 and 8, Lq 2. Prints each stage-1 compile's registers and spills."""
+    keys, head_dim 64, GQA 1 and 8, Lq 2, with a bool or additive mask and sinks. Prints each stage-1 compile's registers and spills."""
     import math
 
     def storage(b, h, d, kb, vb, dtype, meta=None, T=4096, G=32, R=128):
@@ -152,6 +152,16 @@ def attend_scenarios():
         yield (f"attend mma K{kb}/V{vb} {dtype} meta {meta} d{d} gqa{gqa} lq{lq}",
                lambda q=q, st=storage(2, 8, d, kb, vb, dtype, meta), kb=kb, vb=vb: attend.attend(
                    q, *st, torch.tensor(3000), kb, vb, 32, 0.1, variant="mma", splits=3))
+    # Model decode steps: transformers' mask (bool, or additive), sink tokens.
+    for kb, vb, dtype, mask_dtype, sinks in ((2, 1, bf16, torch.bool, 4), (2, 2, fp16, fp16, 0)):
+        q = torch.zeros(2, 32, 1, 128, dtype=dtype)
+        mask = torch.ones(2, 1, 1, 4000, dtype=torch.bool)
+        mask = mask if mask_dtype == torch.bool else torch.zeros(mask.shape, dtype=mask_dtype)
+        sink = {"k_sink": torch.zeros(2, 8, sinks, 128, dtype=dtype),
+                "v_sink": torch.zeros(2, 8, sinks, 128, dtype=dtype)} if sinks else {}
+        yield (f"attend mma K{kb}/V{vb} {dtype} {mask_dtype} mask, {sinks} sinks",
+               lambda q=q, st=storage(2, 8, 128, kb, vb, dtype), kb=kb, vb=vb, mask=mask, sink=sink: attend.attend(
+                   q, *st, torch.tensor(3000), kb, vb, 32, 0.1, mask, variant="mma", splits=3, **sink))
 
 
 def main() -> int:

@@ -319,6 +319,8 @@ MASK_CASES = [
     pytest.param(333, 1, 2, 4, 1, torch.float16, "heads", 336, "warps-t", id="per-head-bool"),
     pytest.param(290, 1, 4, 2, 1, torch.bfloat16, "strided", 300, "generic", id="strided-float-generic"),
     pytest.param(371, 1, 4, 2, 1, torch.bfloat16, "long", 700, None, id="mask-longer-than-capacity"),
+    pytest.param(371, 1, 4, 2, 1, torch.bfloat16, "bool", 380, "mma", id="bool-leftpad-mma"),
+    pytest.param(250, 1, 4, 1, 2, torch.float16, "finfo", 260, "mma", id="additive-finfo-mma"),
 ]
 
 
@@ -363,6 +365,8 @@ SINK_CASES = [
     pytest.param(3, 2, 2, 2, 1, 6, torch.float16, None, None, id="n3-lq2-fewer-tokens-than-sinks"),
     pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, None, "bool", id="n371-s4-left-padding"),
     pytest.param(250, 2, 4, 1, 2, 4, torch.float16, "warps-t", "finfo", id="n250-s4-additive-finfo"),
+    pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, "mma", "bool", id="n371-s4-left-padding-mma"),
+    pytest.param(200, 2, 2, 1, 2, 8, torch.float16, "mma", None, id="n200-lq2-s8-mma"),
 ]
 
 
@@ -411,8 +415,20 @@ def test_attend_sink_arguments_are_checked(kernels):
         kernels.attend.attend(*args, k_sink=sink)
     with pytest.raises(ValueError, match="v_sink"):
         kernels.attend.attend(*args, k_sink=sink, v_sink=sink.float())
-    with pytest.raises(ValueError, match="no sinks"):
-        kernels.attend.attend(*args, k_sink=sink, v_sink=sink, variant="mma")
+
+
+def test_mma_refuses_a_mask_its_rows_do_not_share(kernels):
+    """``mma`` loads one mask row per program: a per-head mask across a GQA group is refused
+    when asked for by name, and the default variant takes another kernel."""
+    b, hkv, gqa, d, kb, vb, G, R, T, n = 2, 2, 2, 64, 2, 1, 32, 64, 256, 200
+    st = make_storage(b, hkv, d, d, kb, vb, G, R, T, torch.bfloat16, seed=4)
+    q = torch.randn(b, hkv * gqa, 1, d).to(torch.bfloat16)
+    per_head = torch.stack([left_padding_mask(b, 1, n, [h, 2 * h])[:, 0] for h in range(hkv * gqa)], dim=1)
+    args = (q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.125, per_head)
+    with pytest.raises(ValueError, match="query rows of a KV head share"):
+        kernels.attend.attend(*args, variant="mma")
+    ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, per_head)
+    assert_close_rel(kernels.attend.attend(*args), ref, TOL[torch.bfloat16])
 
 
 def test_mask_changes_the_result(kernels):

@@ -22,6 +22,10 @@ def test_kernels_compile_for_sm90():
                      "_topk_kernel", "_router_logits_kernel", "_attend_mma_kernel", "_attend_kernel",
                      "_attend_merge_kernel"}, done.stdout
     assert any("_attend_mma_kernel" in line and "'META16': False" in line for line in compiled)
+    assert any("_attend_mma_kernel" in line and "'MASK_BOOL': True" in line and "'SINKS': 4" in line
+               for line in compiled)
+    assert any("_attend_mma_kernel" in line and "'HAS_MASK': True" in line and "'MASK_BOOL': False" in line
+               for line in compiled)
     assert any("_attend_kernel" in line and "'STAGE': 2" in line for line in compiled)  # the mma path's tail
     assert any("'SLOTS': True" in line for line in compiled) and any("'SLOTS': False" in line for line in compiled)
     assert any("'KEEP': 3" in line for line in compiled)

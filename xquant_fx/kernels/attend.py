@@ -104,7 +104,7 @@ import triton.language as tl
 
 from . import attend_mma
 from .common import (check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, head_bases, interpreting,
-                     launch, pair_order, pair_slot_constants, round_to, seq_head)
+                     launch, mask_values, pair_order, pair_slot_constants, round_to, seq_head)
 
 _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -361,22 +361,10 @@ def _load_values_packed(
 
 # ------------------------------------------------------------------------------------ softmax
 @triton.jit
-def _mask_values(m, MASK_BOOL: tl.constexpr):
-    """Loaded mask values -> keep flags (bool masks) or additive terms in log2 units. A finite
-    additive value stays finite (quant.attend adds it in float32: a row masked everywhere by the
-    dtype's minimum averages uniformly there too)."""
-    if MASK_BOOL:
-        return m != 0
-    else:
-        m = m.to(tl.float32)
-        return tl.where(m == float("-inf"), m, tl.maximum(m, -2.3586e38) * 1.4426950408889634)
-
-
-@triton.jit
 def _shared_mask(mask_ptr, s_mt, start, mask_len, W: tl.constexpr, BN: tl.constexpr, PER: tl.constexpr,
                  MASK_BOOL: tl.constexpr):
     """The mask of a program whose query rows share one mask row (``Lq = 1`` or a mask constant
-    along it, and constant across the GQA group): ``[W, BN]`` values (see :func:`_mask_values`)
+    along it, and constant across the GQA group): ``[W, BN]`` values (see :func:`~xquant_fx.kernels.common.mask_values`)
     of positions ``start + w * BN + pair_order(BN, PER)`` (``PER == 0``: in order). Read in
     order (contiguous per sub-block), then permuted in registers; positions at or past
     ``mask_len`` are masked. Stage 1 reads it one block ahead of its use: byte-wide loads are not
@@ -393,7 +381,7 @@ def _shared_mask(mask_ptr, s_mt, start, mask_len, W: tl.constexpr, BN: tl.conste
         m = tl.load(mask_ptr + pos * s_mt, mask=pos < mask_len, other=0)
     else:
         m = tl.load(mask_ptr + pos * s_mt, mask=pos < mask_len, other=float("-inf"))
-    m = _mask_values(m, MASK_BOOL)
+    m = mask_values(m, MASK_BOOL)
     if PER > 0:  # natural [.., h, j] -> slot 2j + h
         m = tl.reshape(tl.permute(m, (0, 1, 3, 2)), (W, BN))
     return m
@@ -419,9 +407,9 @@ def _mask_scores(scores, pos, qpos, row_ok, m_row, shared, mask_ptr, s_mt, mask_
         else:
             ok = (pos < mask_len) & row_ok
             if MASK_BOOL:
-                m = _mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=0), MASK_BOOL)
+                m = mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=0), MASK_BOOL)
             else:
-                m = _mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=float("-inf")), MASK_BOOL)
+                m = mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=float("-inf")), MASK_BOOL)
         if MASK_BOOL:
             scores = tl.where(m, scores, float("-inf"))
         else:
@@ -981,7 +969,7 @@ def attend(
     :func:`block_config`; ``variant`` (one of :data:`VARIANTS`) overrides
     :func:`default_variant` (tests, benchmarks). ``k_sink [B, Hkv, S, Dk]`` / ``v_sink [B, Hkv, S,
     Dv]`` (``XQuantConfig.sink_tokens``, both or neither): positions ``< S`` are read from them,
-    not from the codes or the ring (:func:`_sink_partial`); the ``mma`` variant takes none.
+    not from the codes or the ring (:func:`_sink_partial`).
     """
     check_bits("k_bits", k_bits)
     check_bits("v_bits", v_bits)
@@ -1009,18 +997,25 @@ def attend(
     sinks = _check_sinks(k_sink, v_sink, b, hkv, dk, dv, q.dtype)
     group_rows = hq // hkv * lq
     block_m = max(16, triton.next_power_of_2(group_rows))
-    mma_ok = mask is None and not sinks and attend_mma.supports(q.dtype, k_bits, v_bits, group, dk, dv, group_rows,
-                                                  _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale))
+    mask, mask_bool, mask_len, mask_strides = _expand_mask(mask, b, hq, lq)
+    # One mask row for all of a program's query rows: constant along Lq (or Lq = 1) and across
+    # the GQA group (or one head per group).
+    mask_shared = mask is not None and (lq == 1 or mask_strides[2] == 0) and (hq == hkv or mask_strides[1] == 0)
+    mma_ok = (mask is None or mask_shared) and attend_mma.supports(
+        q.dtype, k_bits, v_bits, group, dk, dv, group_rows, _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale))
     variant = variant or default_variant(q.dtype, block_m, mma_ok, v_scale.shape[2] + R)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    sink_partial = _sink_partial(q, k_sink, v_sink, n, scale * _LOG2E, hkv, mask) if sinks else None
     if variant == "mma":
         if not mma_ok:
             raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, power-of-two head "
                              "dims of at least 32 (values 64), at most 8 query rows per KV head, unit channel strides, "
-                             "key and value metadata of one dtype in whole int32 words, no mask and no sinks")
+                             "key and value metadata of one dtype in whole int32 words, and no mask or one that all "
+                             "query rows of a KV head share")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                           k_bits, v_bits, group, scale, splits, out)
+                           k_bits, v_bits, group, scale, splits, out, mask, mask_bool, mask_len, mask_strides,
+                           sinks, sink_partial)
     packed = not variant.startswith("generic")
     if packed and q.dtype == torch.float32:
         raise ValueError(f"variant {variant!r} decodes into 16-bit floats; a float32 cache runs 'generic'")
@@ -1037,19 +1032,6 @@ def attend(
     capacity = v_scale.shape[2] + R  # positions the cache can hold (>= max_cache_len)
     splits = splits or num_splits(b * hkv, capacity, q.device, cfg.ctas_per_sm)
 
-    if mask is not None:
-        if mask.dim() > 4:
-            raise ValueError(f"mask must have at most 4 dims, got {tuple(mask.shape)}")
-        mask_bool = mask.dtype == torch.bool
-        if mask_bool:
-            # a real conversion before the broadcast (b x Lq x M bytes): Inductor cannot lower
-            # a bool -> uint8 dtype view on every torch version
-            mask = mask.to(torch.uint8)
-        mask = mask.expand(b, hq, lq, mask.shape[-1])  # broadcast dims get stride 0
-        mask_len, mask_strides = mask.shape[-1], mask.stride()
-    else:
-        mask_bool, mask_len, mask_strides = False, 0, (0, 0, 0, 0)
-
     tail_parts = math.ceil((R + cfg.block_n) / TAIL_BLOCK_N)  # stage 2 programs per (sequence, KV head)
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits + tail_parts, out)  # stage 1's S, then stage 2's T
     qk_scale = scale * _LOG2E
@@ -1059,9 +1041,6 @@ def attend(
                mask if mask is not None else q)
     storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
                        *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides)
-    # One mask row for all of a program's query rows: constant along Lq (or Lq = 1) and across
-    # the GQA group (or one head per group).
-    mask_shared = mask is not None and (lq == 1 or mask_strides[2] == 0) and (hq == hkv or mask_strides[1] == 0)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=packed,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=precision, INTERPRET=interpret,
@@ -1074,9 +1053,24 @@ def attend(
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), TAIL_PARTS=tail_parts, **common,
         STAGE=1, FAST_BLOCK=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    sink_partial = _sink_partial(q, k_sink, v_sink, n, qk_scale, hkv, mask) if sinks else None
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits, tail_parts, qk_scale,
                            mask_len, cfg.block_n, common, sink_partial)
+
+
+def _expand_mask(mask, b: int, hq: int, lq: int):
+    """``(mask, is_bool, mask_len, strides)``: the caller's mask expanded to ``[b, Hq, Lq, M]``
+    (broadcast dims get stride 0; bool as uint8), or ``(None, False, 0, (0, 0, 0, 0))``."""
+    if mask is None:
+        return None, False, 0, (0, 0, 0, 0)
+    if mask.dim() > 4:
+        raise ValueError(f"mask must have at most 4 dims, got {tuple(mask.shape)}")
+    mask_bool = mask.dtype == torch.bool
+    if mask_bool:
+        # a real conversion before the broadcast (b x Lq x M bytes): Inductor cannot lower a
+        # bool -> uint8 dtype view on every torch version
+        mask = mask.to(torch.uint8)
+    mask = mask.expand(b, hq, lq, mask.shape[-1])
+    return mask, mask_bool, mask.shape[-1], mask.stride()
 
 
 def _check_sinks(k_sink, v_sink, b, hkv: int, dk: int, dv: int, dtype: torch.dtype) -> int:
@@ -1188,7 +1182,8 @@ def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
 
 
 def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                k_bits, v_bits, group, scale, splits, out):
+                k_bits, v_bits, group, scale, splits, out, mask, mask_bool, mask_len, mask_strides, sinks,
+                sink_partial):
     """The ``mma`` variant: stage 1 of :mod:`~xquant_fx.kernels.attend_mma` (one partial per warp),
     then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge."""
     b, hq, lq, dk = q.shape
@@ -1201,20 +1196,23 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits * warps + tail_parts, out)
     qk_scale = scale * _LOG2E
     interpret = interpreting()
+    mask_arg = mask if mask is not None else q
     launch(attend_mma._attend_mma_kernel)[(b * hkv, splits)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n, part_acc, part_ml,
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n, mask_arg, part_acc, part_ml,
         *q.stride()[:3], *k_codes.stride()[:3], *k_scale.stride()[:3], *v_codes.stride()[:3], *v_scale.stride()[:3],
-        hkv, splits, qk_scale,
+        mask_strides[0], mask_strides[1], mask_strides[3],
+        hkv, splits, qk_scale, mask_len,
         LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, R=R, DK=dk, DV=dv, TAIL_PARTS=tail_parts,
         META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
-        VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), INTERPRET=interpret,
+        VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
+        SINKS=sinks, INTERPRET=interpret,
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
     )
-    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, q)  # q: no mask
+    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg)
     storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
-                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), 0, 0, 0, 0)
+                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=True,
-                  HAS_MASK=False, MASK_BOOL=False, MASK_SHARED=False, DOT_DTYPE=_dot_dtype(q.dtype, interpret),
-                  DOT_PRECISION=None, INTERPRET=interpret, SINKS=0)
+                  HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask is not None,
+                  DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=None, INTERPRET=interpret, SINKS=sinks)
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits * warps, tail_parts,
-                           qk_scale, 0, fast_block, common)
+                           qk_scale, mask_len, fast_block, common, sink_partial)

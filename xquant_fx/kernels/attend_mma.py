@@ -57,7 +57,10 @@ shared memory, no spills (float8 metadata: 229 registers).
 Requirements (:func:`supports`; else :mod:`xquant_fx.kernels.attend` runs another variant, and
 refuses an explicit ``variant="mma"``): 16-bit cache, ``G == 32``, 1- or 2-bit codes, power-of-two
 head dims (values at least 64), at most 8 query rows per KV head, channel strides 1, key and
-value metadata of one dtype in rows of whole int32 words, no mask. Under Triton's interpreter the
+value metadata of one dtype in rows of whole int32 words, and a mask (if any) whose one row serves
+all of a program's query rows (decode: ``Lq = 1``; transformers' masks are shared across heads).
+The mask's four values per lane and group are loaded with the group's keys, one phase ahead; sink
+positions are masked here and attended by the merge, as in the other variants. Under Triton's interpreter the
 PTX (``prmt``, ``lop3``, ``mma``, ``movmatrix``, packed multiplies) is emulated on whole tensors
 with the same fragment layouts.
 """
@@ -67,7 +70,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import BF16_BIAS, BF16_MANT, FP16_BIAS, FP16_MANT, head_bases, round_to, seq_head
+from .common import BF16_BIAS, BF16_MANT, FP16_BIAS, FP16_MANT, head_bases, mask_values, round_to, seq_head
 
 #: Warps per program; each takes its own key groups and writes its own partial.
 WARPS = 4
@@ -334,6 +337,46 @@ def _key_loads(kc_base, ks_base, kz_base, group, valid, g, t, s_kct, s_kst,
 
 
 @triton.jit
+def _mask_loads(mask_row, group, valid, g, s_mt, mask_len, KB: tl.constexpr, HAS_MASK: tl.constexpr,
+                MASK_BOOL: tl.constexpr):
+    """The caller's mask at the four tokens of a key group this lane's score rows hold
+    (:func:`_token` ``(g, j)``, ``j < 4``): raw values, issued with the group's key loads.
+    ``mask_row``: the row all query rows of the program share. Positions at or past ``mask_len``
+    (and groups that do not exist) read as masked. Without a mask: an empty tuple."""
+    vals = ()
+    if HAS_MASK:
+        pos = tl.where(valid, group, 0).to(tl.int64) * 32 + _token(g, 0, KB)
+        for j in tl.static_range(4):
+            ok = valid & (pos + j < mask_len)
+            if MASK_BOOL:
+                vals = vals + (tl.load(mask_row + (pos + j) * s_mt, mask=ok, other=0),)
+            else:
+                vals = vals + (tl.load(mask_row + (pos + j) * s_mt, mask=ok, other=float("-inf")),)
+    return vals
+
+
+@triton.jit
+def _mask_group(x, mvals, gbase, g, KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                SINKS: tl.constexpr):
+    """The scores ``x`` of one group (``x[i]``: token :func:`_token` ``(g, i // 2)``, log2 units)
+    with the caller's mask (``mvals`` from :func:`_mask_loads`) and the sink floor applied
+    (positions below ``SINKS`` are the sink buffers', attended apart)."""
+    out = ()
+    for i in tl.static_range(8):
+        xi = x[i]
+        if HAS_MASK:
+            m = mask_values(mvals[i // 2], MASK_BOOL)
+            if MASK_BOOL:
+                xi = tl.where(m, xi, float("-inf"))
+            else:
+                xi = xi + m
+        if SINKS > 0:
+            xi = tl.where(gbase + _token(g, i // 2, KB) >= SINKS, xi, float("-inf"))
+        out = out + (xi,)
+    return out
+
+
+@triton.jit
 def _fp8_byte(w, i: tl.constexpr, INTERPRET: tl.constexpr):
     """Byte ``i`` of int32 ``w`` read as a float8 e4m3 value, in float32. By bits, in four
     instructions: the byte at the top of a word (``prmt``), shifted arithmetically by 4 and masked,
@@ -504,21 +547,26 @@ def _token_pair_meta(a, b, gr: tl.constexpr, NT: tl.constexpr, META16: tl.conste
 
 @triton.jit(do_not_specialize=["num_kv_heads", "num_splits"])
 def _attend_mma_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n_ptr,
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n_ptr, mask_ptr,
     part_acc_ptr, part_ml_ptr,
     s_qb, s_qh, s_ql,
     s_kcb, s_kch, s_kct,
     s_ksb, s_ksh, s_kst,
     s_vcb, s_vch, s_vct,
     s_vsb, s_vsh, s_vst,
-    num_kv_heads, num_splits, qk_scale,
+    s_mb, s_mh, s_mt,
+    num_kv_heads, num_splits, qk_scale, mask_len,
     LQ: tl.constexpr, GROUP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, TAIL_PARTS: tl.constexpr, META16: tl.constexpr,
-    VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, INTERPRET: tl.constexpr,
+    VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    SINKS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Stage 1 on raw codes, grid ``(b * Hkv, S)`` (see the module docstring). Writes partials
     ``s * W + w`` of ``part_acc [b * Hkv, S * W + T, GROUP * Lq, DV]`` /
-    ``part_ml [.., 2, GROUP * Lq]`` as the other stage-1 kernels do (max in log2 units)."""
+    ``part_ml [.., 2, GROUP * Lq]`` as the other stage-1 kernels do (max in log2 units).
+    ``HAS_MASK``: the caller's mask, one row ``[mask_len]`` shared by all the program's query rows
+    (``Lq = 1`` or constant along it, and constant across the GQA group or ``GROUP = 1``), bool
+    (``MASK_BOOL``, as uint8) or additive; ``SINKS``: positions below it are masked here."""
     W: tl.constexpr = 4
     NT: tl.constexpr = 32 * W
     NG: tl.constexpr = DV // 32
@@ -554,6 +602,7 @@ def _attend_mma_kernel(
 
     kc_base, ks_base, kz_base = head_bases(kc_ptr, ks_ptr, kz_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh)
     vc_base, vs_base, vz_base = head_bases(vc_ptr, vs_ptr, vz_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh)
+    mask_row = mask_ptr + bi.to(tl.int64) * s_mb + (hi * GROUP).to(tl.int64) * s_mh
 
     zero = tl.zeros((NT,), tl.float32)
     m0 = tl.full((NT,), float("-inf"), tl.float32)  # running max of query rows 2t, 2t + 1
@@ -582,6 +631,7 @@ def _attend_mma_kernel(
     # out of it would execute them on the other path, which ptxas does not do.
     kd = _key_loads(kc_base, ks_base, kz_base, g_lo + warp, g_lo + warp < g_hi, g, t, s_kct, s_kst,
                     KB, DK, NT, META16)
+    md = _mask_loads(mask_row, g_lo + warp, g_lo + warp < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
     for r in range(0, tl.cdiv(g_hi - g_lo, W)):
         group = g_lo + r * W + warp
         valid = group < g_hi
@@ -590,11 +640,15 @@ def _attend_mma_kernel(
         if n != -1:
             vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT, META16)
         s0, s1 = _key_group(kd, qb, g, KB, DK, NT, META16, KV_DTYPE, INTERPRET)
+        mv = md
         if n != -2:
             kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
                             KB, DK, NT, META16)
+            md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
         x = (s0[0] * qk_scale, s0[1] * qk_scale, s0[2] * qk_scale, s0[3] * qk_scale,
              s1[0] * qk_scale, s1[1] * qk_scale, s1[2] * qk_scale, s1[3] * qk_scale)
+        if HAS_MASK or SINKS > 0:
+            x = _mask_group(x, mv, gbase, g, KB, HAS_MASK, MASK_BOOL, SINKS)
         # x[4m + 2h + e]: token _token(g + 8h ... ) code j = 2m + h, query row 2t + e
         bx0 = tl.maximum(tl.maximum(x[0], x[2]), tl.maximum(x[4], x[6]))
         bx1 = tl.maximum(tl.maximum(x[1], x[3]), tl.maximum(x[5], x[7]))

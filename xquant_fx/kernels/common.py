@@ -231,3 +231,15 @@ def decode_pairs(x, mask, magic, neg_magic, s_lo, s_hi, z_lo, z_hi,
         lo = y.to(tl.int16).to(KV_DTYPE, bitcast=True)
         hi = (y >> 16).to(tl.int16).to(KV_DTYPE, bitcast=True)
     return lo, hi
+
+
+@triton.jit
+def mask_values(m, MASK_BOOL: tl.constexpr):
+    """Loaded mask values -> keep flags (bool masks) or additive terms in log2 units. A finite
+    additive value stays finite (quant.attend adds it in float32: a row masked everywhere by the
+    dtype's minimum averages uniformly there too)."""
+    if MASK_BOOL:
+        return m != 0
+    else:
+        m = m.to(tl.float32)
+        return tl.where(m == float("-inf"), m, tl.maximum(m, -2.3586e38) * 1.4426950408889634)
