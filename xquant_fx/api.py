@@ -44,6 +44,7 @@ from .cache import XQuantCache
 from .config import XQuantConfig
 from .hf import cache_argument, check_causal_lm
 from .moe import install_experts, plan_for
+from .rotation import fold_value_rotation
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ def optimize(
     compile: bool | None = None,
     mode: str | None = None,
     prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
+    fold_rotation: bool = True,
     verbose: bool = False,
 ):
     """Make ``model.generate`` store its KV cache with ``config`` (default ``"xquant-1.38"``) and
@@ -206,6 +208,10 @@ def optimize(
             on CUDA, ``"default"`` on CPU).
         prefill_chunk_size: prompt tokens per forward call during ``generate`` (``None``: the
             whole prompt at once); a ``generate(prefill_chunk_size=...)`` argument overrides it.
+        fold_rotation: with ``rotation="hadamard"``, fold the value rotation into the model's
+            ``v_proj`` / ``o_proj`` weights where the attention allows it
+            (:mod:`xquant_fx.rotation`: the weights change by float rounding; decode then rotates
+            only the query); ``False`` leaves the weights as they are.
         verbose: print the graph passes' hits for every graph the backend compiles.
 
     MoE models: their experts run through ``xquant::moe_experts`` (fused Triton kernel on CUDA),
@@ -239,6 +245,8 @@ def optimize(
     # The config against the model, now rather than mid-generate: per-layer bits and sharing
     # against the depth, group size against the head dims (a cache long enough to quantize).
     XQuantCache(model.config, xq, max_cache_len=xq.residual_length + xq.group_size, tp_size=tp_size).memory_report()
+    if not isinstance(fold_rotation, bool):
+        raise ValueError(f"fold_rotation={fold_rotation!r}: True or False")
     moe_plan = plan_for(model, xq)
     if moe_plan is not None and compile is False:
         raise ValueError(
@@ -261,6 +269,8 @@ def optimize(
             kwargs["prefill_chunk_size"] = prefill_chunk_size
         return original_generate(*args, **kwargs)
 
+    if fold_rotation and xq.rotation == "hadamard":
+        fold_value_rotation(model)  # after every check above: a refused call changes no weight
     model.generate = generate
     model.xquant_config = xq
     model.xquant_cache_pool = pool

@@ -80,6 +80,7 @@ from .cache_layer import XQuantLayer
 from .config import FULL_PRECISION, XQuantConfig
 from .distributed import config_tensor_parallel_size, split_kv_heads
 from .hf import SLIDING_TYPES, kv_geometry, layer_types, text_config
+from .rotation import value_rotation_folded
 
 
 class XQuantCache(Cache):
@@ -141,12 +142,14 @@ class XQuantCache(Cache):
         self._batch_capacity, self._length_capacity = max_batch_size, max_cache_len
         self.geometry = (heads, k_dim, v_dim)
         layers: list = []
+        values_rotated = value_rotation_folded(model_config)
         for plan in self.plans:
             if plan.sliding:
                 layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window))
             else:
                 partner = layers[plan.index - 1] if (plan.k_shares or plan.v_shares) else None
-                layers.append(XQuantLayer(plan, xquant_config, max_cache_len, max_batch_size, partner))
+                layers.append(XQuantLayer(plan, xquant_config, max_cache_len, max_batch_size, partner,
+                                          values_rotated=values_rotated))
         super().__init__(layers=layers)
         self.dtype = dtype
         if device is not None and dtype is not None:

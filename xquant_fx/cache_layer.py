@@ -39,6 +39,7 @@ class XQuantLayer(StaticLayer):
         max_cache_len: int,
         max_batch_size: int,
         partner: "XQuantLayer | None" = None,
+        values_rotated: bool = False,
     ):
         super().__init__(max_cache_len=max_cache_len)
         if (plan.k_shares or plan.v_shares) and partner is None:
@@ -51,6 +52,8 @@ class XQuantLayer(StaticLayer):
         self.metadata_dtype_name = config.metadata_dtype
         self.S = config.sink_tokens
         self.rotation = config.rotation
+        # The model computes its values rotated already (xquant_fx.rotation): store them as they come.
+        self.values_rotated = values_rotated
         self.fit = config.level_fit
         self.k_eta = config.eta_for(plan.k_bits) if plan.k_bits != FULL_PRECISION else 0.0
         self.v_eta = config.eta_for(plan.v_bits) if plan.v_bits != FULL_PRECISION else 0.0
@@ -160,9 +163,12 @@ class XQuantLayer(StaticLayer):
 
     def _rotate(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         """``x`` as this layer stores it: rotated when ``rotation`` is set and the tensor is
-        quantized (the Hadamard matrix is its own inverse, so this also rotates a read back)."""
+        quantized (the Hadamard matrix is its own inverse, so this also rotates a read back);
+        values as they come when the model's weights rotate them (``values_rotated``)."""
         bits = self.plan.k_bits if kind == "k" else self.plan.v_bits
-        return x if self.rotation is None or bits == FULL_PRECISION else _ops().hadamard(x)
+        if self.rotation is None or bits == FULL_PRECISION or (kind == "v" and self.values_rotated):
+            return x
+        return _ops().hadamard(x)
 
     def _check_room(self, stored: int, new: int) -> None:
         if stored + new > self.max_cache_len:

@@ -156,3 +156,35 @@ def test_quality_options_fuse_and_keep_outputs(spec, kernels, monkeypatch):
                 monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
     assert report.hits["fuse_kv_attention"] == 2
+
+
+def test_folded_value_rotation_leaves_only_the_query_rotated():
+    """With the value rotation folded into the weights (``xquant_fx.rotation``) the cache stores
+    values as they come: per layer, the new key's rotation and the query's remain, the output is
+    attend's own; the fused graph still gives the eager logits."""
+    from xquant_fx.rotation import fold_value_rotation
+
+    model = mini_model("llama", num_hidden_layers=2)
+    assert fold_value_rotation(model) == 2
+    spec = "xquant-1.38:rotation=hadamard"
+    ids, captured = prefilled(model, spec)
+    gm = capture(model, captured, ids[:, 150:151], 150)
+    assert count(gm, "xquant.hadamard") == 4  # per layer: the new key, the key read
+    assert fuse_kv_attention(gm) == 2
+    gm.recompile()
+    for node in gm.graph.nodes:
+        if "xquant.attend" in str(node.target):
+            assert "xquant.hadamard" in str(node.args[0].target)
+            assert all("hadamard" not in str(u.target) for u in node.users)
+    assert count(gm, "xquant.hadamard") == 4  # the new key's and the query's
+    _, cache = prefilled(model, spec)
+    _, ref_cache = prefilled(model, spec)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, backend=lambda g, i, **_: run_passes(g, PassReport()).forward, fullgraph=True)
+    arg = cache_argument(model)
+    with torch.no_grad():
+        for t in range(150, 154):
+            position = torch.tensor([[t]])
+            got = step(ids[:, t : t + 1], position_ids=position, **{arg: cache}).logits
+            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
