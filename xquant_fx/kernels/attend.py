@@ -182,12 +182,19 @@ def _load_keys(
     keys = codes_to_float(codes) * scale[:, None, :] + zero[:, None, :]
     keys = tl.reshape(_dot_operand(keys, KV_DTYPE, DOT_DTYPE), (BLOCK_N, DK))
     if MIXED:
-        pos = start + tl.arange(0, BLOCK_N)
-        in_ring = (pos >= nk) & (pos < n)
-        ring = tl.load(kw_base + (pos % R)[:, None] * s_kwt + dk[None, :] * s_kwd,
-                       mask=in_ring[:, None] & (dk[None, :] >= 0), other=0.0)
-        keys = tl.where((pos < nk)[:, None], keys, ring.to(DOT_DTYPE))
+        keys = _with_ring(keys, start + tl.arange(0, BLOCK_N), nk, n, kw_base, s_kwt, s_kwd, R, DK, DOT_DTYPE)
     return keys
+
+
+@triton.jit
+def _with_ring(x, pos, lo, n, w_base, s_wt, s_wd, R: tl.constexpr, D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``x [BLOCK_N, D]`` (dequantized codes at positions ``pos``) with positions in ``[lo, n)``
+    taken from the full-precision ring (slot ``pos % R``) and positions past ``n`` zero."""
+    d = tl.arange(0, D)
+    in_ring = (pos >= lo) & (pos < n)
+    ring = tl.load(w_base + (pos % R)[:, None] * s_wt + d[None, :] * s_wd,
+                   mask=in_ring[:, None] & (d[None, :] >= 0), other=0.0)
+    return tl.where((pos < lo)[:, None], x, ring.to(DOT_DTYPE))
 
 
 @triton.jit
@@ -221,11 +228,7 @@ def _load_values(
     values = codes_to_float(codes) * scale + zero
     values = tl.reshape(_dot_operand(values, KV_DTYPE, DOT_DTYPE), (BLOCK_N, DV))
     if MIXED:
-        dv = tl.arange(0, DV)
-        in_ring = (pos >= nv) & (pos < n)
-        ring = tl.load(vw_base + (pos % R)[:, None] * s_vwt + dv[None, :] * s_vwd,
-                       mask=in_ring[:, None] & (dv[None, :] >= 0), other=0.0)
-        values = tl.where((pos < nv)[:, None], values, ring.to(DOT_DTYPE))
+        values = _with_ring(values, pos, nv, n, vw_base, s_vwt, s_vwd, R, DV, DOT_DTYPE)
     return values
 
 
