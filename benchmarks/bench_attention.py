@@ -445,7 +445,7 @@ def bench_options(device, copy_gbps: float, time_budget: float, started: float) 
         quant.append_key(kn, pos, st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], kb, G, k_eta, fit)
         quant.append_value(vn, pos, st["v_codes"], st["v_scale"], st["v_zero"], st["v_window"], vb, G, v_eta, fit)
 
-    compiled_writes = {fit: torch.compile(torch_write, fullgraph=True, dynamic=True) for fit in ("minmax", "lsq")}
+    compiled_writes = {fit: torch.compile(torch_write, fullgraph=True) for fit in ("minmax", "lsq")}
     for b, ctx in OPTION_SHAPES:
         if time.time() - started > time_budget:
             skipped.append(f"batch {b} context {ctx // 1024}k (time budget)")
@@ -584,7 +584,7 @@ def profile(spec: str, device, b: int = 8, ctx: int = 131072) -> int:
     """Run ``spec`` (K2/V1) five times at batch ``b``, context ``ctx``, for a profiler to pick a
     launch of its stage-1 kernel::
 
-        ncu --clock-control none -k regex:_attend_mma_kernel\|_attend_kernel --launch-skip 2 \
+        ncu --clock-control none -k regex:'_attend_mma_kernel|_attend_kernel' --launch-skip 2 \
             --launch-count 1 --set full python benchmarks/bench_attention.py --profile mma
     """
     kb, vb, _, _ = LAYOUTS["k2v1"]

@@ -20,7 +20,7 @@ and :func:`xquant_fx.export`, hand Inductor a no-op post-grad pass whose ``uuid`
 package's sources (:func:`source_stamp`); Inductor puts that uuid into its cache keys. A user's own
 ``post_grad_custom_pre_pass`` is left in place (and the stamp is then not added).
 
-Compile time, and the ops as opaque calls: the ``xquant::`` ops are ``triton_op``\ s, which
+Compile time, and the ops as opaque calls: the ``xquant::`` ops are ``triton_op`` ops, which
 Inductor normally traces into (their Python launch code runs under fake tensors, twice, once per
 call site: 64 sites in a 32-layer decode step) so that it can launch the Triton kernels itself.
 Under CUDA graphs that buys nothing at run time: the launch code runs once, at capture, and the
@@ -185,7 +185,7 @@ def xquant(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, op
 
 
 def _kernels_inlined(inline: bool):
-    """Within the block, AOTAutograd traces into the ``triton_op``\ s (``inline``) or keeps each
+    """Within the block, AOTAutograd traces into the ``triton_op`` ops (``inline``) or keeps each
     one whole (module docstring). A torch without the switch always inlines."""
     config = torch._functorch.config
     if inline or not hasattr(config, "decompose_custom_triton_ops"):
