@@ -103,8 +103,8 @@ import triton
 import triton.language as tl
 
 from . import attend_mma
-from .common import (check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, head_bases, interpreting,
-                     launch, mask_values, pair_order, pair_slot_constants, round_to, seq_head)
+from .common import (apply_mask, check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, head_bases,
+                     interpreting, launch, load_mask, mask_values, pair_order, pair_slot_constants, round_to, seq_head)
 
 _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -380,11 +380,7 @@ def _shared_mask(mask_ptr, s_mt, start, mask_len, W: tl.constexpr, BN: tl.conste
         # pos [W, KW, 2, NS]: in order
     else:
         pos = (start + tl.arange(0, W) * BN)[:, None] + tl.arange(0, BN)[None, :]
-    if MASK_BOOL:
-        m = tl.load(mask_ptr + pos * s_mt, mask=pos < mask_len, other=0)
-    else:
-        m = tl.load(mask_ptr + pos * s_mt, mask=pos < mask_len, other=float("-inf"))
-    m = mask_values(m, MASK_BOOL)
+    m = mask_values(load_mask(mask_ptr + pos * s_mt, pos < mask_len, MASK_BOOL), MASK_BOOL)
     if PER > 0:  # natural [.., h, j] -> slot 2j + h
         m = tl.reshape(tl.permute(m, (0, 1, 3, 2)), (W, BN))
     return m
@@ -408,15 +404,9 @@ def _mask_scores(scores, pos, qpos, row_ok, m_row, shared, mask_ptr, s_mt, mask_
         if MASK_SHARED:
             m = shared
         else:
-            ok = (pos < mask_len) & row_ok
-            if MASK_BOOL:
-                m = mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=0), MASK_BOOL)
-            else:
-                m = mask_values(tl.load(mask_ptr + m_row + pos * s_mt, mask=ok, other=float("-inf")), MASK_BOOL)
-        if MASK_BOOL:
-            scores = tl.where(m, scores, float("-inf"))
-        else:
-            scores = scores + m
+            m = mask_values(load_mask(mask_ptr + m_row + pos * s_mt, (pos < mask_len) & row_ok, MASK_BOOL),
+                            MASK_BOOL)
+        scores = apply_mask(scores, m, MASK_BOOL)
     return scores
 
 
@@ -1009,7 +999,8 @@ def attend(
     variant = variant or default_variant(q.dtype, block_m, mma_ok, v_scale.shape[2] + R)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
-    sink_partial = _sink_partial(q, k_sink, v_sink, n, scale * _LOG2E, hkv, mask) if sinks else None
+    qk_scale = scale * _LOG2E  # scores in log2 units
+    sink_partial = _sink_partial(q, k_sink, v_sink, n, qk_scale, hkv, mask) if sinks else None
     if variant == "mma":
         if not mma_ok:
             raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, power-of-two head "
@@ -1017,7 +1008,7 @@ def attend(
                              "key and value metadata of one dtype in whole int32 words, and no mask or one that all "
                              "query rows of a KV head share")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                           k_bits, v_bits, group, scale, splits, out, mask, mask_bool, mask_len, mask_strides,
+                           k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides,
                            sinks, sink_partial)
     packed = not variant.startswith("generic")
     if packed and q.dtype == torch.float32:
@@ -1037,7 +1028,6 @@ def attend(
 
     tail_parts = math.ceil((R + cfg.block_n) / TAIL_BLOCK_N)  # stage 2 programs per (sequence, KV head)
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits + tail_parts, out)  # stage 1's S, then stage 2's T
-    qk_scale = scale * _LOG2E
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 caches: no TF32 rounding
     interpret = interpreting()
     storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
@@ -1185,7 +1175,7 @@ def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
 
 
 def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-                k_bits, v_bits, group, scale, splits, out, mask, mask_bool, mask_len, mask_strides, sinks,
+                k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides, sinks,
                 sink_partial):
     """The ``mma`` variant: stage 1 of :mod:`~xquant_fx.kernels.attend_mma` (one partial per warp),
     then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge."""
@@ -1197,7 +1187,6 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
     fast_block = attend_mma.GROUP_TOKENS
     tail_parts = math.ceil((R + fast_block) / TAIL_BLOCK_N)
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits * warps + tail_parts, out)
-    qk_scale = scale * _LOG2E
     interpret = interpreting()
     mask_arg = mask if mask is not None else q
     launch(attend_mma._attend_mma_kernel)[(b * hkv, splits)](

@@ -70,7 +70,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import BF16_BIAS, BF16_MANT, FP16_BIAS, FP16_MANT, head_bases, mask_values, round_to, seq_head
+from .common import (BF16_BIAS, BF16_MANT, FP16_BIAS, FP16_MANT, apply_mask, head_bases, load_mask, mask_values,
+                     round_to, seq_head)
 
 #: Warps per program; each takes its own key groups and writes its own partial.
 WARPS = 4
@@ -347,11 +348,7 @@ def _mask_loads(mask_row, group, valid, g, s_mt, mask_len, KB: tl.constexpr, HAS
     if HAS_MASK:
         pos = tl.where(valid, group, 0).to(tl.int64) * 32 + _token(g, 0, KB)
         for j in tl.static_range(4):
-            ok = valid & (pos + j < mask_len)
-            if MASK_BOOL:
-                vals = vals + (tl.load(mask_row + (pos + j) * s_mt, mask=ok, other=0),)
-            else:
-                vals = vals + (tl.load(mask_row + (pos + j) * s_mt, mask=ok, other=float("-inf")),)
+            vals = vals + (load_mask(mask_row + (pos + j) * s_mt, valid & (pos + j < mask_len), MASK_BOOL),)
     return vals
 
 
@@ -365,11 +362,7 @@ def _mask_group(x, mvals, gbase, g, KB: tl.constexpr, HAS_MASK: tl.constexpr, MA
     for i in tl.static_range(8):
         xi = x[i]
         if HAS_MASK:
-            m = mask_values(mvals[i // 2], MASK_BOOL)
-            if MASK_BOOL:
-                xi = tl.where(m, xi, float("-inf"))
-            else:
-                xi = xi + m
+            xi = apply_mask(xi, mask_values(mvals[i // 2], MASK_BOOL), MASK_BOOL)
         if SINKS > 0:
             xi = tl.where(gbase + _token(g, i // 2, KB) >= SINKS, xi, float("-inf"))
         out = out + (xi,)

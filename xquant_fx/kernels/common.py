@@ -243,3 +243,22 @@ def mask_values(m, MASK_BOOL: tl.constexpr):
     else:
         m = m.to(tl.float32)
         return tl.where(m == float("-inf"), m, tl.maximum(m, -2.3586e38) * 1.4426950408889634)
+
+
+@triton.jit
+def load_mask(ptrs, ok, MASK_BOOL: tl.constexpr):
+    """Raw mask values at ``ptrs``; where not ``ok`` (past the mask's length, a row or group that
+    does not exist) the value that masks: 0 for a bool mask (as uint8), ``-inf`` for an additive one."""
+    if MASK_BOOL:
+        return tl.load(ptrs, mask=ok, other=0)
+    else:
+        return tl.load(ptrs, mask=ok, other=float("-inf"))
+
+
+@triton.jit
+def apply_mask(scores, m, MASK_BOOL: tl.constexpr):
+    """``scores`` (log2 units) with the mask values ``m`` of :func:`mask_values` applied."""
+    if MASK_BOOL:
+        return tl.where(m, scores, float("-inf"))
+    else:
+        return scores + m
