@@ -131,11 +131,12 @@ def storage_args(st: dict) -> list:
     return [st[name] for name in ORDER]
 
 
-def quant_read_bytes(b: int, n: int, kb: int, vb: int) -> int:
-    """Bytes the fused kernel must read for ``n`` stored tokens (codes, scales, zeros, windows, q)."""
+def quant_read_bytes(b: int, n: int, kb: int, vb: int, meta_bytes: int = 2) -> int:
+    """Bytes the fused kernel must read for ``n`` stored tokens (codes, scales, zeros, windows, q);
+    ``meta_bytes`` per scale or zero point (1: float8 metadata)."""
     nq = max(n - R, 0)
-    per_head = (nq * D * kb // 8 + 2 * math.ceil(nq / G) * D * 2  # key codes, scale + zero
-                + nq * D * vb // 8 + 2 * nq * (D // G) * 2  # value codes, scale + zero
+    per_head = (nq * D * kb // 8 + 2 * math.ceil(nq / G) * D * meta_bytes  # key codes, scale + zero
+                + nq * D * vb // 8 + 2 * nq * (D // G) * meta_bytes  # value codes, scale + zero
                 + 2 * min(n, R) * D * 2)  # windows
     return b * HKV * per_head + b * HQ * D * 2
 
@@ -453,7 +454,6 @@ def bench_options(device, copy_gbps: float, time_budget: float, started: float) 
         n = torch.tensor(ctx, device=device)
         q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
         base = make_storage(b, ctx, kb, vb, device, seed=b + ctx)
-        nbytes = quant_read_bytes(b, ctx, kb, vb)
         plain_us = None
         for label, sinks, fp8, rotate in (("plain", 0, False, False), ("4 sinks", 4, False, False),
                                           ("8 sinks", 8, False, False), ("float8 metadata", 0, True, False),
@@ -469,11 +469,9 @@ def bench_options(device, copy_gbps: float, time_budget: float, started: float) 
 
             us = time_graph(step)
             plain_us = plain_us or us
-            meta_bytes = 0 if not fp8 else -(2 * math.ceil(max(ctx - R, 0) / G) * D
-                                             + 2 * max(ctx - R, 0) * (D // G)) * b * HKV  # one byte per value less
+            nbytes = quant_read_bytes(b, ctx, kb, vb, meta_bytes=1 if fp8 else 2)
             rows.append(dict(method="attend", option=label, batch=b, context=ctx, us=us, vs_plain=us / plain_us,
-                             gbps=(nbytes + meta_bytes) / (us * 1e-6) / 1e9,
-                             pct_copy=100 * (nbytes + meta_bytes) / (us * 1e-6) / 1e9 / copy_gbps))
+                             gbps=nbytes / (us * 1e-6) / 1e9, pct_copy=100 * nbytes / (us * 1e-6) / 1e9 / copy_gbps))
         # The write of one decode step (all KV heads), at a position that completes a key group.
         kn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
         vn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
@@ -501,10 +499,9 @@ def bench_options(device, copy_gbps: float, time_budget: float, started: float) 
             kernel_us = kernel_us or us
             rows.append(dict(method="append", option=label, batch=b, context=ctx, us=us, vs_plain=us / kernel_us,
                              gbps=float("nan"), pct_copy=float("nan")))
-        for row in rows[-len(writes) - 6:]:
-            if row["batch"] == b and row["context"] == ctx:
-                print(f"  {row['method']:>6} {row['option']:>32} b={b:<3} ctx={ctx:<6} {row['us']:9.1f} us  "
-                      f"x{row['vs_plain']:5.2f}", flush=True)
+        for row in (row for row in rows if (row["batch"], row["context"]) == (b, ctx)):
+            print(f"  {row['method']:>6} {row['option']:>32} b={b:<3} ctx={ctx:<6} {row['us']:9.1f} us  "
+                  f"x{row['vs_plain']:5.2f}", flush=True)
         del base, st, args
         torch.cuda.empty_cache()
     return rows, skipped
@@ -526,17 +523,12 @@ def write_options(rows, meta, skipped, out_dir: Path) -> str:
         "Command: `python benchmarks/bench_attention.py --options`.",
         "",
     ]
-    if skipped:
-        lines += ["Skipped: " + ", ".join(skipped) + ".", ""]
-    lines += ["| op | option | batch | context | µs | × plain | % copy BW |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for row in rows:
-        pct = "" if math.isnan(row["pct_copy"]) else f"{row['pct_copy']:.0f}"
-        lines.append(f"| {row['method']} | {row['option']} | {row['batch']} | {row['context'] // 1024}k | "
-                     f"{row['us']:.1f} | {row['vs_plain']:.2f} | {pct} |")
-    table = "\n".join(lines) + "\n"
-    (out_dir / "attention_options.md").write_text(table)
-    return table
+    columns = [("op", False), ("option", False), ("batch", True), ("context", True), ("µs", True),
+               ("× plain", True), ("% copy BW", True)]
+    cells = [[row["method"], row["option"], str(row["batch"]), f"{row['context'] // 1024}k", f"{row['us']:.1f}",
+              f"{row['vs_plain']:.2f}", "" if math.isnan(row["pct_copy"]) else f"{row['pct_copy']:.0f}"]
+             for row in rows]
+    return write_markdown(out_dir / "attention_options.md", lines, skipped, columns, cells)
 
 
 def write_csv(path: Path, meta: dict, rows: list[dict], fields: list[str]) -> None:
@@ -548,6 +540,21 @@ def write_csv(path: Path, meta: dict, rows: list[dict], fields: list[str]) -> No
         for row in rows:
             writer.writerow([meta["gpu"], meta["date"], meta["torch"], meta["triton"], f"{meta['copy_gbps']:.0f}",
                              *[f"{row[f]:.2f}" if isinstance(row[f], float) else row[f] for f in fields]])
+
+
+def write_markdown(path: Path, intro: list[str], skipped: list[str], columns: list[tuple[str, bool]],
+                   cells: list[list[str]]) -> str:
+    """``intro`` lines, the configurations skipped, then a table of ``cells`` under ``columns``
+    (``(title, right-aligned)``); written to ``path`` and returned."""
+    lines = list(intro)
+    if skipped:
+        lines += ["Skipped: " + ", ".join(skipped) + ".", ""]
+    lines += ["| " + " | ".join(title for title, _ in columns) + " |",
+              "| " + " | ".join("---:" if right else "---" for _, right in columns) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    table = "\n".join(lines) + "\n"
+    path.write_text(table)
+    return table
 
 
 def write_results(rows, meta, out_dir: Path) -> str:
@@ -565,19 +572,12 @@ def write_results(rows, meta, out_dir: Path) -> str:
         "Stage-1 kernels: " + "; ".join(f"{spec} ({layout}): {s}" for (spec, layout), s in meta["stats"].items()) + ".",
         "",
     ]
-    if meta["skipped"]:
-        lines += ["Skipped: " + ", ".join(meta["skipped"]) + ".", ""]
-    lines += [
-        "| method | batch | context | µs | × sdpa-bf16 | MB read | GB/s | % copy BW | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for row in rows:
-        speed = "" if math.isnan(row["speedup"]) else f"{row['speedup']:.2f}"
-        lines.append(f"| {row['method']} | {row['batch']} | {row['context'] // 1024}k | {row['us']:.1f} | {speed} | "
-                     f"{row['bytes'] / 1e6:.1f} | {row['gbps']:.0f} | {row['pct_copy']:.0f} | {row['note']} |")
-    table = "\n".join(lines) + "\n"
-    (out_dir / "attention.md").write_text(table)
-    return table
+    columns = [("method", False), ("batch", True), ("context", True), ("µs", True), ("× sdpa-bf16", True),
+               ("MB read", True), ("GB/s", True), ("% copy BW", True), ("note", False)]
+    cells = [[row["method"], str(row["batch"]), f"{row['context'] // 1024}k", f"{row['us']:.1f}",
+              "" if math.isnan(row["speedup"]) else f"{row['speedup']:.2f}", f"{row['bytes'] / 1e6:.1f}",
+              f"{row['gbps']:.0f}", f"{row['pct_copy']:.0f}", row["note"]] for row in rows]
+    return write_markdown(out_dir / "attention.md", lines, meta["skipped"], columns, cells)
 
 
 def profile(spec: str, device, b: int = 8, ctx: int = 131072) -> int:

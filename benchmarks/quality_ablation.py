@@ -33,14 +33,19 @@ from xquant_fx.config_search import DecodeSimulator
 FIELDS = ("config", "code_bits", "stored_bits", "ppl", "ppl_ratio", "delta_ppl_pct", "kl", "seconds")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("specs", nargs="+", help="config specs, e.g. kivi-2:rotation=hadamard")
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation windows, threads and output path, as this script and ``search_options.py`` take them."""
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--segment-len", type=int, default=640)
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("specs", nargs="+", help="config specs, e.g. kivi-2:rotation=hadamard")
+    add_scoring_arguments(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

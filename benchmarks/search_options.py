@@ -31,7 +31,7 @@ from xquant_fx import XQuantCache, evaluate, smollm2
 from xquant_fx.config_search import DecodeSimulator, calibration_text, check_disjoint, search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_ablation import write_csv  # noqa: E402
+from quality_ablation import add_scoring_arguments, write_csv  # noqa: E402
 
 FIELDS = ("budget", "options", "config", "sink_tokens", "rotation", "level_fit", "metadata_dtype", "eta", "code_bits",
           "stored_bits", "ppl", "ppl_ratio", "delta_ppl_pct", "kl", "calib_kl", "search_s", "eval_s", "k_bits",
@@ -50,11 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--options", default="search", choices=("search", "off"), help="search(..., options=)")
     parser.add_argument("--search-tokens", type=int, default=384, help="calibration window of the search (tokens)")
     parser.add_argument("--search-segments", type=int, default=1, help="calibration windows of the search")
-    parser.add_argument("--segments", type=int, default=8)
-    parser.add_argument("--segment-len", type=int, default=640)
-    parser.add_argument("--prefill", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
+    add_scoring_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("xquant_fx.config_search").setLevel(logging.INFO)

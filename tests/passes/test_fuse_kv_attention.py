@@ -41,6 +41,20 @@ def count(gm, name):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and name in str(n.target))
 
 
+def assert_steps_match(model, ids, cache, ref_cache, steps, report):
+    """Decode ``steps`` tokens from position 150 through the forward compiled with the passes
+    only (no Inductor) on ``cache`` and eagerly on ``ref_cache``: the logits agree at each step."""
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, backend=lambda g, i, **_: run_passes(g, report).forward, fullgraph=True)
+    arg = cache_argument(model)
+    with torch.no_grad():
+        for t in range(150, 150 + steps):
+            position = torch.tensor([[t]])
+            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
+            got = step(ids[:, t : t + 1], position_ids=position, **{arg: cache}).logits
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fuse_fires_per_quantized_layer_and_keeps_outputs(family):
     model = mini_model(family, num_hidden_layers=2 if family not in ("gemma2", "gemma3") else 4)
@@ -74,19 +88,7 @@ def test_fused_graph_matches_eager_step_by_step():
     ids, cache = prefilled(model, "xquant-1.38")
     _, ref_cache = prefilled(model, "xquant-1.38")
     report = PassReport()
-
-    def passes_only(gm, inputs, **_):
-        return run_passes(gm, report).forward
-
-    torch._dynamo.reset()
-    step = torch.compile(model.forward, backend=passes_only, fullgraph=True)
-    arg = cache_argument(model)
-    with torch.no_grad():
-        for t in range(150, 158):
-            position = torch.tensor([[t]])
-            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
-            got = step(ids[:, t : t + 1], position_ids=position, **{arg: cache}).logits
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
+    assert_steps_match(model, ids, cache, ref_cache, 8, report)
     assert report.hits == {"fuse_kv_attention": 2, "prune_moe_router": 0, "router_topk": 0} and report.graphs == 1
 
 
@@ -179,12 +181,6 @@ def test_folded_value_rotation_leaves_only_the_query_rotated():
     assert count(gm, "xquant.hadamard") == 4  # the new key's and the query's
     _, cache = prefilled(model, spec)
     _, ref_cache = prefilled(model, spec)
-    torch._dynamo.reset()
-    step = torch.compile(model.forward, backend=lambda g, i, **_: run_passes(g, PassReport()).forward, fullgraph=True)
-    arg = cache_argument(model)
-    with torch.no_grad():
-        for t in range(150, 154):
-            position = torch.tensor([[t]])
-            got = step(ids[:, t : t + 1], position_ids=position, **{arg: cache}).logits
-            want = model(ids[:, t : t + 1], position_ids=position, **{arg: ref_cache}).logits
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
+    report = PassReport()
+    assert_steps_match(model, ids, cache, ref_cache, 4, report)
+    assert report.hits["fuse_kv_attention"] == 2
