@@ -134,10 +134,18 @@ def package_worker(args) -> int:
     if device == "cuda":
         start = time.perf_counter()
         try:
-            out["runtime_check"] = aoti.check_cxx_runtime(path)["verdict"]
+            checked = aoti.check_cxx_runtime(path)
+            out["runtime_check"] = checked["verdict"] + (f" ({checked['inconclusive']})"
+                                                         if checked.get("inconclusive") else "")
         except aoti.PackageError as err:
             out["runtime_check"] = f"refused: {err}"
         out["runtime_check_s"] = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()  # again: a passed trial load is remembered
+        try:
+            aoti.check_cxx_runtime(path)
+        except aoti.PackageError:
+            pass
+        out["runtime_check_again_s"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     try:
         lm = aoti.load(path)
@@ -189,7 +197,8 @@ for s, lib in prov.items():
 out["providers"] = {lib: [len(v)] + v[:3] for lib, v in out["providers"].items()}
 out["glibcxx"] = {lib: a._dotted(a._glibcxx_of(lib)) for lib in set(out["mapped"] or []) | set(prov.values())}
 try:
-    out["verdict"] = a.check_cxx_runtime(path, meta)["verdict"]
+    checked = a.check_cxx_runtime(path, meta)
+    out["verdict"], out["inconclusive"] = checked["verdict"], checked.get("inconclusive")
 except a.PackageError as err:
     out["verdict"] = "refused: " + str(err)
 print("RESULT " + json.dumps(out), flush=True)
@@ -442,10 +451,10 @@ def run(args, report: Report) -> None:
             report.notes.append(f"{s}: load() refused under this process's environment (measured with "
                                 f"runtime_check=False): {result['load_refused']}")
         row = {k: result[k] for k in ("ms_per_step", "tokens_per_s", "prefill_ms", "peak_gib") if k in result}
-        row["load s"] = result["load_s"]
-        row["of which checksums s"] = result["verify_s"]
+        row["load() s (after the checks below)"] = result["load_s"]
+        row["checksums s"] = result["verify_s"]
         if "runtime_check_s" in result:
-            row["of which C++ runtime check s"] = result["runtime_check_s"]
+            row["C++ runtime check s (first, again)"] = (result["runtime_check_s"], result["runtime_check_again_s"])
             report.notes.append(f"{s}: C++ runtime pre-check in the package process: {result['runtime_check']}")
         speed.append({"model": s, "layers": sh.layers, "path": "AOTI package (fresh process)", **row})
         report.tables["decode"] = speed
@@ -465,7 +474,7 @@ def run(args, report: Report) -> None:
         report.notes.append(f"without LD_PRELOAD an unchecked load exits with status {rc3}"
                             + (" (crash)" if crashed else "") + f"; the pre-check said: {verdict[:300]}")
         report.check("issue 20: the pre-check refuses exactly where the unchecked load crashes",
-                     crashed == verdict.startswith("refused") and (probe2 or {}).get("verdict") == "ok",
+                     crashed == verdict.startswith("refused") and (probe2 or {}).get("verdict") in ("ok", "trial-ok"),
                      f"no LD_PRELOAD: load status {rc3}, pre-check {verdict[:60]!r}; with LD_PRELOAD: pre-check "
                      f"{(probe2 or {}).get('verdict', '')[:60]!r}")
         report.write()

@@ -410,10 +410,12 @@ def test_out_of_range_token_ids_are_refused(mini_lm):
     assert read_metadata(mini_lm.path)["input_vocab_size"] == 128
 
 
-def test_cxx_runtime_check(mini_package, monkeypatch):
+def test_cxx_runtime_check(mini_package, monkeypatch, tmp_path):
     """The CUDA loader's pre-check, run here on the CPU package's .so files: this process binds the
     package's C++ runtime imports to one libstdc++ that is new enough; a foreign provider, an older
-    runtime, or a trial load that dies are refused with the LD_PRELOAD fix."""
+    runtime, or a trial load that dies are refused with the LD_PRELOAD fix; a trial load that
+    passed is remembered for the same package code and process runtime, not for another."""
+    monkeypatch.setenv("XQUANT_FX_CACHE_DIR", str(tmp_path / "cache"))
     report = check_cxx_runtime(mini_package)
     assert report["verdict"] == "ok" and report["symbols"] > 20 and not report["foreign"]
     assert report["needed"].startswith("3.4.") and all("libstdc++" in lib for lib in report["runtimes"])
@@ -430,9 +432,21 @@ def test_cxx_runtime_check(mini_package, monkeypatch):
     monkeypatch.setattr(aoti.cxx_runtime, "_TRIAL", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     with pytest.raises(PackageError, match=r"child process ended with signal 11 SIGSEGV.*LD_PRELOAD="):
         check_cxx_runtime(mini_package)
+    assert not (tmp_path / "cache").exists()  # a crash is not remembered
     monkeypatch.undo()
+    monkeypatch.setenv("XQUANT_FX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(aoti.cxx_runtime, "_mapped_cxx_runtimes", lambda: None)
-    assert check_cxx_runtime(mini_package)["verdict"] == "trial-ok"  # torch loads it in the child
+    report = check_cxx_runtime(mini_package)  # torch loads it in the child
+    assert report["verdict"] == "trial-ok" and "trial_cached" not in report
+    assert "no /proc/self/maps" in report["inconclusive"]
+    # remembered: the same package in the same kind of process starts no child (one that would crash)
+    monkeypatch.setattr(aoti.cxx_runtime, "_TRIAL", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    report = check_cxx_runtime(mini_package)
+    assert report["verdict"] == "trial-ok" and report["trial_cached"]
+    # another C++ runtime setup (here LD_PRELOAD) is not covered by that verdict
+    monkeypatch.setenv("LD_PRELOAD", "/nonexistent/libstdc++.so.6")
+    with pytest.raises(PackageError, match="signal 11"):
+        check_cxx_runtime(mini_package)
 
 
 def test_read_metadata_without_loading(mini_package):

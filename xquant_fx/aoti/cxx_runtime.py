@@ -4,6 +4,7 @@ and a trial load in a child process where those cannot answer."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .package import PackageError, read_metadata
+from .package import MANIFEST_FILE, PackageError, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,9 @@ def check_cxx_runtime(path, meta: dict | None = None) -> dict:
     providers = _symbol_providers(sorted(symbols)) if symbols else None
     report["mapped"] = mapped
     if report.get("inconclusive") or mapped is None or providers is None or not symbols:
-        report.setdefault("inconclusive", "cannot inspect this process's C++ runtime")
+        report.setdefault("inconclusive", "cannot inspect this process's C++ runtime: "
+                          + ("no /proc/self/maps" if mapped is None else "no dlsym/dladdr" if providers is None
+                             else "the package's code imports no versioned libstdc++ symbols"))
         return _trial_load(path, meta, report)
     problems = []
     foreign = {s: lib for s, lib in providers.items() if not os.path.basename(lib).startswith("libstdc++")}
@@ -227,10 +230,68 @@ print("loaded")
 """
 
 
+def _trial_cache_file() -> Path:
+    """Where passed trial loads are remembered: ``$XQUANT_FX_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/xquant_fx``, else ``~/.cache/xquant_fx``."""
+    root = os.environ.get("XQUANT_FX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "xquant_fx")
+    return Path(root) / "cxx_runtime_trials.json"
+
+
+def _trial_key(path, report: dict) -> str | None:
+    """What a trial load's outcome depends on: the package's native code (the SHA-256 of each
+    ``.so`` as its checksum manifest records it) and this process's C++ runtime (the libraries
+    mapped, ``LD_PRELOAD``, the interpreter and torch). ``None`` without a manifest."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/extra/" + MANIFEST_FILE))
+            members = json.loads(archive.read(name).decode())["members"]
+    except (StopIteration, OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError):
+        return None
+    code = sorted(entry["sha256"] for member, entry in members.items() if member.endswith(".so"))
+    process = [report.get("mapped"), os.environ.get("LD_PRELOAD", ""), sys.executable, torch.__version__]
+    return hashlib.sha256(json.dumps([code, process]).encode()).hexdigest() if code else None
+
+
+def _trial_passed_before(key: str | None) -> bool:
+    if key is None:
+        return False
+    try:
+        return key in json.loads(_trial_cache_file().read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _remember_trial(key: str | None) -> None:
+    if key is None:
+        return
+    file = _trial_cache_file()
+    try:
+        known = json.loads(file.read_text()) if file.exists() else {}
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    known[key] = {"passed": True}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = file.with_name(f"{file.name}.{os.getpid()}")
+        scratch.write_text(json.dumps(known))
+        os.replace(scratch, file)
+    except OSError as err:  # a read-only home: the next load tries again, nothing else changes
+        logger.info("xquant_fx: cannot remember the trial load in %s (%s)", file, err)
+
+
 def _trial_load(path, meta: dict, report: dict) -> dict:
-    """Load the package once in a child process (where a crash is reported, not inherited)."""
+    """Load the package once in a child process (where a crash is reported, not inherited). A
+    load that passed is remembered per package code and process runtime (:func:`_trial_key`), so
+    the next :func:`load` of the same package in the same kind of process skips the child."""
     import signal
 
+    key = _trial_key(path, report)
+    if _trial_passed_before(key):
+        report["verdict"], report["trial_cached"] = "trial-ok", True
+        return report
     from torch.export.pt2_archive._package import load_pt2
 
     kwargs = {}
@@ -258,4 +319,6 @@ def _trial_load(path, meta: dict, report: dict) -> dict:
     if child.returncode != 0:  # an ordinary error: the load below raises it with its message
         logger.warning("xquant_fx: trial load of %s failed: %s", path, child.stderr.strip()[-500:])
     report["verdict"] = "trial-ok" if child.returncode == 0 else "trial-error"
+    if child.returncode == 0:
+        _remember_trial(key)
     return report

@@ -59,10 +59,13 @@ def load(
     start Python with the compiler's C++ runtime first:
     ``LD_PRELOAD=$(readlink -f $(g++ -print-file-name=libstdc++.so.6)) python ...``. Only when
     that inspection is impossible (no ``/proc/self/maps``, no ``dlsym``/``dladdr``, an ``.so``
-    it cannot parse) does it load the package once in a child process first, where a crash is
-    reported instead of inherited (seconds). ``runtime_check=False`` skips all of it. Why not
-    always the child process: it costs a second full load (weights included) on every call, for a
-    clash the symbol tables already show. Not yet verified on the H200 image itself (tested on CPU
+    it cannot parse, or one that imports no versioned ``libstdc++`` symbols) does it load the
+    package once in a child process first, where a crash is reported instead of inherited; that
+    costs about one more load (tens of seconds on CUDA), so a passed trial is remembered (in
+    ``~/.cache/xquant_fx``, or ``$XQUANT_FX_CACHE_DIR``) per package code and process runtime, and
+    the next load of the same package skips it. ``runtime_check=False`` skips all of it. Why not
+    always the child process: it costs a second full load (weights included), for a clash the
+    symbol tables already show. Not yet verified on the H200 image itself (tested on CPU
     with simulated clashes; ``benchmarks/check_export_cuda.py`` checks it there): on that image,
     use the ``LD_PRELOAD`` line regardless.
     """
