@@ -27,6 +27,8 @@ def test_kernels_compile_for_sm90():
     assert any("_attend_mma_kernel" in line and "'HAS_MASK': True" in line and "'MASK_BOOL': False" in line
                for line in compiled)
     assert any("_attend_kernel" in line and "'STAGE': 2" in line for line in compiled)  # the mma path's tail
+    # ... and with sink tokens, whose partial its last program computes
+    assert any("_attend_kernel" in line and "'STAGE': 2" in line and "'SINKS': 4" in line for line in compiled)
     assert any("'SLOTS': True" in line for line in compiled) and any("'SLOTS': False" in line for line in compiled)
     assert any("'KEEP': 3" in line for line in compiled)
     assert any("'FOLD': True" in line for line in compiled) and any("'FOLD': False" in line for line in compiled)

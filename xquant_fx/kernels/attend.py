@@ -624,9 +624,38 @@ def _store_partial(part_acc_ptr, part_ml_ptr, part, acc, m_i, l_i, row_ok,
     tl.store(part_ml_ptr + part * 2 * M + M + rows, l_i, mask=row_ok)
 
 
+@triton.jit
+def _sink_partial(q, qpos, row_ok, m_row, k_ptr, v_ptr, s_kt, s_kd, s_vt, s_vd, mask_ptr, s_mt, qk_scale, mask_len,
+                  SINKS: tl.constexpr, SB: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr,
+                  DV: tl.constexpr, VB: tl.constexpr, PACKED: tl.constexpr, HAS_MASK: tl.constexpr,
+                  MASK_BOOL: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The sink tokens' partial ``(m [BLOCK_M], l [BLOCK_M], acc [BLOCK_M, DV])`` of the query rows
+    ``q`` over the ``SINKS`` full-precision positions of one (sequence, KV head) at ``k_ptr`` /
+    ``v_ptr``: sink ``j`` is position ``j``, visible to a row at ``qpos >= j`` that the caller's
+    mask keeps. One block of ``SB >= SINKS`` positions (at least 16, the ``tl.dot`` minimum), the
+    padding masked. ``PACKED``: the accumulator's columns in the packed decoders' channel order,
+    as :func:`_store_partial` takes them."""
+    if PACKED:
+        chan = pair_order(DV, 32 // VB)
+    else:
+        chan = tl.arange(0, DV)
+    j = tl.arange(0, SB)
+    ok = j < SINKS
+    k = tl.load(k_ptr + j[:, None] * s_kt + tl.arange(0, DK)[None, :] * s_kd, mask=ok[:, None], other=0.0)
+    v = tl.load(v_ptr + j[:, None] * s_vt + chan[None, :] * s_vd, mask=ok[:, None], other=0.0)
+    scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, SB]
+    scores = tl.where(ok[None, :], scores, float("-inf"))
+    scores = _mask_scores(scores, j[None, :], qpos[:, None], row_ok[:, None], m_row[:, None], None, mask_ptr, s_mt,
+                          mask_len, True, HAS_MASK, MASK_BOOL, False, 0)
+    m_i = tl.max(scores, axis=1)
+    p = tl.math.exp2(scores - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return m_i, tl.sum(p, axis=1), acc
+
+
 @triton.jit(do_not_specialize=["num_kv_heads", "num_splits", "mask_len"])
 def _attend_kernel(
-    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr,
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr, xk_ptr, xv_ptr,
     part_acc_ptr, part_ml_ptr,
     # q [b, Hq, Lq, DK]
     s_qb, s_qh, s_ql, s_qd,
@@ -640,6 +669,9 @@ def _attend_kernel(
     s_vwb, s_vwh, s_vwt, s_vwd,
     # mask [b, Hq, Lq, mask_len] (broadcast dims: stride 0)
     s_mb, s_mh, s_ml, s_mt,
+    # k_sink [B, H, SINKS, DK], v_sink [B, H, SINKS, DV] (SINKS > 0)
+    s_xkb, s_xkh, s_xkt, s_xkd,
+    s_xvb, s_xvh, s_xvt, s_xvd,
     num_kv_heads, num_splits, qk_scale, mask_len,
     LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
@@ -647,7 +679,7 @@ def _attend_kernel(
     PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     MASK_SHARED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, TAIL_PARTS: tl.constexpr, SINKS: tl.constexpr,
-    STAGE: tl.constexpr, FAST_BLOCK: tl.constexpr,
+    SINK_BLOCK: tl.constexpr, STAGE: tl.constexpr, FAST_BLOCK: tl.constexpr,
 ):
     """Stages 1 and 2 (``STAGE``) of the decode attention; see the module docstring.
 
@@ -657,12 +689,15 @@ def _attend_kernel(
     0 for the shared-block loop (:func:`_attend_block`).
 
     Stage 2, grid ``(b * Hkv, T)`` with ``T = TAIL_PARTS``: the positions ``[F, n)`` that stage 1
-    left (``F`` in blocks of ``FAST_BLOCK``, stage 1's; fewer than ``R + FAST_BLOCK <= T *
+    left (``F`` in blocks of ``FAST_BLOCK``, stage 1's; fewer than ``R + FAST_BLOCK <= T' *
     BLOCK_N``: the ring window, the codes next to it, the causal edge), one block of ``BLOCK_N``
     positions per program, on all warps (:func:`_attend_block`, mixed path, ``q K^T``
-    orientation; ``WARP_SPLIT = 0``, not ``TRANSPOSED``). Compiled apart from stage 1 (the
-    ``STAGE`` branch is resolved at compile time), so that its masked, two-source blocks (codes
-    below the boundaries, ring slots above) do not raise stage 1's register count.
+    orientation; ``WARP_SPLIT = 0``, not ``TRANSPOSED``), on programs ``0 .. T' - 1``; with
+    ``SINKS > 0``, ``T = T' + 1`` and the last program attends the sink buffers instead
+    (:func:`_sink_partial`: its block range lies past ``n``, so its loop is empty). Compiled apart
+    from stage 1 (the ``STAGE`` branch is resolved at compile time), so that its masked,
+    two-source blocks (codes below the boundaries, ring slots above) do not raise stage 1's
+    register count.
 
     Program ``p`` writes partial ``p`` (stage 1) or ``S + p`` (stage 2): ``part_acc [b * Hkv, S +
     T, GROUP * Lq, DV]`` unnormalised output and ``part_ml [b * Hkv, S + T, 2, GROUP * Lq]``
@@ -770,6 +805,12 @@ def _attend_kernel(
             )
 
         l_i = tl.sum(l_i, axis=1)
+        if SINKS > 0:
+            if program == TAIL_PARTS - 1:
+                m_i, l_i, acc = _sink_partial(
+                    q, qpos, row_ok, m_row, xk_ptr + bi * s_xkb + hi * s_xkh, xv_ptr + bi * s_xvb + hi * s_xvh,
+                    s_xkt, s_xkd, s_xvt, s_xvd, mask_ptr, s_mt, qk_scale, mask_len,
+                    SINKS, SINK_BLOCK, BLOCK_M, DK, DV, VB, PACKED, HAS_MASK, MASK_BOOL, DOT_DTYPE, DOT_PRECISION)
         part = num_splits + program
     _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + TAIL_PARTS) + part,
                    acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
@@ -777,17 +818,15 @@ def _attend_kernel(
 
 @triton.jit(do_not_specialize=["num_kv_heads", "num_parts"])
 def _attend_merge_kernel(
-    out_ptr, part_acc_ptr, part_ml_ptr, sink_acc_ptr, sink_ml_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
     s_ob, s_oh, s_ol, s_od,
     num_kv_heads, num_parts,
-    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, PARTS_BLOCK: tl.constexpr, HAS_SINK: tl.constexpr,
+    LQ: tl.constexpr, GROUP: tl.constexpr, DV: tl.constexpr, PARTS_BLOCK: tl.constexpr,
 ):
     """Stage 3, grid ``(b * Hkv * GROUP * Lq,)``: program ``pid`` merges the ``S + T`` partials
     of query row ``pid % (GROUP * Lq)`` of (sequence, KV head) ``pid // (GROUP * Lq)`` into
     ``out``, ``PARTS_BLOCK`` partials at a time (the count is a run-time value: it follows the
-    batch, which is dynamic under ``torch.compile``). With ``HAS_SINK``, one more partial in the
-    same layout, the sink tokens' (``sink_acc [b * Hkv, M, DV]``, ``sink_ml [b * Hkv, 2, M]``),
-    merged first."""
+    batch, which is dynamic under ``torch.compile``)."""
     M: tl.constexpr = GROUP * LQ
     pid = tl.program_id(0)
     bh = (pid // M).to(tl.int64)
@@ -799,10 +838,6 @@ def _attend_merge_kernel(
     m_run = tl.full((1,), float("-inf"), tl.float32)
     l_run = tl.zeros((1,), tl.float32)
     acc_run = tl.zeros((DV,), tl.float32)
-    if HAS_SINK:  # the first partial: nothing to rescale yet
-        m_run = tl.load(sink_ml_ptr + bh * 2 * M + r + tl.arange(0, 1))
-        l_run = tl.load(sink_ml_ptr + bh * 2 * M + M + r + tl.arange(0, 1))
-        acc_run = tl.load(sink_acc_ptr + (bh * M + r) * DV + dv)
     for start in range(0, num_parts, PARTS_BLOCK):
         s = start + tl.arange(0, PARTS_BLOCK)
         ok = s < num_parts
@@ -962,7 +997,7 @@ def attend(
     :func:`block_config`; ``variant`` (one of :data:`VARIANTS`) overrides
     :func:`default_variant` (tests, benchmarks). ``k_sink [B, Hkv, S, Dk]`` / ``v_sink [B, Hkv, S,
     Dv]`` (``XQuantConfig.sink_tokens``, both or neither): positions ``< S`` are read from them,
-    not from the codes or the ring (:func:`_sink_partial`).
+    not from the codes or the ring, by one more stage-2 program (:func:`_sink_partial`).
     """
     check_bits("k_bits", k_bits)
     check_bits("v_bits", v_bits)
@@ -1000,7 +1035,8 @@ def attend(
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     qk_scale = scale * _LOG2E  # scores in log2 units
-    sink_partial = _sink_partial(q, k_sink, v_sink, n, qk_scale, hkv, mask) if sinks else None
+    sink_buffers = (k_sink, v_sink) if sinks else (q, q)
+    sink_strides = (*k_sink.stride(), *v_sink.stride()) if sinks else (0,) * 8
     if variant == "mma":
         if not mma_ok:
             raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, power-of-two head "
@@ -1009,7 +1045,7 @@ def attend(
                              "query rows of a KV head share")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                            k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides,
-                           sinks, sink_partial)
+                           sinks, sink_buffers, sink_strides)
     packed = not variant.startswith("generic")
     if packed and q.dtype == torch.float32:
         raise ValueError(f"variant {variant!r} decodes into 16-bit floats; a float32 cache runs 'generic'")
@@ -1026,18 +1062,18 @@ def attend(
     capacity = v_scale.shape[2] + R  # positions the cache can hold (>= max_cache_len)
     splits = splits or num_splits(b * hkv, capacity, q.device, cfg.ctas_per_sm)
 
-    tail_parts = math.ceil((R + cfg.block_n) / TAIL_BLOCK_N)  # stage 2 programs per (sequence, KV head)
+    tail_parts = _tail_parts(R, cfg.block_n, sinks)  # stage 2 programs per (sequence, KV head)
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits + tail_parts, out)  # stage 1's S, then stage 2's T
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 caches: no TF32 rounding
     interpret = interpreting()
     storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-               mask if mask is not None else q)
+               mask if mask is not None else q, *sink_buffers)
     storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
-                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides)
+                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides, *sink_strides)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=packed,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=precision, INTERPRET=interpret,
-                  SINKS=sinks)
+                  SINKS=sinks, SINK_BLOCK=_sink_block(sinks))
     launch(_attend_kernel)[(b * hkv, splits)](
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
@@ -1047,7 +1083,7 @@ def attend(
         STAGE=1, FAST_BLOCK=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits, tail_parts, qk_scale,
-                           mask_len, cfg.block_n, common, sink_partial)
+                           mask_len, cfg.block_n, common)
 
 
 def _expand_mask(mask, b: int, hq: int, lq: int):
@@ -1081,32 +1117,15 @@ def _check_sinks(k_sink, v_sink, b, hkv: int, dk: int, dv: int, dtype: torch.dty
     return S
 
 
-def _sink_partial(q, k_sink, v_sink, n, qk_scale: float, hkv: int, mask=None):
-    """The sink tokens' partial for the merge, in the stages' layout: ``(acc [b * Hkv, M, Dv], ml
-    [b * Hkv, 2, M])`` float32, ``M = GROUP * Lq`` rows (row ``r``: head ``kv_head * GROUP + r //
-    Lq``, token ``r % Lq``), running max in log2 units. A few positions per row: plain torch.
-    Sink ``j`` is visible to the token at ``qpos = n - Lq + r % Lq`` if ``j <= qpos`` and the
-    caller's ``mask`` (expanded to ``[b, Hq, Lq, M]``, bool as uint8, or additive) keeps it."""
-    b, hq, lq, dk = q.shape
-    S, dv = k_sink.shape[2], v_sink.shape[3]
-    rows = hq // hkv * lq
-    scores = q.reshape(b, hkv, rows, dk).float() @ k_sink[:b].float().transpose(-1, -2) * qk_scale  # [b, Hkv, M, S]
-    qpos = n - lq + torch.arange(rows, device=q.device) % lq
-    scores = scores.masked_fill(torch.arange(S, device=q.device) > qpos[:, None], float("-inf"))
-    if mask is not None:
-        m = mask[..., :S].reshape(b, hkv, rows, -1)
-        if m.shape[-1] < S:  # positions at or past the mask's length are masked
-            m = torch.cat([m, m.new_full((*m.shape[:3], S - m.shape[-1]), 0 if m.dtype == torch.uint8
-                                         else float("-inf"))], -1)
-        if m.dtype == torch.uint8:
-            scores = scores.masked_fill(m == 0, float("-inf"))
-        else:
-            m = m.float()
-            scores = scores + torch.where(m == float("-inf"), m, m.clamp(min=-2.3586e38) * _LOG2E)
-    top = scores.amax(-1)
-    p = torch.exp2(scores - torch.where(top == float("-inf"), 0.0, top)[..., None])
-    acc = p @ v_sink[:b].float()
-    return acc.reshape(b * hkv, rows, dv), torch.stack([top, p.sum(-1)], 2).reshape(b * hkv, 2, rows)
+def _sink_block(sinks: int) -> int:
+    """Positions of the sink program's one block: ``sinks`` padded to a power of two >= 16."""
+    return max(16, triton.next_power_of_2(sinks)) if sinks else 0
+
+
+def _tail_parts(R: int, fast_block: int, sinks: int) -> int:
+    """Stage-2 programs per (sequence, KV head): enough ``TAIL_BLOCK_N`` blocks for the fewer than
+    ``R + fast_block`` positions stage 1 leaves, and one more for the sink tokens."""
+    return math.ceil((R + fast_block) / TAIL_BLOCK_N) + (1 if sinks else 0)
 
 
 def _dot_dtype(dtype: torch.dtype, interpret: bool):
@@ -1127,11 +1146,11 @@ def _buffers(q: torch.Tensor, dv: int, hkv: int, parts, out: torch.Tensor | None
 
 
 def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first_parts, tail_parts, qk_scale,
-                    mask_len, fast_block, common, sink_partial=None):
-    """Stage 2 over the positions stage 1 left (from ``Nv // fast_block * fast_block`` on), as
-    partials ``first_parts ..``, then stage 3: every partial merged into ``out``, with
-    ``sink_partial`` (:func:`_sink_partial`) when given. ``storage`` / ``storage_strides``: the
-    tensors and strides as stage 1 takes them; ``common``: the constants both stages take."""
+                    mask_len, fast_block, common):
+    """Stage 2 over the positions stage 1 left (from ``Nv // fast_block * fast_block`` on) and the
+    sink tokens (:func:`_tail_parts`), as partials ``first_parts ..``, then stage 3: every partial
+    merged into ``out``. ``storage`` / ``storage_strides``: the tensors and strides as stage 1
+    takes them; ``common``: the constants both stages take."""
     q = storage[0]
     (b, hq, lq, _), dv = q.shape, out.shape[3]
     group_rows = hq // hkv * lq
@@ -1143,10 +1162,9 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
         VC_ROW=0, VS_ROW=0, TAIL_PARTS=tail_parts, **common, STAGE=2, FAST_BLOCK=fast_block,
         num_warps=4, num_stages=1,
     )
-    sink_acc, sink_ml = sink_partial if sink_partial is not None else (part_acc, part_ml)
     launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
-        out, part_acc, part_ml, sink_acc, sink_ml, *out.stride(), hkv, first_parts + tail_parts,
-        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK, HAS_SINK=sink_partial is not None,
+        out, part_acc, part_ml, *out.stride(), hkv, first_parts + tail_parts,
+        LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK,
         num_warps=4,
     )
     return out
@@ -1176,7 +1194,7 @@ def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
 
 def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                 k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides, sinks,
-                sink_partial):
+                sink_buffers, sink_strides):
     """The ``mma`` variant: stage 1 of :mod:`~xquant_fx.kernels.attend_mma` (one partial per warp),
     then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge."""
     b, hq, lq, dk = q.shape
@@ -1185,7 +1203,7 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
     splits = splits or num_splits(b * hkv, capacity, q.device, MMA_CTAS_PER_SM)
     warps = attend_mma.WARPS
     fast_block = attend_mma.GROUP_TOKENS
-    tail_parts = math.ceil((R + fast_block) / TAIL_BLOCK_N)
+    tail_parts = _tail_parts(R, fast_block, sinks)
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits * warps + tail_parts, out)
     interpret = interpreting()
     mask_arg = mask if mask is not None else q
@@ -1200,11 +1218,13 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         SINKS=sinks, INTERPRET=interpret,
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
     )
-    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg)
+    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg,
+               *sink_buffers)
     storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
-                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides)
+                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides, *sink_strides)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=True,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask is not None,
-                  DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=None, INTERPRET=interpret, SINKS=sinks)
+                  DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=None, INTERPRET=interpret, SINKS=sinks,
+                  SINK_BLOCK=_sink_block(sinks))
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits * warps, tail_parts,
-                           qk_scale, mask_len, fast_block, common, sink_partial)
+                           qk_scale, mask_len, fast_block, common)
