@@ -226,7 +226,8 @@ def test_ops_stay_whole_under_cuda_graphs_unless_told(monkeypatch, mode, options
 def test_whole_ops_are_reinplaced_on_the_cache_and_match_eager(monkeypatch):
     """The kernel path (interpreter) compiled with the ops whole: each layer's write is one
     ``append_token`` call on the cache's own buffers (no copy of them in the generated code), each
-    attention one ``attend`` call, and the tokens equal eager decoding through the same ops."""
+    attention one ``attend`` call, the rotations of a rotating cache compiled code rather than
+    ``xquant::hadamard`` calls, and the tokens equal eager decoding through the same ops."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("XQUANT_FORCE_KERNELS", "1")
@@ -235,7 +236,8 @@ def test_whole_ops_are_reinplaced_on_the_cache_and_match_eager(monkeypatch):
     arg = cache_argument(model)
 
     def decode(step, steps=3):
-        cache = XQuantCache(model.config, "kivi-2", max_cache_len=176, max_batch_size=2)  # > the 128-token window
+        cache = XQuantCache(model.config, "kivi-2:rotation=hadamard", max_cache_len=176,
+                            max_batch_size=2)  # > the 128-token window
         with torch.no_grad():
             token = model(ids, **{arg: cache}).logits[:, -1:].argmax(-1)
             codes = cache.layers[0].storage["k_codes"]  # allocated by the first write
@@ -255,4 +257,5 @@ def test_whole_ops_are_reinplaced_on_the_cache_and_match_eager(monkeypatch):
     code = "\n".join(codes)
     assert code.count("torch.ops.xquant.append_token.default(") == 2
     assert code.count("torch.ops.xquant.attend.default(") == 2
+    assert "xquant.hadamard" not in code  # inline_rotations: Inductor compiled them
     assert ".clone()" not in code and "aten.copy_" not in code

@@ -162,6 +162,29 @@ def test_hadamard_is_orthogonal_and_its_own_inverse(d):
     assert torch.allclose(quant.hadamard(quant.hadamard(x)), x, atol=1e-6)
 
 
+@pytest.mark.parametrize("d", [1, 2, 8, 64, 256])
+def test_hadamard_matrix_is_sylvesters(d):
+    """The closed form ``(-1)^popcount(i & j) / sqrt(d)`` is the Sylvester recursion
+    ``H_2n = [[H_n, H_n], [H_n, -H_n]]``, which the caches' stored rotations were defined by."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    assert torch.equal(quant.hadamard_matrix(d), h * (1.0 / math.sqrt(d)))
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 1), torch.float32), ((2, 4, 64), torch.float32),
+                                         ((2, 3, 1, 128), torch.bfloat16), ((5, 256), torch.float16)])
+def test_hadamard_butterfly_is_the_matrix_product(shape, dtype):
+    """The fast transform that compiled graphs run gives ``x @ H`` (float32 rounding apart)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got, want = quant.hadamard_butterfly(x), quant.hadamard(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="power of two"):
+        quant.hadamard_butterfly(torch.zeros(2, 96))
+
+
 def test_hadamard_needs_a_power_of_two():
     with pytest.raises(ValueError, match="d=96 must be a power of two"):
         quant.hadamard_matrix(96)

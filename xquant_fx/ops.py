@@ -47,6 +47,7 @@ in for those positions.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -168,8 +169,16 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     ``x.dtype``: :func:`xquant_fx.quant.hadamard`. The cache of ``XQuantConfig(rotation=
     "hadamard")`` rotates keys and values with it before storing them and rotates reads back; an
     op, not inline torch, so that :mod:`xquant_fx.passes.fuse_kv_attention` can find the read's
-    rotation and move it onto the query and the attention output around the fused ``attend``."""
-    return quant.hadamard(x)
+    rotation and move it onto the query and the attention output around the fused ``attend``.
+    Compiled graphs do not keep it: :mod:`xquant_fx.passes.inline_rotations` replaces what the
+    fusion leaves with :func:`xquant_fx.quant.hadamard` itself, which Inductor sees through."""
+    return quant.hadamard(x, _hadamard_matrix(x.shape[-1], x.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_matrix(d: int, device: torch.device) -> torch.Tensor:
+    """:func:`xquant_fx.quant.hadamard_matrix`, built once per size and device (eager calls)."""
+    return quant.hadamard_matrix(d, device)
 
 
 @hadamard.register_fake

@@ -352,19 +352,44 @@ def merge_sink(x: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def hadamard_matrix(d: int, device: torch.device | None = None) -> torch.Tensor:
     """The normalized Sylvester Hadamard matrix ``[d, d]`` (float32): orthogonal and symmetric, so
-    it is its own inverse. ``d`` must be a power of two."""
+    it is its own inverse. ``d`` must be a power of two.
+
+    Built in closed form, ``H[i, j] = (-1)^popcount(i & j) / sqrt(d)``."""
     if not isinstance(d, int) or d < 1 or d & (d - 1):
         raise ValueError(f"hadamard_matrix: d={d!r} must be a power of two")
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h * (1.0 / math.sqrt(d))).to(device)
+    i = torch.arange(d, device=device)
+    both = i[:, None] & i[None, :]
+    odd = torch.zeros_like(both)
+    for bit in range(d.bit_length() - 1):
+        odd = odd ^ ((both >> bit) & 1)
+    return (1 - 2 * odd).to(torch.float32) * (1.0 / math.sqrt(d))
 
 
-def hadamard(x: torch.Tensor) -> torch.Tensor:
+def hadamard(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ H`` over the last dim (float32 arithmetic, result in ``x.dtype``). The same call
-    rotates and rotates back: ``hadamard(hadamard(x)) == x`` up to rounding."""
-    return (x.float() @ hadamard_matrix(x.shape[-1], x.device)).to(x.dtype)
+    rotates and rotates back: ``hadamard(hadamard(x)) == x`` up to rounding. ``matrix``: ``H``
+    already built (:func:`hadamard_matrix`), else it is built here."""
+    h = matrix if matrix is not None else hadamard_matrix(x.shape[-1], x.device)
+    return (x.float() @ h).to(x.dtype)
+
+
+def hadamard_butterfly(x: torch.Tensor) -> torch.Tensor:
+    """:func:`hadamard` computed from ``x`` alone: the fast Walsh-Hadamard transform, ``log2 d``
+    butterfly steps ``(a, b) -> (a + b, a - b)`` over pairs ``h`` apart (``h = 1, 2, 4, ...``),
+    which is ``x @ H`` in the Sylvester order, scaled by ``1 / sqrt(d)``. What compiled graphs
+    run (:mod:`xquant_fx.passes.inline_rotations`): no matrix to build or hold, only pointwise ops
+    and views of ``x`` that the compiler fuses."""
+    d = x.shape[-1]
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"hadamard_butterfly: the last dim {d} must be a power of two")
+    y = x.float().reshape(-1, d)
+    h = 1
+    while h < d:
+        y = y.view(-1, d // (2 * h), 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack([a + b, a - b], dim=2).reshape(-1, d)
+        h *= 2
+    return (y * (1.0 / math.sqrt(d))).reshape(x.shape).to(x.dtype)
 
 
 def attend(q, keys, values, n, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:

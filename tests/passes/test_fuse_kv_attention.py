@@ -89,7 +89,8 @@ def test_fused_graph_matches_eager_step_by_step():
     _, ref_cache = prefilled(model, "xquant-1.38")
     report = PassReport()
     assert_steps_match(model, ids, cache, ref_cache, 8, report)
-    assert report.hits == {"fuse_kv_attention": 2, "prune_moe_router": 0, "router_topk": 0} and report.graphs == 1
+    assert report.hits == {"fuse_kv_attention": 2, "inline_rotations": 0, "prune_moe_router": 0,
+                           "router_topk": 0} and report.graphs == 1
 
 
 def test_declines_without_quantized_cache():

@@ -17,13 +17,14 @@ import torch
 
 from ..moe import MoEPlan
 from .fuse_kv_attention import fuse_kv_attention
+from .inline_rotations import inline_rotations
 from .prune_moe_router import prune_moe_router
 from .router_topk import router_topk
 
 logger = logging.getLogger(__name__)
 
 #: The pipeline, in order.
-PASSES = (fuse_kv_attention, prune_moe_router, router_topk)
+PASSES = (fuse_kv_attention, inline_rotations, prune_moe_router, router_topk)
 
 
 @dataclass
