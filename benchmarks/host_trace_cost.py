@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
 
 
 def compile_seconds(calls: int, heads: int = 8, gqa: int = 4, head_dim: int = 128, k_bits: int = 2,
                     v_bits: int = 1, context: int = 4096) -> float:
-    from test_kernels import make_storage, storage_args  # tests/test_kernels.py: the cache layout
+    from test_kernels import make_storage, storage_args  # tests/kernels/test_kernels.py: the cache layout
 
     import xquant_fx.kernels.attend as kernel
     import xquant_fx.ops as ops
