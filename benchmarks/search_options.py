@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     parser.add_argument("--options", default="search", choices=("search", "off"), help="search(..., options=)")
     parser.add_argument("--search-tokens", type=int, default=384, help="calibration window of the search (tokens)")
     parser.add_argument("--search-segments", type=int, default=1, help="calibration windows of the search")
+    parser.add_argument("--search-copy-windows", type=int, default=1,
+                        help="calibration windows repeating their first half (search(copy_windows=))")
     add_scoring_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
     for code, stored in args.budget:
         start = time.time()
         found = search(model, code, tokenizer, stored_budget_bits=stored, options=args.options,
-                       tokens=args.search_tokens, segments=args.search_segments, progress=False)
+                       tokens=args.search_tokens, segments=args.search_segments,
+                       copy_windows=args.search_copy_windows, progress=False)
         search_s = time.time() - start
         print(found.summary(), flush=True)
         reports.append(found.summary())

@@ -389,13 +389,39 @@ def test_calibration_text_is_disjoint_from_the_evaluation_corpus():
         check_disjoint(text, "preamble\n" + text[1000:3000])
 
 
+def test_copy_windows_repeat_their_first_half():
+    """``copy_windows``: after the text windows, windows of the next ``tokens / 2`` tokens twice
+    (the copy reads its source ``tokens / 2`` back, past the window); refused where the copy
+    would still read full-precision keys, or the text is too short."""
+    from xquant_fx.config_search.entry import _calibration_ids
+
+    text = ByteTokenizer()(calibration_text()).input_ids[0]
+    ids, described = _calibration_ids(ByteTokenizer(), None, None, 160, 1, copy_windows=2, residual_length=R)
+    assert ids.shape == (3, 160) and torch.equal(ids[0], text[:160])
+    assert torch.equal(ids[1], torch.cat([text[160:240], text[160:240]]))
+    assert torch.equal(ids[2], torch.cat([text[240:320], text[240:320]]))
+    assert "then 2 copy window(s) of the next 80 tokens twice" in described
+    assert _calibration_ids(ByteTokenizer(), None, None, 160, 2, copy_windows=0)[0].shape == (2, 160)
+    with pytest.raises(ValueError, match="half exceeds residual_length=128"):
+        _calibration_ids(ByteTokenizer(), None, None, 160, 1, copy_windows=1, residual_length=128)
+    with pytest.raises(ValueError, match="even window"):
+        _calibration_ids(ByteTokenizer(), None, None, 161, 1, copy_windows=1, residual_length=R)
+    with pytest.raises(ValueError, match="for the copy windows"):
+        _calibration_ids(ByteTokenizer(), "short text " * 20, None, 160, 1, copy_windows=1, residual_length=R)
+    with pytest.raises(ValueError, match="copy_windows=-1"):
+        _calibration_ids(ByteTokenizer(), None, None, 160, 1, copy_windows=-1)
+    given = text[:320].view(2, 160)  # 2-D ids are used as given
+    assert torch.equal(_calibration_ids(None, None, given, 160, 1, copy_windows=1, residual_length=R)[0], given)
+
+
 def test_eval_command_searches_and_evaluates(tmp_path, monkeypatch, capsys):
     from xquant_fx import smollm2
 
     model = mini_model("llama", num_hidden_layers=4)
     monkeypatch.setattr(smollm2, "load", lambda dtype=None: (model, ByteTokenizer()))
     args = ["eval", "--presets", "fp16", "kivi-2", "--segments", "1", "--segment-len", "160", "--prefill", "64",
-            "--depths", "--search", "1.25,1.5", "--search-tokens", "160", "--out", str(tmp_path)]
+            "--depths", "--search", "1.25,1.5", "--search-tokens", "160", "--search-copy-windows", "0",
+            "--out", str(tmp_path)]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "search-1.25" in out and "search-1.5" in out and "verified candidates" in out

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration text of the search (default: docstrings of standard-library modules "
                              "that the evaluation corpus does not use); must not overlap the evaluation text")
     parser.add_argument("--search-tokens", type=int, default=384, help="calibration tokens of the search")
+    parser.add_argument("--search-copy-windows", type=int, default=1, metavar="N",
+                        help="calibration windows that repeat their first half (long-range copying, as retrieval "
+                             "needs); 0 for plain text only")
     parser.add_argument("--search-stored", type=float, default=None, metavar="BITS",
                         help="also bound the searched configs' stored bits (bf16, 8k tokens)")
     parser.add_argument("--search-metadata-dtype", default="search", choices=("search", "model", *METADATA_DTYPES),
@@ -119,6 +122,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str | None, str | None]:
             raise ValueError(str(err)) from None
     for name, value, low in (("--segments", args.segments, 1), ("--segment-len", args.segment_len, 2),
                              ("--prefill", args.prefill, 1), ("--search-tokens", args.search_tokens, 2),
+                             ("--search-copy-windows", args.search_copy_windows, 0),
                              *(("--retrieval-lengths", n, 64) for n in args.retrieval_lengths)):
         if value < low:
             raise ValueError(f"{name} {value}: must be at least {low}")
@@ -193,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         calibration = search_text if search_text is not None else search.calibration_text()
         search.check_disjoint(calibration, text or evaluate.default_corpus())
         found = search.search(model, args.search, tokenizer, text=search_text,
-                              tokens=args.search_tokens, stored_budget_bits=args.search_stored,
+                              tokens=args.search_tokens, copy_windows=args.search_copy_windows,
+                              stored_budget_bits=args.search_stored,
                               metadata_dtype=_metadata_choice(args.search_metadata_dtype),
                               progress=True)
         print(search.format_results(found), end="\n\n")

@@ -95,7 +95,15 @@ longer calibration context.
 
 The default calibration text (:func:`calibration_text`) is the module docstrings of standard-library
 modules that the evaluation corpus of :mod:`xquant_fx.evaluate` does not use, so a searched config
-is never evaluated on the text it was chosen on (:func:`check_disjoint`).
+is never evaluated on the text it was chosen on (:func:`check_disjoint`). After its ``segments``
+windows the search adds ``copy_windows`` (default 1) windows in which the next ``tokens / 2``
+tokens of the text come twice: predicting the second copy means attending ``tokens / 2`` positions
+back, past the full-precision window, which is what retrieval asks of the cache and what 384
+tokens of running text barely exercise. Their KL enters the objective like any other window's, so
+the allocation keeps bits where long-range copying needs them. On SmolLM2 at 1.4 code / 2.1
+stored bits (4 sinks, Hadamard, least-squares levels, float8 metadata fixed), one copy window
+took the evaluation perplexity from 1.088x to 1.077x full precision and retrieval from 18 to 20 of
+24 cases; it doubles the calibration forward's length.
 
 Modules: :mod:`.simulator` (:class:`DecodeSimulator`), :mod:`.allocation` (sensitivities and the
 bit allocation), :mod:`.report` (:class:`SearchResult` and its tables), :mod:`.entry` (:func:`search`

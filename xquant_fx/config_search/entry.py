@@ -86,6 +86,7 @@ def search(
     input_ids: torch.Tensor | None = None,
     tokens: int = 384,
     segments: int = 1,
+    copy_windows: int = 1,
     bits: Sequence[int] = (1, 2),
     sharing: bool = True,
     eta_grid: dict[int, Sequence[float]] | None = None,
@@ -114,6 +115,11 @@ def search(
         text, input_ids: the calibration text, or its ids ``[tokens]`` / ``[segments, tokens]``.
         tokens, segments: the calibration uses ``segments`` windows of ``tokens`` tokens (more than
             ``residual_length``: only tokens older than the window are ever quantized).
+        copy_windows: windows of ``tokens`` tokens added after those, each the next ``tokens / 2``
+            tokens of the text twice over: the model predicts the second copy by attending
+            ``tokens / 2`` positions back, past the full-precision window, as retrieval does, so
+            the layers that long-range copying needs weigh in the KL. ``tokens / 2`` must exceed
+            ``residual_length``. Not added to ``input_ids`` given as ``[segments, tokens]``.
         bits: widths a tensor may take (from 1, 2, 4).
         sharing: allow cross-layer code sharing.
         eta_grid: ``{bits: candidate etas}`` (default :data:`DEFAULT_ETA_GRID`); a width without
@@ -177,7 +183,7 @@ def search(
             f"{_md_name(m)} {min(lines.units(m, min(space.sinks), stored_budget_bits), code_totals[max(budgets)]) / (2 * num_layers):.4f}"
             for m in space.metadata)
 
-    ids, calibration = _calibration_ids(tokenizer, text, input_ids, tokens, segments)
+    ids, calibration = _calibration_ids(tokenizer, text, input_ids, tokens, segments, copy_windows, residual_length)
     if ids.shape[1] <= residual_length + 1:
         raise ValueError(f"calibration windows of {ids.shape[1]} tokens: they must be longer than residual_length + 1 "
                          f"= {residual_length + 1} tokens (only tokens older than the window are quantized)")
@@ -449,13 +455,23 @@ def _metadata_order(space: OptionSpace, lines: _StoredLines, code_total: int, bu
     return [ranked[0]] + [m for m in ranked[1:] if m is None and ranked[0] is not None]
 
 
-def _calibration_ids(tokenizer, text, input_ids, tokens: int, segments: int) -> tuple[torch.Tensor, str]:
-    """``[segments, tokens]`` ids of the calibration text (2-D ``input_ids`` are used as given)."""
+def _calibration_ids(tokenizer, text, input_ids, tokens: int, segments: int, copy_windows: int = 0,
+                     residual_length: int = 0) -> tuple[torch.Tensor, str]:
+    """``[segments + copy_windows, tokens]`` ids of the calibration text: ``segments`` windows, then
+    ``copy_windows`` windows of ``tokens / 2`` new tokens repeated (2-D ``input_ids`` are used as
+    given)."""
     if not isinstance(segments, int) or segments < 1:
         raise ValueError(f"segments={segments!r}: a positive int")
     if not isinstance(tokens, int) or tokens < 2:
         raise ValueError(f"tokens={tokens!r}: a window length in tokens")
-    need = tokens * segments
+    if isinstance(copy_windows, bool) or not isinstance(copy_windows, int) or copy_windows < 0:
+        raise ValueError(f"copy_windows={copy_windows!r}: an int >= 0")
+    half = tokens // 2
+    if copy_windows and (tokens % 2 or half <= residual_length):
+        raise ValueError(f"copy_windows={copy_windows} needs an even window whose half exceeds residual_length="
+                         f"{residual_length} (so that the copied text is quantized when the copy reads it); "
+                         f"tokens={tokens}")
+    need = tokens * segments + half * copy_windows
     if input_ids is not None:
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 2:
@@ -471,8 +487,16 @@ def _calibration_ids(tokenizer, text, input_ids, tokens: int, segments: int) -> 
             "docstrings of Python's " + ", ".join(CALIBRATION_MODULES) + " modules")
         ids = tokenizer(text if text is not None else calibration_text(), return_tensors="pt").input_ids[0]
     if ids.numel() < need:
-        raise ValueError(f"the calibration text has {ids.numel()} tokens; {segments} x {tokens} = {need} are needed")
-    return ids[:need].view(segments, tokens), f"{source}, first {segments} x {tokens} tokens"
+        raise ValueError(f"the calibration text has {ids.numel()} tokens; {segments} x {tokens} = "
+                         f"{tokens * segments}" + (f" and {copy_windows} x {half} for the copy windows" if copy_windows
+                                                   else "") + f" = {need} are needed")
+    windows = ids[: tokens * segments].view(segments, tokens)
+    described = f"{source}, first {segments} x {tokens} tokens"
+    if copy_windows:
+        copied = ids[tokens * segments : need].view(copy_windows, half)
+        windows = torch.cat([windows, torch.cat([copied, copied], 1)])
+        described += f", then {copy_windows} copy window(s) of the next {half} tokens twice"
+    return windows, described
 
 
 def _fit_allocation(sens, num_layers, code_total, bits, mode, make_config, stored, stored_budget) -> Allocation | None:
