@@ -36,7 +36,8 @@ Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
 ``--options`` instead measures what each quality option of ``XQuantConfig`` costs a decode step
 (``xquant-1.38`` layout, K2/V1, through the ops a compiled model calls): the attend op plain, with
 4 and 8 sink tokens, with float8 metadata, with the Hadamard rotation moved onto the query and the
-output (``xquant::hadamard`` twice, as the fuse pass places it), and all together; and the write:
+output (twice, as the fuse pass places it: the eager ``xquant::hadamard`` op, and the Walsh-Hadamard
+transform that ``inline_rotations`` leaves in a compiled model), and all together; and the write:
 the append kernel (min-max levels) against the torch write with min-max and with least-squares
 levels (``level_fit="lsq"`` stays on the torch write), eager and compiled. It checks the options'
 attend against ``quant`` first and writes ``attention_options.md`` / ``.csv``.
@@ -440,7 +441,9 @@ def bench_options(device, copy_gbps: float, time_budget: float, started: float) 
     """Decode cost of each quality option (see the module docstring); rows and skipped shapes."""
     kb, vb, k_eta, v_eta = LAYOUTS["k2v1"]
     rows, skipped = [], []
-    hadamard = torch.ops.xquant.hadamard
+    rotations = {"op": torch.ops.xquant.hadamard,  # eager, as the op runs outside compiled graphs
+                 # what a compiled model runs (xquant_fx.passes.inline_rotations)
+                 "compiled": torch.compile(quant.hadamard_butterfly, fullgraph=True, dynamic=False)}
 
     def torch_write(kn, vn, pos, st, fit):
         quant.append_key(kn, pos, st["k_codes"], st["k_scale"], st["k_zero"], st["k_window"], kb, G, k_eta, fit)
@@ -455,17 +458,18 @@ def bench_options(device, copy_gbps: float, time_budget: float, started: float) 
         q = torch.randn(b, HQ, 1, D, device=device, dtype=DTYPE)
         base = make_storage(b, ctx, kb, vb, device, seed=b + ctx)
         plain_us = None
-        for label, sinks, fp8, rotate in (("plain", 0, False, False), ("4 sinks", 4, False, False),
-                                          ("8 sinks", 8, False, False), ("float8 metadata", 0, True, False),
-                                          ("hadamard", 0, False, True),
-                                          ("4 sinks + hadamard + float8", 4, True, True)):
+        for label, sinks, fp8, rotate in (("plain", 0, False, None), ("4 sinks", 4, False, None),
+                                          ("8 sinks", 8, False, None), ("float8 metadata", 0, True, None),
+                                          ("hadamard (eager op)", 0, False, "op"),
+                                          ("hadamard (compiled)", 0, False, "compiled"),
+                                          ("4 sinks + hadamard (compiled) + float8", 4, True, "compiled")):
             st, extra = with_options(base, b, sinks, fp8, device)
             args = storage_args(st)
 
-            def step(args=args, extra=extra, rotate=rotate):
-                qq = hadamard(q) if rotate else q
+            def step(args=args, extra=extra, rotate=rotations.get(rotate)):
+                qq = rotate(q) if rotate else q
                 out = torch.ops.xquant.attend(qq, *args, n, kb, vb, G, D**-0.5, **extra)
-                return hadamard(out) if rotate else out
+                return rotate(out) if rotate else out
 
             us = time_graph(step)
             plain_us = plain_us or us
@@ -516,7 +520,8 @@ def write_options(rows, meta, skipped, out_dir: Path) -> str:
         f"GPU {meta['gpu']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
         f"Copy bandwidth {meta['copy_gbps']:.0f} GB/s. Each row one CUDA graph, median of "
         "`triton.testing.do_bench` (L2 flushed). `attend` rows: one layer's attention op as a compiled "
-        "model calls it (`hadamard`: plus `xquant::hadamard` on the query and the output); "
+        "model calls it (`hadamard`: plus the rotation of the query and the output, as the eager "
+        "`xquant::hadamard` op or as the Walsh-Hadamard transform a compiled model runs); "
         "x = time over the plain row. `append` rows: one layer's decode-step write at a position that "
         "quantizes a key group; x = time over the append kernel.",
         "",
