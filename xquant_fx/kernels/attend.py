@@ -1035,8 +1035,8 @@ def attend(
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     qk_scale = scale * _LOG2E  # scores in log2 units
-    sink_buffers = (k_sink, v_sink) if sinks else (q, q)
-    sink_strides = (*k_sink.stride(), *v_sink.stride()) if sinks else (0,) * 8
+    storage, storage_strides = _stage_storage(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
+                                              v_window, n, mask, mask_strides, k_sink, v_sink)
     if variant == "mma":
         if not mma_ok:
             raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, power-of-two head "
@@ -1045,7 +1045,7 @@ def attend(
                              "query rows of a KV head share")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                            k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides,
-                           sinks, sink_buffers, sink_strides)
+                           sinks, storage, storage_strides)
     packed = not variant.startswith("generic")
     if packed and q.dtype == torch.float32:
         raise ValueError(f"variant {variant!r} decodes into 16-bit floats; a float32 cache runs 'generic'")
@@ -1066,10 +1066,6 @@ def attend(
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits + tail_parts, out)  # stage 1's S, then stage 2's T
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 caches: no TF32 rounding
     interpret = interpreting()
-    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
-               mask if mask is not None else q, *sink_buffers)
-    storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
-                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides, *sink_strides)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=packed,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=precision, INTERPRET=interpret,
@@ -1115,6 +1111,19 @@ def _check_sinks(k_sink, v_sink, b, hkv: int, dk: int, dv: int, dtype: torch.dty
     if S < 1:
         raise ValueError("attend: sink buffers must hold at least one position")
     return S
+
+
+def _stage_storage(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask, mask_strides,
+                   k_sink, v_sink):
+    """``(storage, storage_strides)``: the tensors and strides stages 1 and 2 of
+    :func:`_attend_kernel` take after ``q``, in its parameter order (an absent mask or absent sink
+    buffers are replaced by ``q``, with zero strides)."""
+    sinks = k_sink is not None
+    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
+               mask if mask is not None else q, *((k_sink, v_sink) if sinks else (q, q)))
+    strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(), *v_codes.stride(), *v_scale.stride(),
+               *v_window.stride(), *mask_strides, *((*k_sink.stride(), *v_sink.stride()) if sinks else (0,) * 8))
+    return storage, strides
 
 
 def _sink_block(sinks: int) -> int:
@@ -1194,9 +1203,10 @@ def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
 
 def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                 k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides, sinks,
-                sink_buffers, sink_strides):
+                storage, storage_strides):
     """The ``mma`` variant: stage 1 of :mod:`~xquant_fx.kernels.attend_mma` (one partial per warp),
-    then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge."""
+    then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge
+    (``storage`` / ``storage_strides``: :func:`_stage_storage`)."""
     b, hq, lq, dk = q.shape
     hkv, R, dv = v_window.shape[1], v_window.shape[2], v_window.shape[3]
     capacity = v_scale.shape[2] + R
@@ -1218,10 +1228,6 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         SINKS=sinks, INTERPRET=interpret,
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
     )
-    storage = (q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n, mask_arg,
-               *sink_buffers)
-    storage_strides = (*k_codes.stride(), *k_scale.stride(), *k_window.stride(),
-                       *v_codes.stride(), *v_scale.stride(), *v_window.stride(), *mask_strides, *sink_strides)
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=True,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask is not None,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=None, INTERPRET=interpret, SINKS=sinks,
