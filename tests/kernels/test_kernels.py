@@ -121,6 +121,22 @@ def test_append_matches_reference(kernels, dtype, kb, vb, G, R, dk, dv, share_k,
             assert torch.equal(got[name], ref[name]), f"{name} differs after the step at pos={pos}"
 
 
+def test_append_refuses_strided_channels(kernels):
+    """The write kernel addresses storage channels as contiguous; a storage view with a strided
+    channel axis is refused by name, and nothing is written."""
+    st = make_storage(1, 1, 64, 64, 2, 2, 32, 32, 96, torch.float32)
+    before = {name: t.clone() for name, t in st.items()}
+    wide = torch.zeros(*st["k_window"].shape[:-1], 128)
+    st["k_window"] = wide[..., ::2]  # same shape, channel stride 2
+    k = torch.randn(1, 1, 1, 64)
+    with pytest.raises(ValueError, match="k_window must have contiguous channels"):
+        kernels.append.append_token(k, k, torch.tensor(40), *storage_args(st), 2, 2, 32, 0.0, 0.0)
+    assert not wide.any()
+    for name in ORDER:
+        if name != "k_window":
+            assert torch.equal(st[name], before[name]), name
+
+
 def test_append_flushes_the_window_into_codes(kernels):
     """Tokens written by the kernel from an empty cache read back (``read_keys`` /
     ``read_values``) as the reference cache does, window and codes alike."""

@@ -68,14 +68,11 @@ def _append_token_kernel(
     # strides: new tokens [b, H, 1, D] (batch, head, channel)
     s_kb, s_kh, s_kd,
     s_vb, s_vh, s_vd,
-    # k_codes [B, H, Tq*KB/32, DK]; k_scale / k_zero [B, H, Tq/G, DK]; k_window [B, H, R, DK]
-    s_kcb, s_kch, s_kct, s_kcd,
-    s_ksb, s_ksh, s_kst, s_ksd,
-    s_kwb, s_kwh, s_kwt, s_kwd,
-    # v_codes [B, H, Tq, DV*VB/32]; v_scale / v_zero [B, H, Tq, DV/G]; v_window [B, H, R, DV]
-    s_vcb, s_vch, s_vct, s_vcd,
-    s_vsb, s_vsh, s_vst, s_vsd,
-    s_vwb, s_vwh, s_vwt, s_vwd,
+    # storage (batch, head, row; channels contiguous): k_codes [B, H, Tq*KB/32, DK], k_scale /
+    # k_zero [B, H, Tq/G, DK], k_window [B, H, R, DK]; v_codes [B, H, Tq, DV*VB/32], v_scale /
+    # v_zero [B, H, Tq, DV/G], v_window [B, H, R, DV]
+    s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_kwb, s_kwh, s_kwt,
+    s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, s_vwb, s_vwh, s_vwt,
     num_heads,
     k_c1, k_c2, v_c1, v_c2,
     DK: tl.constexpr, DV: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
@@ -106,7 +103,7 @@ def _append_token_kernel(
     # ---------------------------------------------------------------- value of position q
     dv = tl.arange(0, DV)
     vw_base = vw_ptr + bi * s_vwb + hi * s_vwh
-    x = tl.load(vw_base + (q % R) * s_vwt + dv * s_vwd).to(tl.float32)  # [DV]
+    x = tl.load(vw_base + (q % R) * s_vwt + dv).to(tl.float32)  # [DV]
     x = tl.reshape(x, (NGV, G))  # [NGV, G]: groups of G channels
     mn = tl.min(x, axis=1)  # [NGV]
     rng = tl.max(x, axis=1) - mn
@@ -116,9 +113,9 @@ def _append_token_kernel(
     shifts = (tl.arange(0, V_PER) * VB)[None, :]
     words = tl.reduce(codes << shifts, 1, bitwise_or)  # [VW]
     if HAS_V_CODES:
-        tl.store(vc_ptr + bi * s_vcb + hi * s_vch + q * s_vct + tl.arange(0, VW) * s_vcd, words)
+        tl.store(vc_ptr + bi * s_vcb + hi * s_vch + q * s_vct + tl.arange(0, VW), words)
     gv = tl.arange(0, NGV)
-    vs_off = bi * s_vsb + hi * s_vsh + q * s_vst + gv * s_vsd
+    vs_off = bi * s_vsb + hi * s_vsh + q * s_vst + gv
     tl.store(vs_ptr + vs_off, to_metadata(scale, vs_ptr.dtype.element_ty))
     tl.store(vz_ptr + vs_off, to_metadata(zero, vz_ptr.dtype.element_ty))
 
@@ -127,7 +124,7 @@ def _append_token_kernel(
     g = q // G
     tok = g * G + tl.arange(0, G)  # [G] positions of the group
     kw_base = kw_ptr + bi * s_kwb + hi * s_kwh
-    x = tl.load(kw_base + (tok % R)[:, None] * s_kwt + dk[None, :] * s_kwd).to(tl.float32)  # [G, DK]
+    x = tl.load(kw_base + (tok % R)[:, None] * s_kwt + dk[None, :]).to(tl.float32)  # [G, DK]
     mn = tl.min(x, axis=0)  # [DK]
     rng = tl.max(x, axis=0) - mn
     inv, scale, zero = _quant_params(mn, rng, k_c1, k_c2, K_LEVELS, K_CALIBRATE)
@@ -141,9 +138,9 @@ def _append_token_kernel(
         shifts = (tl.arange(0, K_PER) * KB)[None, :, None]
         words = tl.reduce(codes << shifts, 1, bitwise_or)  # [KWG, DK]
         rows = g * KWG + tl.arange(0, KWG)
-        kc_off = bi * s_kcb + hi * s_kch + rows[:, None] * s_kct + dk[None, :] * s_kcd
+        kc_off = bi * s_kcb + hi * s_kch + rows[:, None] * s_kct + dk[None, :]
         tl.store(kc_ptr + kc_off, words, mask=flush & (rows[:, None] >= 0))
-    ks_off = bi * s_ksb + hi * s_ksh + g * s_kst + dk * s_ksd
+    ks_off = bi * s_ksb + hi * s_ksh + g * s_kst + dk
     tl.store(ks_ptr + ks_off, to_metadata(scale, ks_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
     tl.store(kz_ptr + ks_off, to_metadata(zero, kz_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
 
@@ -153,8 +150,8 @@ def _append_token_kernel(
     # Every thread must have read the ring (slot pos % R is among the slots read above) first.
     tl.debug_barrier()
     slot = pos % R
-    tl.store(kw_base + slot * s_kwt + dk * s_kwd, k_new.to(kw_ptr.dtype.element_ty))
-    tl.store(vw_base + slot * s_vwt + dv * s_vwd, v_new.to(vw_ptr.dtype.element_ty))
+    tl.store(kw_base + slot * s_kwt + dk, k_new.to(kw_ptr.dtype.element_ty))
+    tl.store(vw_base + slot * s_vwt + dv, v_new.to(vw_ptr.dtype.element_ty))
 
 
 def append_token(
@@ -166,8 +163,8 @@ def append_token(
     """Launch the decode-step write; arguments and effect as :func:`xquant_fx.quant.append_token`.
 
     ``k [b, H, 1, Dk]``, ``v [b, H, 1, Dv]`` (any strides), ``pos`` a 0-d int64 tensor on the
-    storage device; storage tensors as in :mod:`xquant_fx.cache` (batch ``>= b``; only the first
-    ``b`` sequences are touched). ``k_codes`` / ``v_codes`` ``None``: a sharing layer, which writes
+    storage device; storage tensors as in :mod:`xquant_fx.cache` (batch ``>= b``, channels contiguous;
+    only the first ``b`` sequences are touched). ``k_codes`` / ``v_codes`` ``None``: a sharing layer, which writes
     only its own scale, zero point and window. Grid ``(b * H,)``, one program per sequence and head.
     """
     check_bits("k_bits", k_bits)
@@ -193,8 +190,14 @@ def append_token(
     # A sharing layer has no codes tensor: hand the kernel a stand-in pointer it never touches.
     kc = k_codes if k_codes is not None else k_scale
     vc = v_codes if v_codes is not None else v_scale
-    kc_strides = k_codes.stride() if k_codes is not None else (0, 0, 0, 0)
-    vc_strides = v_codes.stride() if v_codes is not None else (0, 0, 0, 0)
+    storage = {"k_codes": kc, "k_scale": k_scale, "k_window": k_window, "v_codes": vc, "v_scale": v_scale,
+               "v_window": v_window}
+    for name, t in storage.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"append_token: {name} must have contiguous channels (last stride 1), "
+                             f"got strides {t.stride()}")
+    kc_strides = k_codes.stride()[:3] if k_codes is not None else (0, 0, 0)
+    vc_strides = v_codes.stride()[:3] if v_codes is not None else (0, 0, 0)
     k_lv, v_lv = (1 << k_bits) - 1, (1 << v_bits) - 1
     launch(_append_token_kernel)[(b * heads,)](
         k, v, pos,
@@ -202,8 +205,8 @@ def append_token(
         vc, v_scale, v_zero, v_window,
         k.stride(0), k.stride(1), k.stride(3),
         v.stride(0), v.stride(1), v.stride(3),
-        *kc_strides, *k_scale.stride(), *k_window.stride(),
-        *vc_strides, *v_scale.stride(), *v_window.stride(),
+        *kc_strides, *k_scale.stride()[:3], *k_window.stride()[:3],
+        *vc_strides, *v_scale.stride()[:3], *v_window.stride()[:3],
         heads,
         1.0 - 2.0 * k_eta, k_eta * k_lv, 1.0 - 2.0 * v_eta, v_eta * v_lv,
         DK=dk, DV=dv, KB=k_bits, VB=v_bits, G=group, R=R,

@@ -234,6 +234,24 @@ def _load_values(
 
 # ------------------------------------------------------------------------------------ packed tiles
 @triton.jit
+def _with_ring_packed(x, pos, lo, n, w_base, s_wt, s_wd, chan, R: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr):
+    """:func:`_with_ring` for ``W`` sub-blocks: ``x [W, BN, D]`` (``[W, D, BN]`` with
+    ``CHANNELS_FIRST``) at positions ``pos [W, BN]``, column ``c`` channel ``chan[c]``; positions
+    in ``[lo, n)`` from ring slot ``pos % R``, past ``n`` zero."""
+    in_ring = (pos >= lo) & (pos < n)
+    if CHANNELS_FIRST:
+        ring = tl.load(w_base + (pos % R)[:, None, :] * s_wt + chan[None, :, None] * s_wd,
+                       mask=in_ring[:, None, :] & (chan[None, :, None] >= 0), other=0.0)
+        x = tl.where((pos < lo)[:, None, :], x, ring.to(DOT_DTYPE))
+    else:
+        ring = tl.load(w_base + (pos % R)[:, :, None] * s_wt + chan[None, None, :] * s_wd,
+                       mask=in_ring[:, :, None] & (chan[None, None, :] >= 0), other=0.0)
+        x = tl.where((pos < lo)[:, :, None], x, ring.to(DOT_DTYPE))
+    return x
+
+
+@triton.jit
 def _load_keys_packed(
     kt, start, nk, n,
     KB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
@@ -276,25 +294,14 @@ def _load_keys_packed(
         keys = tl.permute(keys, (0, 2, 1))
     if MIXED:
         pos = (start + tl.arange(0, W) * BN)[:, None] + pair_order(BN, PER)[None, :]  # [W, BN]
-        in_ring = (pos >= nk) & (pos < n)
-        if CHANNELS_FIRST:
-            ring = tl.load(kw_base + (pos % R)[:, None, :] * s_kwt + dk[None, :, None] * s_kwd,
-                           mask=in_ring[:, None, :] & (dk[None, :, None] >= 0), other=0.0)
-            keys = tl.where((pos < nk)[:, None, :], keys, ring.to(DOT_DTYPE))
-        else:
-            ring = tl.load(kw_base + (pos % R)[:, :, None] * s_kwt + dk[None, None, :] * s_kwd,
-                           mask=in_ring[:, :, None] & (dk[None, None, :] >= 0), other=0.0)
-            keys = tl.where((pos < nk)[:, :, None], keys, ring.to(DOT_DTYPE))
+        keys = _with_ring_packed(keys, pos, nk, n, kw_base, s_kwt, s_kwd, dk, R, CHANNELS_FIRST, DOT_DTYPE)
     return keys
 
 
 @triton.jit
-def _load_values_packed(
-    vt, pos, nv, n,
-    VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
-    MIXED: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
-    KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-):
+def _load_values_packed(vt, pos, nv, n, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr, DV: tl.constexpr,
+                        W: tl.constexpr, BN: tl.constexpr, MIXED: tl.constexpr, CHANNELS_FIRST: tl.constexpr,
+                        KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """Values of positions ``pos [W, BN]``: ``[W, BN, DV]`` whose column ``c`` is channel
     ``pair_order(DV, 32 / VB)[c]``, or ``[W, DV, BN]`` with ``CHANNELS_FIRST``.
 
@@ -352,11 +359,8 @@ def _load_values_packed(
         # [W, BN, VW, NS, 2]: column w * PER + 2j + h holds channel w * PER + j + h * NS
         values = tl.reshape(tl.permute(tl.join(lo, hi), (1, 2, 3, 0, 4)), (W, BN, DV))
     if MIXED:
-        chan = pair_order(DV, PER)
-        in_ring = (pos >= nv) & (pos < n)
-        ring = tl.load(vw_base + (pos % R)[:, :, None] * s_vwt + chan[None, None, :] * s_vwd,
-                       mask=in_ring[:, :, None] & (chan[None, None, :] >= 0), other=0.0)
-        values = tl.where((pos < nv)[:, :, None], values, ring.to(DOT_DTYPE))
+        values = _with_ring_packed(values, pos, nv, n, vw_base, s_vwt, s_vwd, pair_order(DV, PER), R, False,
+                                   DOT_DTYPE)
     if CHANNELS_FIRST:
         values = tl.permute(values, (0, 2, 1))
     return values
