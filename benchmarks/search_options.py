@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--search-segments", type=int, default=1, help="calibration windows of the search")
     parser.add_argument("--search-copy-windows", type=int, default=1,
                         help="calibration windows repeating their first half (search(copy_windows=))")
+    parser.add_argument("--value-group-size", type=int, default=None,
+                        help="channels per value group of the searched configs (search(value_group_size=))")
     add_scoring_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
         start = time.time()
         found = search(model, code, tokenizer, stored_budget_bits=stored, options=args.options,
                        tokens=args.search_tokens, segments=args.search_segments,
-                       copy_windows=args.search_copy_windows, progress=False)
+                       copy_windows=args.search_copy_windows, value_group_size=args.value_group_size,
+                       progress=False)
         search_s = time.time() - start
         print(found.summary(), flush=True)
         reports.append(found.summary())

@@ -35,6 +35,7 @@ def storage(cache):
     "preset,prompt", [("kivi-2", 1), ("kivi-2", 129), ("asymkv-1.5", 33), ("xquant-1.38", 31), ("xquant-1.38", 200), ("kivi-4", 161),
                       ("xquant-1.38:sink_tokens=4", 3), ("xquant-1.38:sink_tokens=4", 4), ("xquant-1.38:sink_tokens=4", 200),
                       ("kivi-2:rotation=hadamard,level_fit=lsq,sink_tokens=7", 33),
+                      ("kivi-2:value_group_size=64,rotation=hadamard,sink_tokens=4", 161),
                       ("xquant-1.38:v_share_from=0,k_share_from=0,level_fit=lsq,eta=none", 161)]
 )
 def test_prefill_then_decode_equals_token_by_token(preset, prompt):
@@ -298,6 +299,36 @@ def test_rotated_read_equals_its_naive_reference(n):
     assert torch.allclose(values[:, :, nv:n], v[:, :, nv:], atol=1e-5)
     slot = (n - 1) % 128
     assert torch.allclose(cache.layers[0].k_window[:2, :, slot], k[:, :, n - 1] @ h, atol=1e-6)
+
+
+def test_value_groups_store_fewer_scales():
+    """``value_group_size=64`` on head_dim 64: one value scale and zero point per token instead of
+    two, the keys' untouched; the report's metadata bits drop by exactly half the values' share,
+    and values still read back within their groups' quantization error."""
+    plain, wide = make_cache("kivi-2", layers=1), make_cache("kivi-2:value_group_size=64", layers=1)
+    assert wide.xquant_config.value_group == 64 and plain.xquant_config.value_group == 32
+    k, v = stream(200)
+    for cache in (plain, wide):
+        cache.update(k, v, 0)
+    assert wide.layers[0].v_scale.shape[-1] == 1 and plain.layers[0].v_scale.shape[-1] == 2
+    assert wide.layers[0].k_scale.shape == plain.layers[0].k_scale.shape
+    p, w = plain.memory_report(), wide.memory_report()
+    assert p["code_bits"] == w["code_bits"]
+    assert math.isclose(p["metadata_bits"] - w["metadata_bits"], p["metadata_bits"] / 4)
+    assert math.isclose(p["stored_bits"] - w["stored_bits"], p["metadata_bits"] / 4)
+    nv = quant.value_boundary(200, 128)
+    values = wide.layers[0].read_stored("v", 2, 200)
+    span = v[:, :, :nv].amax(-1, keepdim=True) - v[:, :, :nv].amin(-1, keepdim=True)  # one group: the whole head
+    assert ((values[:, :, :nv] - v[:, :, :nv]).abs() <= span / 6 + 1e-5).all()
+    assert not torch.equal(values[:, :, :nv], plain.layers[0].read_stored("v", 2, 200)[:, :, :nv])
+
+
+def test_value_group_size_is_checked():
+    with pytest.raises(ValueError, match="value_group_size=48: must be None or one of"):
+        XQuantConfig.from_spec("kivi-2:value_group_size=48")
+    assert XQuantConfig.from_spec("kivi-2:value_group_size=none").value_group == 32
+    with pytest.raises(ValueError, match="value head_dim 64 is not a multiple of value_group_size 128"):
+        make_cache("kivi-2:value_group_size=128", layers=1).memory_report()
 
 
 def test_rotation_needs_a_power_of_two_head_dim():

@@ -6,9 +6,9 @@ Storage of one quantized layer (``B`` = max batch, ``H`` = KV heads, ``T`` = max
     k_codes  int32  [B, H, Tq*kb/32, Dk]   keys, per-channel groups of G tokens, packed over tokens
     k_scale  mdtype [B, H, Tq/G, Dk]       calibrated scale / zero point of each key group
     k_zero   mdtype [B, H, Tq/G, Dk]
-    v_codes  int32  [B, H, Tq, Dv*vb/32]   values, per-token groups of G channels, packed over channels
-    v_scale  mdtype [B, H, Tq, Dv/G]
-    v_zero   mdtype [B, H, Tq, Dv/G]
+    v_codes  int32  [B, H, Tq, Dv*vb/32]   values, per-token groups of VG channels, packed over channels
+    v_scale  mdtype [B, H, Tq, Dv/VG]      (VG: value_group_size, else G)
+    v_zero   mdtype [B, H, Tq, Dv/VG]
     k_window dtype  [B, H, R, Dk]          ring buffer: token t lives in slot t % R
     v_window dtype  [B, H, R, Dv]
 

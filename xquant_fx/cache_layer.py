@@ -48,6 +48,7 @@ class XQuantLayer(StaticLayer):
         self.partner = partner
         self.max_batch_size = max_batch_size
         self.G = config.group_size
+        self.VG = config.value_group  # channels per value group
         self.R = config.residual_length
         self.metadata_dtype_name = config.metadata_dtype
         self.S = config.sink_tokens
@@ -85,17 +86,19 @@ class XQuantLayer(StaticLayer):
         if vb == FULL_PRECISION:
             spec["values"] = ((B, H, T, v_dim), dtype)
         else:
-            if v_dim % G:
+            VG = self.VG
+            if v_dim % VG:
+                name = "value_group_size" if VG != G else "group_size"
                 raise ValueError(
-                    f"value head_dim {v_dim} is not a multiple of group_size {G}: values are quantized in groups "
-                    "of group_size channels"
+                    f"value head_dim {v_dim} is not a multiple of {name} {VG}: values are quantized in groups "
+                    f"of {name} channels"
                 )
             if (v_dim * vb) % 32:
                 raise ValueError(f"value head_dim {v_dim} at {vb} bits does not fill whole 32-bit words")
             if not self.plan.v_shares:
                 spec["v_codes"] = ((B, H, Tq, v_dim * vb // 32), torch.int32)
-            spec["v_scale"] = ((B, H, Tq, v_dim // G), mdtype)
-            spec["v_zero"] = ((B, H, Tq, v_dim // G), mdtype)
+            spec["v_scale"] = ((B, H, Tq, v_dim // VG), mdtype)
+            spec["v_zero"] = ((B, H, Tq, v_dim // VG), mdtype)
             spec["v_window"] = ((B, H, R, v_dim), dtype)
             if self.S:
                 spec["v_sink"] = ((B, H, self.S, v_dim), dtype)
@@ -217,7 +220,7 @@ class XQuantLayer(StaticLayer):
                 self.values[:b].index_copy_(2, p.reshape(1), v)
             else:
                 quant.append_value(v, p, v_codes, self.v_scale[:b], self.v_zero[:b], self.v_window[:b],
-                                   plan.v_bits, self.G, self.v_eta, self.fit, self._shared_codes("v", b))
+                                   plan.v_bits, self.VG, self.v_eta, self.fit, self._shared_codes("v", b))
         self.cumulative_length.add_(1)
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor):
@@ -273,7 +276,7 @@ class XQuantLayer(StaticLayer):
             lo, hi = quant.value_boundary(p0, R), quant.value_boundary(n, R)
             if hi > lo:
                 given = None if src is None else quant.unpack(src[:, :, lo:hi], bits, -1)
-                codes, scale, zero = quant.quantize_values(seq[:, :, lo - base : hi - base], bits, G, self.v_eta,
+                codes, scale, zero = quant.quantize_values(seq[:, :, lo - base : hi - base], bits, self.VG, self.v_eta,
                                                            self.fit, given)
                 if not shares:
                     self.v_codes[:b, :, lo:hi] = quant.pack(codes, bits, -1)
@@ -301,7 +304,7 @@ class XQuantLayer(StaticLayer):
             getattr(self, f"{kind}_scale")[:b],
             getattr(self, f"{kind}_zero")[:b],
             getattr(self, f"{kind}_window")[:b],
-            n, bits, self.G, self.max_cache_len,
+            n, bits, self.G if kind == "k" else self.VG, self.max_cache_len,
             getattr(self, f"{kind}_sink")[:b] if self.S else None,  # the op merges the sinks in
         )
         return self._rotate(kind, x)
@@ -329,7 +332,7 @@ class XQuantLayer(StaticLayer):
                                                        scale[:, :, s // G : e // G], zero[:, :, s // G : e // G], G)
             else:
                 out[:, :, s:e] = quant.dequantize_values(quant.unpack(codes[:, :, s:e], bits, -1),
-                                                         scale[:, :, s:e], zero[:, :, s:e], G)
+                                                         scale[:, :, s:e], zero[:, :, s:e], self.VG)
         ring = torch.arange(boundary, n, device=window.device) % R
         out[:, :, boundary:n] = window.index_select(2, ring)
         if self.S:

@@ -147,7 +147,12 @@ class XQuantConfig:
     Args:
         k_bits, v_bits: 1, 2, 4 or 16 (full precision); one int for every layer or a list with one
             entry per layer (AsymKV-style bits by depth).
-        group_size: G, tokens per key group (per channel) and channels per value group (per token).
+        group_size: G, tokens per key group (per channel) and, unless ``value_group_size`` is
+            set, channels per value group (per token).
+        value_group_size: channels per value group (per token); ``None`` (default): ``group_size``.
+            One of 32, 64, 128, dividing the value head dim. Larger groups store fewer value scales
+            and zero points (at 64, half of them); with a rotation the channels of a token are
+            alike enough that one group per head loses little (docs/quality.md).
         residual_length: R, newest tokens kept in full precision; a multiple of ``group_size``.
         k_share_from, v_share_from: from this layer on, the odd layer of each pair (2j, 2j+1)
             stores no codes and reuses layer 2j's. An int is a layer index, a float in (0, 1] a
@@ -199,6 +204,7 @@ class XQuantConfig:
     k_bits: BitsSpec = 2
     v_bits: BitsSpec = 2
     group_size: int = 32
+    value_group_size: int | None = None
     residual_length: int = 128
     k_share_from: ShareSpec = None
     v_share_from: ShareSpec = None
@@ -225,6 +231,9 @@ class XQuantConfig:
         # floats or bools: ints only.
         if not _is_int(self.group_size) or self.group_size not in ALLOWED_GROUPS:
             raise ValueError(f"XQuantConfig.group_size={self.group_size!r}: must be one of {ALLOWED_GROUPS}")
+        vg = self.value_group_size
+        if vg is not None and (not _is_int(vg) or vg not in ALLOWED_GROUPS):
+            raise ValueError(f"XQuantConfig.value_group_size={vg!r}: must be None or one of {ALLOWED_GROUPS}")
         r = self.residual_length
         if not _is_int(r) or r < self.group_size or r % self.group_size:
             raise ValueError(
@@ -477,6 +486,11 @@ class XQuantConfig:
             for i in range(num_layers)
         ]
 
+    @property
+    def value_group(self) -> int:
+        """Channels per value group: ``value_group_size``, else ``group_size``."""
+        return self.value_group_size if self.value_group_size is not None else self.group_size
+
     def eta_for(self, bits: int) -> float:
         return float(self.eta.get(bits, 0.0))
 
@@ -534,6 +548,7 @@ _SPEC_PARSERS = {
     "k_bits": ("an int or per-layer ints joined by '/' (2/2/4)", _spec_bits),
     "v_bits": ("an int or per-layer ints joined by '/' (2/2/4)", _spec_bits),
     "group_size": ("an int", _spec_int),
+    "value_group_size": ("none or an int", _spec_none(_spec_int)),
     "residual_length": ("an int", _spec_int),
     "k_share_from": ("none, a layer index or a fraction", _spec_none(_spec_share)),
     "v_share_from": ("none, a layer index or a fraction", _spec_none(_spec_share)),

@@ -109,7 +109,8 @@ def attend(
     layer holding ``n`` tokens (0-d int64 tensor); ``[b, Hq, Lq, Dv]`` in ``q.dtype``.
     ``quant.attend(q, quant.read_keys(..., k_sink), quant.read_values(..., v_sink), n, scale, mask)``;
     ``mask`` as transformers passes it to SDPA (bool or additive, broadcastable to ``[b, Hq, Lq,
-    M]``); ``k_sink`` / ``v_sink`` (both or neither, ``[B, Hkv, S, D]``) hold positions ``< S``."""
+    M]``); ``k_sink`` / ``v_sink`` (both or neither, ``[B, Hkv, S, D]``) hold positions ``< S``.
+    ``group`` is the key group; the values' is their storage's (:func:`xquant_fx.quant.value_group`)."""
     if (k_sink is None) != (v_sink is None):
         raise ValueError("attend: pass both k_sink and v_sink, or neither")
     if uses_kernels(q):
@@ -120,7 +121,8 @@ def attend(
     b = q.shape[0]
     length = v_scale.shape[2] + v_window.shape[2]  # code capacity + ring: every position < n
     keys = quant.read_keys(k_codes[:b], k_scale[:b], k_zero[:b], k_window[:b], n, k_bits, group, length)
-    values = quant.read_values(v_codes[:b], v_scale[:b], v_zero[:b], v_window[:b], n, v_bits, group, length)
+    values = quant.read_values(v_codes[:b], v_scale[:b], v_zero[:b], v_window[:b], n, v_bits,
+                               quant.value_group(v_window, v_scale), length)
     if k_sink is not None:
         keys, values = quant.merge_sink(keys, k_sink[:b]), quant.merge_sink(values, v_sink[:b])
     return quant.attend(q, keys, values, n, scale, mask)

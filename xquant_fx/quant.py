@@ -223,6 +223,13 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 # --------------------------------------------------------------------------- the cache's rules
+def value_group(window: torch.Tensor, scale: torch.Tensor) -> int:
+    """Channels per value group of a value storage: the head dim (``window [..., D]``) over the
+    groups per token (``scale [..., D / group]``). Ops that take one ``group`` argument for keys
+    and values read the values' from their storage this way (``XQuantConfig.value_group_size``)."""
+    return window.shape[-1] // scale.shape[-1]
+
+
 # Shared by XQuantLayer (eager), the custom ops' reference implementations and the kernels' tests.
 def key_boundary(n, residual: int, group: int):
     """Nk(n) = G * ceil((n - R) / G), at least 0: keys of tokens below it are read from codes."""
@@ -275,9 +282,10 @@ def append_token(
 
     ``k [b, H, 1, Dk]``, ``v [b, H, 1, Dv]``; storage as in :func:`read_keys`; ``k_codes`` /
     ``v_codes`` is ``None`` for a layer that shares its partner's codes (it then writes only its
-    own scale and zero point). ``pos`` itself is not advanced.
+    own scale and zero point). ``pos`` itself is not advanced. ``group`` is the key group; the
+    values' is their storage's (:func:`value_group`).
     """
-    append_value(v, pos, v_codes, v_scale, v_zero, v_window, v_bits, group, v_eta)
+    append_value(v, pos, v_codes, v_scale, v_zero, v_window, v_bits, value_group(v_window, v_scale), v_eta)
     append_key(k, pos, k_codes, k_scale, k_zero, k_window, k_bits, group, k_eta)
 
 

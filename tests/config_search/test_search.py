@@ -285,6 +285,23 @@ def test_user_fixed_options_are_kept(mini, ids):
         search(mini, 1.25, **kw, options="bogus")
 
 
+def test_value_group_size_is_carried_and_stored_bits_count_it(mini, ids):
+    """``value_group_size`` is fixed by the caller: every candidate has it, the simulator scores it
+    (another score than 32-channel groups) and the stored bits are the cache's for it."""
+    kw = dict(input_ids=ids, residual_length=R, prefill=P, compare_presets=False, options="off")
+    wide = search(mini, 1.5, **kw, value_group_size=64, stored_budget_bits=3.0)
+    assert wide.config.value_group_size == 64
+    assert all(c.config.value_group_size == 64 for c in wide.candidates)
+    assert wide.stored_bits == pytest.approx(_stored(mini, wide.config))
+    assert wide.stored_bits < _stored(mini, wide.config.replace(value_group_size=None))
+    assert "value_group_size=64" in wide.summary()
+    plain = search(mini, 1.5, **kw, stored_budget_bits=3.0)
+    assert plain.config.value_group_size is None
+    assert wide.score != plain.score
+    with pytest.raises(ValueError, match="value_group_size=48"):
+        search(mini, 1.5, **kw, value_group_size=48)
+
+
 def test_options_off_is_the_search_without_options(mini, ids):
     kw = dict(input_ids=ids, residual_length=R, prefill=P, compare_presets=False)
     off = search(mini, 1.25, **kw, options="off")

@@ -51,9 +51,11 @@ def kernels():
     return SimpleNamespace(append=append, attend=attend)
 
 
-def make_storage(B, H, dk, dv, kb, vb, G, R, T, dtype, seed=0):
-    """A layer's storage (cache.py layout) filled with random codes, scales and windows."""
+def make_storage(B, H, dk, dv, kb, vb, G, R, T, dtype, seed=0, vg=None):
+    """A layer's storage (cache.py layout) filled with random codes, scales and windows; value
+    groups of ``vg`` channels (default ``G``)."""
     gen = torch.Generator().manual_seed(seed)
+    vg = vg or G
     tq = math.ceil(max(T - R, 1) / G) * G
 
     def words(*shape):
@@ -68,8 +70,8 @@ def make_storage(B, H, dk, dv, kb, vb, G, R, T, dtype, seed=0):
         k_zero=floats(B, H, tq // G, dk),
         k_window=torch.randn(B, H, R, dk, generator=gen).to(dtype),
         v_codes=words(B, H, tq, dv * vb // 32),
-        v_scale=floats(B, H, tq, dv // G, lo=0.05, hi=1.0),
-        v_zero=floats(B, H, tq, dv // G),
+        v_scale=floats(B, H, tq, dv // vg, lo=0.05, hi=1.0),
+        v_zero=floats(B, H, tq, dv // vg),
         v_window=torch.randn(B, H, R, dv, generator=gen).to(dtype),
     )
 
@@ -161,7 +163,8 @@ def reference_attend(q, st, k_codes, v_codes, n, kb, vb, G, scale, mask=None):
     length = st["v_scale"].shape[2] + st["v_window"].shape[2]
     nt = torch.tensor(n)
     keys = quant.read_keys(k_codes, st["k_scale"], st["k_zero"], st["k_window"], nt, kb, G, length)
-    values = quant.read_values(v_codes, st["v_scale"], st["v_zero"], st["v_window"], nt, vb, G, length)
+    vg = quant.value_group(st["v_window"], st["v_scale"])
+    values = quant.read_values(v_codes, st["v_scale"], st["v_zero"], st["v_window"], nt, vb, vg, length)
     return quant.attend(q, keys, values, nt, scale, mask)
 
 
@@ -247,6 +250,38 @@ def test_attend_variants(kernels, monkeypatch, variant, n, lq, gqa, kb, vb, G, d
     poison_workspace(kernels, monkeypatch)
     got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=2, variant=variant)
     assert_close_rel(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("variant", ["warps-t", "packed", "generic"])
+@pytest.mark.parametrize("kb,vb,vg,dtype", [(2, 1, 64, torch.bfloat16), (2, 2, 128, torch.float16)])
+def test_value_groups_wider_than_key_groups(kernels, monkeypatch, variant, kb, vb, vg, dtype):
+    """``XQuantConfig.value_group_size``: value scales of ``vg`` channels beside key groups of 32
+    tokens. The write kernel stores what the reference stores (bit for bit, across a key flush),
+    and each variant reads the result as the reference does; ``mma`` (32-channel groups only)
+    is not the default for such a layer."""
+    B, hkv, gqa, dk, dv, G, R, T = 2, 2, 4, 128, 128, 32, 64, 320
+    ref = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=7, vg=vg)
+    assert ref["v_scale"].shape[-1] == dv // vg
+    got = {name: t.clone() for name, t in ref.items()}
+    gen = torch.Generator().manual_seed(8)
+    for pos in (R - 1, R, R + 1, R + G):
+        k, v = (torch.randn(B, hkv, 1, d, generator=gen).to(dtype) for d in (dk, dv))
+        quant.append_token(k, v, torch.tensor(pos), *storage_args(ref), kb, vb, G, 0.0, 1 / 6)
+        kernels.append.append_token(k, v, torch.tensor(pos), *storage_args(got), kb, vb, G, 0.0, 1 / 6)
+        for name in ORDER:
+            assert torch.equal(got[name], ref[name]), f"{name} differs after the step at pos={pos}"
+    n = 290
+    q = torch.randn(B, hkv * gqa, 1, dk, generator=gen).to(dtype)
+    expected = reference_attend(q, got, got["k_codes"], got["v_codes"], n, kb, vb, G, 0.125)
+    from xquant_fx import ops
+
+    assert_close_rel(ops.attend(q, *storage_args(got), torch.tensor(n), kb, vb, G, 0.125), expected,
+                     TOL[dtype])  # the op's reference path (CPU)
+    poison_workspace(kernels, monkeypatch)
+    out = run_attend(kernels, q, got, got["k_codes"], got["v_codes"], n, kb, vb, G, 0.125, splits=2, variant=variant)
+    assert_close_rel(out, expected, TOL[dtype])
+    with pytest.raises(ValueError, match="variant 'mma' takes"):
+        kernels.attend.attend(q, *storage_args(got), torch.tensor(n), kb, vb, G, 0.125, variant="mma")
 
 
 MMA_CASES = [

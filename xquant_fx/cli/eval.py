@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "needs); 0 for plain text only")
     parser.add_argument("--search-stored", type=float, default=None, metavar="BITS",
                         help="also bound the searched configs' stored bits (bf16, 8k tokens)")
+    parser.add_argument("--search-value-group-size", type=int, default=None, metavar="CHANNELS",
+                        help="channels per value group of the searched configs (default: the group size)")
     parser.add_argument("--search-metadata-dtype", default="search", choices=("search", "model", *METADATA_DTYPES),
                         help="how searched configs store scales and zero points: 'search' (default) tries float8 "
                              "when --search-stored bounds the stored bits, else keeps the model dtype; 'model' or "
@@ -199,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         found = search.search(model, args.search, tokenizer, text=search_text,
                               tokens=args.search_tokens, copy_windows=args.search_copy_windows,
                               stored_budget_bits=args.search_stored,
+                              value_group_size=args.search_value_group_size,
                               metadata_dtype=_metadata_choice(args.search_metadata_dtype),
                               progress=True)
         print(search.format_results(found), end="\n\n")

@@ -95,6 +95,7 @@ def search(
     stored_dtype: torch.dtype = torch.bfloat16,
     group_size: int = 32,
     residual_length: int = 128,
+    value_group_size: int | None = None,
     metadata_dtype=SEARCH,
     sink_tokens=SEARCH,
     rotation=SEARCH,
@@ -127,6 +128,8 @@ def search(
         stored_budget_bits: optional bound on stored bits per value as the cache holds them at
             ``stored_len`` tokens in ``stored_dtype`` (codes, scales, zero points, window, sinks).
         group_size, residual_length: G and R of the configs (not searched).
+        value_group_size: channels per value group of the configs (not searched; ``None``:
+            ``group_size``), :class:`XQuantConfig`.
         sink_tokens, rotation, level_fit, metadata_dtype: the quality options of
             :class:`XQuantConfig`. ``"search"`` (default) searches them: sinks over
             :data:`DEFAULT_SINKS` (those below ``residual_length``), rotation over ``None`` and
@@ -150,7 +153,7 @@ def search(
     budgets, single = _budgets(budget_bits)
     bits = _check_bits(bits)
     eta_grid = DEFAULT_ETA_GRID if eta_grid is None else {int(b): tuple(g) for b, g in eta_grid.items()}
-    XQuantConfig(group_size=group_size, residual_length=residual_length)  # validates
+    XQuantConfig(group_size=group_size, residual_length=residual_length, value_group_size=value_group_size)  # checks
     if isinstance(option_candidates, bool) or not isinstance(option_candidates, int) or option_candidates < 1:
         raise ValueError(f"option_candidates={option_candidates!r}: a positive int")
     num_layers, _, k_dim, v_dim = kv_geometry(model.config)
@@ -158,7 +161,7 @@ def search(
     space = option_space(sink_tokens, rotation, level_fit, metadata_dtype, options, group_size=group_size,
                          residual_length=residual_length, head_dims=head_dims,
                          rotation_fits=all(d > 0 and d & (d - 1) == 0 for d in head_dims),
-                         stored_budget=stored_budget_bits)
+                         stored_budget=stored_budget_bits, value_group_size=value_group_size)
     low = minimum_code_bits(num_layers, bits, sharing)
     for b in budgets:
         if b < low - 1e-9:
@@ -172,7 +175,7 @@ def search(
     def stored(config: XQuantConfig) -> float:
         return _stored_bits(model, config, stored_len, stored_dtype)
 
-    lines = _StoredLines(stored, num_layers, group_size, residual_length)
+    lines = _StoredLines(stored, num_layers, group_size, residual_length, value_group_size)
     if stored_budget_bits is not None:
         _fit_options_to_stored_budget(space, lines, bits, sharing, stored_budget_bits, stored_dtype_name, stored_len)
     code_totals = {b: int(math.floor(b * 2 * num_layers + 1e-9)) for b in budgets}
@@ -209,7 +212,7 @@ def search(
 
     # 1. eta per width with the options off: the screen's eta for min-max levels
     tick = time.perf_counter()
-    plain = QualityOptions(metadata_dtype=primary_md)
+    plain = QualityOptions(metadata_dtype=primary_md, value_group_size=value_group_size)
     etas: dict[QualityOptions, dict[int, float]] = {}
     if space.searched and "minmax" in space.fits:
         etas[plain] = calibrate_eta(plain)
@@ -365,8 +368,9 @@ def search(
     if compare_presets:
         for preset in XQuantConfig.PRESETS:
             config = XQuantConfig.preset(preset)
-            try:  # the search's G, R and metadata dtype (unless the preset sets one); skip what the model refuses
+            try:  # the search's G, R, value groups and metadata dtype (unless the preset sets one); skip what the model refuses
                 config = config.replace(group_size=group_size, residual_length=residual_length,
+                                        value_group_size=value_group_size,
                                         metadata_dtype=config.metadata_dtype or primary_md)
                 sim.check_options(QualityOptions.of(config), config.eta)
             except ValueError:
@@ -393,14 +397,17 @@ class _StoredLines:
     sinks do not depend on the widths), measured on two plain configs. Used to decide what a stored
     budget leaves for codes; every returned config is checked exactly."""
 
-    def __init__(self, stored, num_layers: int, group_size: int, residual_length: int):
+    def __init__(self, stored, num_layers: int, group_size: int, residual_length: int,
+                 value_group_size: int | None = None):
         self._stored, self.L, self.G, self.R = stored, num_layers, group_size, residual_length
+        self.VG = value_group_size
         self._lines: dict[tuple, tuple[float, float]] = {}
 
     def config(self, md, sinks, k_bits=1, v_bits=1, share=False) -> XQuantConfig:
         start = 0 if share else None
         return XQuantConfig(k_bits=k_bits, v_bits=v_bits, k_share_from=start, v_share_from=start,
-                            group_size=self.G, residual_length=self.R, metadata_dtype=md, sink_tokens=sinks)
+                            group_size=self.G, residual_length=self.R, value_group_size=self.VG, metadata_dtype=md,
+                            sink_tokens=sinks)
 
     def line(self, md, sinks) -> tuple[float, float]:
         """``(stored bits at 0 code units, stored bits per code unit)``."""

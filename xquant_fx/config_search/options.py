@@ -29,10 +29,11 @@ class OptionSpace:
     fits: tuple[str, ...]
     metadata: tuple[str | None, ...]
     how: dict[str, str] = field(default_factory=dict)
+    value_group_size: int | None = None  # fixed by the caller, not searched
 
     def combos(self, metadata_dtype: str | None) -> list[QualityOptions]:
         """Every combination of sinks, rotation and level fit, with ``metadata_dtype``."""
-        return [QualityOptions(s, r, f, metadata_dtype)
+        return [QualityOptions(s, r, f, metadata_dtype, self.value_group_size)
                 for s, r, f in itertools.product(self.sinks, self.rotations, self.fits)]
 
     @property
@@ -66,7 +67,7 @@ def _candidates(name: str, value, default: tuple, options: str) -> tuple[tuple, 
 
 def option_space(sink_tokens, rotation, level_fit, metadata_dtype, options: str, *, group_size: int,
                  residual_length: int, rotation_fits: bool, head_dims: Sequence[int],
-                 stored_budget: float | None) -> OptionSpace:
+                 stored_budget: float | None, value_group_size: int | None = None) -> OptionSpace:
     """The candidates of each option from :func:`search`'s arguments: ``"search"`` searches the
     defaults (``options="off"``: the option stays off), a list or tuple searches those values, any
     other value fixes the option. Values the model or the window cannot take are dropped from the
@@ -101,7 +102,7 @@ def option_space(sink_tokens, rotation, level_fit, metadata_dtype, options: str,
         except ValueError as err:
             raise ValueError(f"search options: {err}") from None
     mds = tuple(dict.fromkeys(QualityOptions(metadata_dtype=m).metadata_dtype for m in mds))
-    return OptionSpace(sinks=sinks, rotations=rots, fits=fits, metadata=mds,
+    return OptionSpace(sinks=sinks, rotations=rots, fits=fits, metadata=mds, value_group_size=value_group_size,
                        how={"sink_tokens": how_s, "rotation": how_r, "level_fit": how_f, "metadata_dtype": how_m})
 
 

@@ -76,7 +76,8 @@ class SearchResult:
             f"({self.stored_dtype}, {self.stored_len} tokens)",
             f"  calibration: {self.calibration}",
             f"  options: sink_tokens={cfg.sink_tokens}, rotation={cfg.rotation}, level_fit={cfg.level_fit}, "
-            f"metadata_dtype={cfg.metadata_dtype}",
+            f"metadata_dtype={cfg.metadata_dtype}"
+            + (f", value_group_size={cfg.value_group_size}" if cfg.value_group_size else ""),
         ]
         lines += [f"    {name}: {how}" for name, how in self.options_how.items()]
         lines += [

@@ -63,12 +63,14 @@ class Score:
 @dataclass(frozen=True)
 class QualityOptions:
     """The config fields besides the per-layer plan and eta that change what the cache reads back:
-    ``sink_tokens``, ``rotation``, ``level_fit`` and ``metadata_dtype`` (:class:`XQuantConfig`)."""
+    ``sink_tokens``, ``rotation``, ``level_fit``, ``metadata_dtype`` and ``value_group_size``
+    (:class:`XQuantConfig`)."""
 
     sink_tokens: int = 0
     rotation: str | None = None
     level_fit: str = "minmax"
     metadata_dtype: str | None = None
+    value_group_size: int | None = None
 
     def __post_init__(self):
         # validated as XQuantConfig validates them (sinks against the window: DecodeSimulator.check_options)
@@ -77,11 +79,12 @@ class QualityOptions:
 
     def _fields(self) -> dict:
         return dict(sink_tokens=self.sink_tokens, rotation=self.rotation, level_fit=self.level_fit,
-                    metadata_dtype=self.metadata_dtype)
+                    metadata_dtype=self.metadata_dtype, value_group_size=self.value_group_size)
 
     @classmethod
     def of(cls, config: XQuantConfig) -> "QualityOptions":
-        return cls(config.sink_tokens, config.rotation, config.level_fit, config.metadata_dtype)
+        return cls(config.sink_tokens, config.rotation, config.level_fit, config.metadata_dtype,
+                   config.value_group_size)
 
     def apply(self, config: XQuantConfig) -> XQuantConfig:
         """``config`` with these options (eta cleared for ``level_fit="lsq"``, which replaces it)."""
@@ -100,6 +103,8 @@ class QualityOptions:
             parts.append(self.level_fit)
         if self.metadata_dtype:
             parts.append({"float8_e4m3fn": "fp8"}.get(self.metadata_dtype, self.metadata_dtype) + " metadata")
+        if self.value_group_size:
+            parts.append(f"value groups of {self.value_group_size}")
         return ", ".join(parts) or "none"
 
 
@@ -345,6 +350,8 @@ class DecodeSimulator:
             return t
 
         x = rotate(x)  # the domain the cache stores
+        if kind == "v" and o.value_group_size:
+            G = o.value_group_size  # channels per value group
         codes, scale, zero = quantize(grouped(x), bits, G, eta, fit)
         if shares:  # the odd layer's own scale and zero point, its partner's codes
             partner = rotate(self._kv[layer - 1][0 if kind == "k" else 1][:, :, : x.shape[2]])

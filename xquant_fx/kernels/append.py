@@ -5,7 +5,7 @@ kernel: no host synchronisation, a grid that depends on shapes only, so the laun
 in a CUDA graph). With ``q = max(pos - R, 0)`` each program, one per (sequence, KV head):
 
 1. quantizes the value in ring slot ``q % R`` (position ``pos - R``; while ``pos < R`` a
-   placeholder that ``pos = R`` rewrites) per token, in groups of ``G`` channels, into row ``q``
+   placeholder that ``pos = R`` rewrites) per token, in groups of ``VG`` channels, into row ``q``
    of ``v_codes`` / ``v_scale`` / ``v_zero``;
 2. quantizes the key group ``g = q // G`` (ring slots of tokens ``g*G .. g*G + G - 1``) per
    channel, and stores codes / scale / zero of group ``g`` only when ``pos >= R`` and
@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant import value_group
 from .common import bitwise_or, check_bits, check_metadata, check_pow2, launch, seq_head, to_metadata
 
 
@@ -70,13 +71,13 @@ def _append_token_kernel(
     s_vb, s_vh, s_vd,
     # storage (batch, head, row; channels contiguous): k_codes [B, H, Tq*KB/32, DK], k_scale /
     # k_zero [B, H, Tq/G, DK], k_window [B, H, R, DK]; v_codes [B, H, Tq, DV*VB/32], v_scale /
-    # v_zero [B, H, Tq, DV/G], v_window [B, H, R, DV]
+    # v_zero [B, H, Tq, DV/VG], v_window [B, H, R, DV]
     s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_kwb, s_kwh, s_kwt,
     s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst, s_vwb, s_vwh, s_vwt,
     num_heads,
     k_c1, k_c2, v_c1, v_c2,
     DK: tl.constexpr, DV: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-    G: tl.constexpr, R: tl.constexpr,
+    G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr,
     HAS_K_CODES: tl.constexpr, HAS_V_CODES: tl.constexpr,
     K_CALIBRATE: tl.constexpr, V_CALIBRATE: tl.constexpr,
 ):
@@ -98,17 +99,17 @@ def _append_token_kernel(
     V_PER: tl.constexpr = 32 // VB  # value codes per word (channels)
     KWG: tl.constexpr = G // K_PER  # key words per group and channel
     VW: tl.constexpr = DV // V_PER  # value words per token
-    NGV: tl.constexpr = DV // G  # value groups per token
+    NGV: tl.constexpr = DV // VG  # value groups per token
 
     # ---------------------------------------------------------------- value of position q
     dv = tl.arange(0, DV)
     vw_base = vw_ptr + bi * s_vwb + hi * s_vwh
     x = tl.load(vw_base + (q % R) * s_vwt + dv).to(tl.float32)  # [DV]
-    x = tl.reshape(x, (NGV, G))  # [NGV, G]: groups of G channels
+    x = tl.reshape(x, (NGV, VG))  # [NGV, VG]: groups of VG channels
     mn = tl.min(x, axis=1)  # [NGV]
     rng = tl.max(x, axis=1) - mn
     inv, scale, zero = _quant_params(mn, rng, v_c1, v_c2, V_LEVELS, V_CALIBRATE)
-    codes = _codes(x, mn[:, None], inv[:, None], V_LEVELS)  # [NGV, G]
+    codes = _codes(x, mn[:, None], inv[:, None], V_LEVELS)  # [NGV, VG]
     codes = tl.reshape(codes, (VW, V_PER))  # channel w * V_PER + i
     shifts = (tl.arange(0, V_PER) * VB)[None, :]
     words = tl.reduce(codes << shifts, 1, bitwise_or)  # [VW]
@@ -174,13 +175,17 @@ def append_token(
     R = k_window.shape[-2]
     if one != 1 or v.shape[:3] != (b, heads, 1):
         raise ValueError(f"append_token stores one token per sequence: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    for name, value in (("head_dim (keys)", dk), ("head_dim (values)", dv), ("group_size", group)):
+    v_group = value_group(v_window, v_scale)
+    if v_group * v_scale.shape[-1] != dv:
+        raise ValueError(f"append_token: value scales {tuple(v_scale.shape)} do not divide head_dim {dv} into groups")
+    for name, value in (("head_dim (keys)", dk), ("head_dim (values)", dv), ("group_size", group),
+                        ("value group size", v_group)):
         check_pow2(name, value)
     if k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
         raise ValueError("append_token: scale and zero-point tensors must share strides")
     check_metadata("key", k_scale, k_zero, k_window)
     check_metadata("value", v_scale, v_zero, v_window)
-    if group * k_bits % 32 or dv % group or dv * v_bits % 32:
+    if group * k_bits % 32 or dv * v_bits % 32:
         raise ValueError(
             f"group_size={group} with {k_bits}-bit keys / {v_bits}-bit values and value head_dim {dv} "
             "does not fill whole 32-bit words"
@@ -209,7 +214,7 @@ def append_token(
         *vc_strides, *v_scale.stride()[:3], *v_window.stride()[:3],
         heads,
         1.0 - 2.0 * k_eta, k_eta * k_lv, 1.0 - 2.0 * v_eta, v_eta * v_lv,
-        DK=dk, DV=dv, KB=k_bits, VB=v_bits, G=group, R=R,
+        DK=dk, DV=dv, KB=k_bits, VB=v_bits, G=group, VG=v_group, R=R,
         HAS_K_CODES=k_codes is not None, HAS_V_CODES=v_codes is not None,
         K_CALIBRATE=k_eta != 0.0, V_CALIBRATE=v_eta != 0.0,
         num_warps=4, enable_fp_fusion=False,

@@ -32,7 +32,8 @@ head, ``packed`` above, ``generic`` for float32):
 * ``mma`` (:mod:`~xquant_fx.kernels.attend_mma`): raw codes straight into ``mma.sync``
   register fragments (``prmt`` + ``lop3``, no dequantizing multiply, no shared-memory transpose),
   key scales folded into ``q``, value scales into ``P``, one partial per warp, loads pipelined by
-  hand one phase ahead; 16-bit caches, G = 32, 1-2 bit codes, at most 8 query rows, no mask.
+  hand one phase ahead; 16-bit caches, G = 32 (value groups too), 1-2 bit codes, at most 8 query
+  rows, no mask.
   Run 35 (``benchmarks/NOTES.md``) measured its first version, whose loads each waited at their
   use, ahead of ``warps-t`` at 4k tokens and behind from 16k (batch 8, 128k: 685 against 618 µs),
   and the pipelined version (25 SASS instructions per position against ~26, same occupancy) has
@@ -102,6 +103,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant import value_group
 from . import attend_mma
 from .common import (apply_mask, check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, head_bases,
                      interpreting, launch, load_mask, mask_values, pair_order, pair_slot_constants, round_to, seq_head)
@@ -448,7 +450,7 @@ def _online_softmax(scores, m_i, l_part, acc, AXIS: tl.constexpr):
 def _attend_block(
     q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
     start, nk, nv, n, qk_scale, mask_len,
-    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MIXED: tl.constexpr,
     PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     MASK_SHARED: tl.constexpr,
@@ -476,7 +478,7 @@ def _attend_block(
         pos = start + pair_order(BLOCK_N, 32 // KB)
         keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, 1, BLOCK_N, MIXED, not TRANSPOSED,
                                  KV_DTYPE, DOT_DTYPE, INTERPRET)
-        values = _load_values_packed(vt, pos[None, :], nv, n, VB, G, R, DV, 1, BLOCK_N, MIXED, TRANSPOSED,
+        values = _load_values_packed(vt, pos[None, :], nv, n, VB, VG, R, DV, 1, BLOCK_N, MIXED, TRANSPOSED,
                                      KV_DTYPE, DOT_DTYPE, INTERPRET)
         if TRANSPOSED:
             keys = tl.reshape(keys, (BLOCK_N, DK))
@@ -487,7 +489,7 @@ def _attend_block(
     else:
         pos = start + tl.arange(0, BLOCK_N)
         keys = _load_keys(kt, start, nk, n, KB, G, R, DK, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DK]
-        values = _load_values(vt, start, nv, n, VB, G, R, DV, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DV]
+        values = _load_values(vt, start, nv, n, VB, VG, R, DV, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DV]
         if TRANSPOSED:
             values = tl.trans(values)
         else:
@@ -517,7 +519,7 @@ def _attend_block(
 def _attend_warps_block(
     q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
     start, nk, nv, n, qk_scale, mask_len,
-    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MIXED: tl.constexpr,
     TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
     KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, SINKS: tl.constexpr,
@@ -535,7 +537,7 @@ def _attend_warps_block(
     pos = (start + tl.arange(0, W) * BN)[:, None] + pair_order(BN, 32 // KB)[None, :]  # [W, BN]
     keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, W, BN, MIXED, not TRANSPOSED,
                              KV_DTYPE, DOT_DTYPE, INTERPRET)
-    values = _load_values_packed(vt, pos, nv, n, VB, G, R, DV, W, BN, MIXED, TRANSPOSED,
+    values = _load_values_packed(vt, pos, nv, n, VB, VG, R, DV, W, BN, MIXED, TRANSPOSED,
                                  KV_DTYPE, DOT_DTYPE, INTERPRET)
     if not (HAS_MASK and MASK_SHARED):
         shared = pos  # placeholder when the rows do not share the mask
@@ -667,7 +669,7 @@ def _attend_kernel(
     s_kcb, s_kch, s_kct, s_kcd,
     s_ksb, s_ksh, s_kst, s_ksd,
     s_kwb, s_kwh, s_kwt, s_kwd,
-    # v_codes [B, H, Tq, DV*VB/32]; v_scale / v_zero [B, H, Tq, DV/G]; v_window [B, H, R, DV]
+    # v_codes [B, H, Tq, DV*VB/32]; v_scale / v_zero [B, H, Tq, DV/VG]; v_window [B, H, R, DV]
     s_vcb, s_vch, s_vct, s_vcd,
     s_vsb, s_vsh, s_vst, s_vsd,
     s_vwb, s_vwh, s_vwt, s_vwd,
@@ -678,7 +680,7 @@ def _attend_kernel(
     s_xvb, s_xvh, s_xvt, s_xvd,
     num_kv_heads, num_splits, qk_scale, mask_len,
     LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPLIT: tl.constexpr,
     PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     MASK_SHARED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -769,14 +771,14 @@ def _attend_kernel(
                 m_i, l_i, acc = _attend_warps_block(
                     q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
                     start, nk, nv, n, qk_scale, mask_len,
-                    KB, VB, G, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                    KB, VB, G, VG, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
                     KV_DTYPE, DOT_DTYPE, INTERPRET, SINKS,
                 )
             else:
                 m_i, l_i, acc = _attend_block(
                     q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
                     start, nk, nv, n, qk_scale, mask_len,
-                    KB, VB, G, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                    KB, VB, G, VG, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
                     KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
                 )
             shared = ahead
@@ -804,7 +806,7 @@ def _attend_kernel(
             m_i, l_i, acc = _attend_block(
                 q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
                 start, nk, nv, n, qk_scale, mask_len,
-                KB, VB, G, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                KB, VB, G, VG, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
                 KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
             )
 
@@ -1015,10 +1017,14 @@ def attend(
         raise ValueError(f"q head_dim {dk} does not match the key head_dim {k_window.shape[-1]}")
     if q.dtype != k_window.dtype or q.dtype != v_window.dtype:
         raise ValueError(f"q is {q.dtype} but the cache holds {k_window.dtype}")
-    for name, value in (("head_dim (keys)", dk), ("head_dim (values)", dv), ("group_size", group)):
+    v_group = value_group(v_window, v_scale)  # channels per value group (``group``: the keys')
+    if v_group * v_scale.shape[-1] != dv:
+        raise ValueError(f"attend: value scales {tuple(v_scale.shape)} do not divide head_dim {dv} into groups")
+    for name, value in (("head_dim (keys)", dk), ("head_dim (values)", dv), ("group_size", group),
+                        ("value group size", v_group)):
         check_pow2(name, value)
-    if dv % group or group * k_bits % 32 or dv * v_bits % 32:
-        raise ValueError(f"group_size={group} does not tile value head_dim {dv} / {k_bits}-bit key words, "
+    if group * k_bits % 32 or dv * v_bits % 32:
+        raise ValueError(f"group_size={group} does not tile {k_bits}-bit key words, "
                          f"or {v_bits}-bit value codes do not fill whole words")
     if k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
         raise ValueError("attend: scale and zero-point tensors must share strides")
@@ -1033,7 +1039,7 @@ def attend(
     # One mask row for all of a program's query rows: constant along Lq (or Lq = 1) and across
     # the GQA group (or one head per group).
     mask_shared = mask is not None and (lq == 1 or mask_strides[2] == 0) and (hq == hkv or mask_strides[1] == 0)
-    mma_ok = (mask is None or mask_shared) and attend_mma.supports(
+    mma_ok = (mask is None or mask_shared) and v_group == group and attend_mma.supports(
         q.dtype, k_bits, v_bits, group, dk, dv, group_rows, _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale))
     variant = variant or default_variant(q.dtype, block_m, mma_ok, v_scale.shape[2] + R)
     if variant not in VARIANTS:
@@ -1043,10 +1049,10 @@ def attend(
                                               v_window, n, mask, mask_strides, k_sink, v_sink)
     if variant == "mma":
         if not mma_ok:
-            raise ValueError("variant 'mma' takes 16-bit caches, group_size 32, 1-2 bit codes, power-of-two head "
-                             "dims of at least 32 (values 64), at most 8 query rows per KV head, unit channel strides, "
-                             "key and value metadata of one dtype in whole int32 words, and no mask or one that all "
-                             "query rows of a KV head share")
+            raise ValueError("variant 'mma' takes 16-bit caches, group_size 32 (keys and values), 1-2 bit codes, "
+                             "power-of-two head dims of at least 32 (values 64), at most 8 query rows per KV head, "
+                             "unit channel strides, key and value metadata of one dtype in whole int32 words, and no "
+                             "mask or one that all query rows of a KV head share")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                            k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides,
                            sinks, storage, storage_strides)
@@ -1070,7 +1076,7 @@ def attend(
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits + tail_parts, out)  # stage 1's S, then stage 2's T
     precision = "ieee" if q.dtype == torch.float32 else None  # fp32 caches: no TF32 rounding
     interpret = interpreting()
-    common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=packed,
+    common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, VG=v_group, R=R, DK=dk, DV=dv, PACKED=packed,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask_shared,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=precision, INTERPRET=interpret,
                   SINKS=sinks, SINK_BLOCK=_sink_block(sinks))
@@ -1232,7 +1238,7 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         SINKS=sinks, INTERPRET=interpret,
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
     )
-    common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, R=R, DK=dk, DV=dv, PACKED=True,
+    common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, VG=group, R=R, DK=dk, DV=dv, PACKED=True,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask is not None,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=None, INTERPRET=interpret, SINKS=sinks,
                   SINK_BLOCK=_sink_block(sinks))

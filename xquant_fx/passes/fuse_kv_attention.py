@@ -3,13 +3,14 @@
 Matches, in the Dynamo FX graph (torch-level IR, before AOT autograd)::
 
     keys   = xquant.read_keys(k_codes, k_scale, k_zero, k_window, n, k_bits, group, T[, k_sink])  # [b, Hkv, T, Dk]
-    values = xquant.read_values(v_codes, v_scale, v_zero, v_window, n, v_bits, group, T[, v_sink])
+    values = xquant.read_values(v_codes, v_scale, v_zero, v_window, n, v_bits, v_group, T[, v_sink])
     K, V   = repeat_kv(keys), repeat_kv(values)        # x[:, :, None].expand(b, Hkv, r, T, D).reshape(b, Hkv*r, T, D)
                                                        #   or nothing, with enable_gqa=True
     out    = scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=s)     # q: [b, Hq, Lq, Dk]
 
 and replaces ``out`` with ``xquant.attend(q, k_codes, ..., v_window, n, k_bits, v_bits, group, s,
-mask[, k_sink, v_sink])``: one pass over the packed codes instead of dequantizing the whole cache to bf16 and
+mask[, k_sink, v_sink])`` (``attend`` reads the value group, ``XQuantConfig.value_group_size``,
+from the value storage's shape): one pass over the packed codes instead of dequantizing the whole cache to bf16 and
 reading it again. The reads are erased when nothing else uses them.
 
 A rotating cache (``XQuantConfig.rotation``) reads ``keys = xquant.hadamard(read_keys(...))``
@@ -21,7 +22,7 @@ Hk = q . k``) and ``out = hadamard(attend(q', ...))`` when values are rotated (a
 
 Declines (logged at DEBUG) when: the key/value chain is anything but the GQA repeat above (any
 other reshaping could reorder heads), keys and values come from different ``n`` or one has sink
-tokens and the other not, dropout is on,
+tokens and the other not, the value read's group is not its storage's, dropout is on,
 ``is_causal`` is set, the query has more than ``MAX_QUERY_LEN`` rows (prefill stays on SDPA),
 or the query's heads, length or head_dim are not static (the batch may be dynamic).
 """
@@ -151,9 +152,15 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
             continue
         kc, ks, kz, kw, n, kb, group, length, k_sink = _read_args(k_read)
         vc, vs, vz, vw, n_v, vb, group_v, length_v, v_sink = _read_args(v_read)
-        if n is not n_v or group != group_v or length != length_v or (k_sink is None) != (v_sink is None):
-            logger.debug("fuse_kv_attention: %s declined, keys and values disagree on n/group/length/sinks",
-                         node.name)
+        if n is not n_v or length != length_v or (k_sink is None) != (v_sink is None):
+            logger.debug("fuse_kv_attention: %s declined, keys and values disagree on n/length/sinks", node.name)
+            continue
+        vs_shape, vw_shape = node_shape(vs), node_shape(vw)
+        if vs_shape is None or vw_shape is None or not _static(vs_shape[-1], vw_shape[-1]) \
+                or vw_shape[-1] != vs_shape[-1] * group_v:
+            # attend takes the key group and reads the values' from their storage (quant.value_group)
+            logger.debug("fuse_kv_attention: %s declined, the value read's group %s is not its storage's", node.name,
+                         group_v)
             continue
         scale = a.get("scale")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(dk)
