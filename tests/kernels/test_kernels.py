@@ -252,8 +252,9 @@ def test_attend_variants(kernels, monkeypatch, variant, n, lq, gqa, kb, vb, G, d
     assert_close_rel(got, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("variant", ["warps-t", "packed", "generic"])
-@pytest.mark.parametrize("kb,vb,vg,dtype", [(2, 1, 64, torch.bfloat16), (2, 2, 128, torch.float16)])
+@pytest.mark.parametrize("variant,kb,vb,vg,dtype", [("warps-t", 2, 1, 64, torch.bfloat16),
+                                                    ("packed", 2, 2, 128, torch.float16),
+                                                    ("generic", 1, 1, 128, torch.bfloat16)])
 def test_value_groups_wider_than_key_groups(kernels, monkeypatch, variant, kb, vb, vg, dtype):
     """``XQuantConfig.value_group_size``: value scales of ``vg`` channels beside key groups of 32
     tokens. The write kernel stores what the reference stores (bit for bit, across a key flush),
