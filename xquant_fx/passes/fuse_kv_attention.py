@@ -155,10 +155,11 @@ def fuse_kv_attention(gm: fx.GraphModule, ctx=None) -> int:
         if n is not n_v or length != length_v or (k_sink is None) != (v_sink is None):
             logger.debug("fuse_kv_attention: %s declined, keys and values disagree on n/length/sinks", node.name)
             continue
+        # attend takes the key group and reads the values' from their storage (quant.value_group); a
+        # read whose group disagrees with its storage's shape (where the graph records it) stays
         vs_shape, vw_shape = node_shape(vs), node_shape(vw)
-        if vs_shape is None or vw_shape is None or not _static(vs_shape[-1], vw_shape[-1]) \
-                or vw_shape[-1] != vs_shape[-1] * group_v:
-            # attend takes the key group and reads the values' from their storage (quant.value_group)
+        if vs_shape is not None and vw_shape is not None and _static(vs_shape[-1], vw_shape[-1]) \
+                and vw_shape[-1] != vs_shape[-1] * group_v:
             logger.debug("fuse_kv_attention: %s declined, the value read's group %s is not its storage's", node.name,
                          group_v)
             continue
