@@ -116,6 +116,20 @@ def test_declines_on_prefill_and_on_a_head_reordering_view():
     assert fuse_kv_attention(gm) == 0
 
 
+def test_declines_a_value_read_whose_group_is_not_its_storages():
+    """``attend`` reads the value group from the value storage; a read that names another group
+    (one the storage's shape contradicts) is left unfused rather than given another meaning."""
+    model = mini_model("llama", num_hidden_layers=1)
+    ids, cache = prefilled(model, "kivi-2:value_group_size=64")
+    gm = capture(model, cache, ids[:, 150:151], 150)
+    reads = [n for n in gm.graph.nodes if "xquant.read_values" in str(n.target)]
+    assert len(reads) == 1 and reads[0].args[6] == 64
+    reads[0].args = (*reads[0].args[:6], 32, *reads[0].args[7:])
+    assert fuse_kv_attention(gm) == 0
+    reads[0].args = (*reads[0].args[:6], 64, *reads[0].args[7:])
+    assert fuse_kv_attention(gm) == 1
+
+
 @pytest.mark.parametrize("spec,kernels", [("xquant-1.38:rotation=hadamard", False), ("kivi-2:sink_tokens=4", False),
                                           ("xquant-1.38:sink_tokens=3,rotation=hadamard", False),
                                           ("xquant-1.38:sink_tokens=3,rotation=hadamard", True),
