@@ -329,6 +329,10 @@ def test_value_group_size_is_checked():
     assert XQuantConfig.from_spec("kivi-2:value_group_size=none").value_group == 32
     with pytest.raises(ValueError, match="value head_dim 64 is not a multiple of value_group_size 128"):
         make_cache("kivi-2:value_group_size=128", layers=1).memory_report()
+    # the ops read the value group from the storage, and refuse scales that do not split the head
+    assert quant.value_group(torch.zeros(2, 64), torch.zeros(2, 1)) == 64
+    with pytest.raises(ValueError, match=r"value scales \(2, 3\) do not divide head_dim 64 into groups"):
+        quant.value_group(torch.zeros(2, 64), torch.zeros(2, 3))
 
 
 def test_rotation_needs_a_power_of_two_head_dim():

@@ -226,8 +226,12 @@ def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 def value_group(window: torch.Tensor, scale: torch.Tensor) -> int:
     """Channels per value group of a value storage: the head dim (``window [..., D]``) over the
     groups per token (``scale [..., D / group]``). Ops that take one ``group`` argument for keys
-    and values read the values' from their storage this way (``XQuantConfig.value_group_size``)."""
-    return window.shape[-1] // scale.shape[-1]
+    and values read the values' from their storage this way (``XQuantConfig.value_group_size``).
+    Raises ``ValueError`` when the scales do not split the head dim into equal groups."""
+    d, groups = window.shape[-1], scale.shape[-1]
+    if groups == 0 or d % groups:
+        raise ValueError(f"value scales {tuple(scale.shape)} do not divide head_dim {d} into groups")
+    return d // groups
 
 
 # Shared by XQuantLayer (eager), the custom ops' reference implementations and the kernels' tests.

@@ -176,8 +176,6 @@ def append_token(
     if one != 1 or v.shape[:3] != (b, heads, 1):
         raise ValueError(f"append_token stores one token per sequence: k {tuple(k.shape)}, v {tuple(v.shape)}")
     v_group = value_group(v_window, v_scale)
-    if v_group * v_scale.shape[-1] != dv:
-        raise ValueError(f"append_token: value scales {tuple(v_scale.shape)} do not divide head_dim {dv} into groups")
     for name, value in (("head_dim (keys)", dk), ("head_dim (values)", dv), ("group_size", group),
                         ("value group size", v_group)):
         check_pow2(name, value)

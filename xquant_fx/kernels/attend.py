@@ -1018,8 +1018,6 @@ def attend(
     if q.dtype != k_window.dtype or q.dtype != v_window.dtype:
         raise ValueError(f"q is {q.dtype} but the cache holds {k_window.dtype}")
     v_group = value_group(v_window, v_scale)  # channels per value group (``group``: the keys')
-    if v_group * v_scale.shape[-1] != dv:
-        raise ValueError(f"attend: value scales {tuple(v_scale.shape)} do not divide head_dim {dv} into groups")
     for name, value in (("head_dim (keys)", dk), ("head_dim (values)", dv), ("group_size", group),
                         ("value group size", v_group)):
         check_pow2(name, value)
