@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -91,9 +92,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def first_difference(a: list, b: list) -> str:
+def top2_margin(logits: torch.Tensor) -> tuple[float, float]:
+    """The gap between a step's two largest logits and the spacing of the logits' dtype at the
+    largest: a gap of a few spacings is a near-tie that any rounding difference can flip."""
+    top = logits.float().topk(2).values
+    exponent = math.frexp(abs(top[0].item()))[1]  # |x| in [2^(e-1), 2^e)
+    spacing = torch.finfo(logits.dtype).eps * 2.0 ** (exponent - 1)  # eps: the spacing at 1
+    return (top[0] - top[1]).item(), spacing
+
+
+def first_difference(a: list, b: list, margins: list | None = None) -> str:
+    """Where two greedy token lists part, and (``margins``: the eager reference's
+    :func:`top2_margin` per step) how close the reference's own choice was there."""
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"first difference at new token {i}: {a[i:i + 4]} vs {b[i:i + 4]}"
+    text = f"first difference at new token {i}: {a[i:i + 4]} vs {b[i:i + 4]}"
+    if margins and i < len(margins):
+        gap, spacing = margins[i]
+        text += (f" (the eager reference's top-2 logit gap at that step: {gap:.4g}, "
+                 f"{gap / spacing:.1f} x the logits' dtype spacing there)")
+    return text
 
 
 # ---------------------------------------------------------------------------- workers
@@ -286,8 +303,10 @@ class Shape:
         self.ids = prompt(model, args.prompt, device)
         cache = XQuantCache(model.config, args.preset, max_batch_size=1, max_cache_len=args.max_cache_len)
         with torch.no_grad():
-            ref = model.generate(self.ids, max_new_tokens=args.new, do_sample=False, **{cache_argument(model): cache})
-        self.eager_tokens = ref[0, args.prompt:].tolist()
+            ref = model.generate(self.ids, max_new_tokens=args.new, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, **{cache_argument(model): cache})
+        self.eager_tokens = ref.sequences[0, args.prompt:].tolist()
+        self.eager_margins = [top2_margin(step[0]) for step in ref.scores]
         del cache
         # optimize()
         start = time.perf_counter()
@@ -387,7 +406,7 @@ def run(args, report: Report) -> None:
         shapes[s] = Shape(s, args)
         sh = shapes[s]
         def versus(a, b):
-            return "equal" if a == b else first_difference(a, b)
+            return "equal" if a == b else first_difference(a, b, sh.eager_margins)
 
         report.notes.append(f"{s}: optimize() greedy tokens vs the eager XQuantCache's (reference ops, not the "
                             f"fused kernels): {versus(sh.optimize_tokens, sh.eager_tokens)}; strong bf16 baseline "
@@ -444,9 +463,9 @@ def run(args, report: Report) -> None:
         same = result["tokens"] == sh.optimize_tokens
         report.check(f"{s}: package greedy tokens equal optimize()'s (same weights and prompt)", same,
                      f"{len(sh.optimize_tokens)} new tokens" + ("" if same else "; " + first_difference(
-                         result["tokens"], sh.optimize_tokens) + f"; package vs eager XQuantCache: "
-                         + ("equal" if result["tokens"] == sh.eager_tokens else first_difference(result["tokens"],
-                                                                                                sh.eager_tokens))))
+                         result["tokens"], sh.optimize_tokens, sh.eager_margins) + "; package vs eager XQuantCache: "
+                         + ("equal" if result["tokens"] == sh.eager_tokens else first_difference(
+                             result["tokens"], sh.eager_tokens, sh.eager_margins))))
         if "load_refused" in result:
             report.notes.append(f"{s}: load() refused under this process's environment (measured with "
                                 f"runtime_check=False): {result['load_refused']}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-import xquant_fx.aoti as aoti
-from xquant_fx.aoti import cxx_runtime
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import xquant_fx.aoti as aoti  # noqa: E402
+from xquant_fx.aoti import cxx_runtime  # noqa: E402
 
 
 def main() -> int:

@@ -449,6 +449,18 @@ def test_cxx_runtime_check(mini_package, monkeypatch, tmp_path):
         check_cxx_runtime(mini_package)
 
 
+def test_symbol_providers_find_dlsym_outside_the_global_scope(monkeypatch):
+    """Where the process's global scope yields no ``dlsym`` (an interpreter that does not export
+    it), the C library's is used; with none anywhere the inspection says so (``None``)."""
+    symbol = "malloc"  # global in every process (the C library's)
+    want = aoti.cxx_runtime._symbol_providers([symbol])
+    assert want and "libc" in want[symbol]
+    monkeypatch.setattr(aoti.cxx_runtime, "_DL_LIBRARIES", ("libxquant-none.so", "libc.so.6"))
+    assert aoti.cxx_runtime._symbol_providers([symbol]) == want
+    monkeypatch.setattr(aoti.cxx_runtime, "_DL_LIBRARIES", ("libxquant-none.so",))
+    assert aoti.cxx_runtime._symbol_providers([symbol]) is None
+
+
 def test_read_metadata_without_loading(mini_package):
     meta = read_metadata(mini_package)
     assert meta["device"] == "cpu" and meta["dtype"] == "torch.float32" and meta["model_class"] == "LlamaForCausalLM"

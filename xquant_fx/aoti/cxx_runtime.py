@@ -131,6 +131,11 @@ def _mapped_cxx_runtimes() -> list[str] | None:
     return sorted(found)
 
 
+#: Where :func:`_symbol_providers` looks for ``dlsym`` / ``dladdr``, in order (an interpreter
+#: linked without exporting them leaves the first without either).
+_DL_LIBRARIES = (None, "libc.so.6", "libdl.so.2")
+
+
 def _symbol_providers(symbols) -> dict[str, str] | None:
     """``symbol -> library`` for each symbol the dynamic linker's default scope (the process's
     global symbols) already defines; symbols it does not define are left out (a package's ``.so``
@@ -141,10 +146,15 @@ def _symbol_providers(symbols) -> dict[str, str] | None:
         _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
                     ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
 
-    try:
-        process = ctypes.CDLL(None)
-        dlsym, dladdr = process.dlsym, process.dladdr
-    except (OSError, AttributeError):
+    dlsym = dladdr = None
+    for name in _DL_LIBRARIES:  # the process's global scope, else the C library (glibc >= 2.34), else libdl
+        try:
+            library = ctypes.CDLL(name)
+            dlsym, dladdr = library.dlsym, library.dladdr
+            break
+        except (OSError, AttributeError):
+            continue
+    if dlsym is None:
         return None
     dlsym.argtypes, dlsym.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p
     dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], ctypes.c_int

@@ -25,20 +25,18 @@ batch size):
    partials of one query row, ``MERGE_BLOCK`` at a time (their count is a run-time value).
 
 Variants of stage 1 (``attend(..., variant=)``, :data:`VARIANTS`; the default,
-:func:`default_variant`, is ``mma`` where it fits up to :data:`MMA_DEFAULT_CAPACITY` positions
-(none today: see below), else ``warps-t`` for 16-bit caches with at most 16 query rows per KV
-head, ``packed`` above, ``generic`` for float32):
+:func:`default_variant`, is ``mma`` wherever it fits, else ``warps-t`` for 16-bit caches with at
+most 16 query rows per KV head, ``packed`` above, ``generic`` for float32):
 
 * ``mma`` (:mod:`~xquant_fx.kernels.attend_mma`): raw codes straight into ``mma.sync``
   register fragments (``prmt`` + ``lop3``, no dequantizing multiply, no shared-memory transpose),
   key scales folded into ``q``, value scales into ``P``, one partial per warp, loads pipelined by
   hand one phase ahead; 16-bit caches, G = 32 (value groups too), 1-2 bit codes, at most 8 query
-  rows, no mask.
-  Run 35 (``benchmarks/NOTES.md``) measured its first version, whose loads each waited at their
-  use, ahead of ``warps-t`` at 4k tokens and behind from 16k (batch 8, 128k: 685 against 618 µs),
-  and the pipelined version (25 SASS instructions per position against ~26, same occupancy) has
-  only run under Triton's interpreter: its inline PTX has not met a GPU yet, so it is opt-in
-  (``MMA_DEFAULT_CAPACITY = 0``) until a run checks it against the reference and times it.
+  rows, no mask or one that the query rows of a KV head share (a model's decode mask).
+  Run 40 (``benchmarks/NOTES.md``, H100) checked it against the reference on the GPU, with and
+  without the decode mask, and measured it ahead of ``warps-t`` at every shape (batch 1-32,
+  4k-128k; batch 8, 128k: 509 against 626 µs, 2.76x cuDNN bf16 SDPA), so it is the default
+  wherever it fits.
 
 * ``warps-t`` / ``warps``: each of the ``W`` warps takes its own sub-block of ``BLOCK_N / W``
   positions with its own running max / sum / accumulator (a leading batch axis of size ``W``,
@@ -939,15 +937,13 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(2) if t.stride(3) == 1 and 0 < t.stride(2) <= 64 else 0
 
 
-def default_variant(dtype: torch.dtype, block_m: int = 16, mma_ok: bool = False, capacity: int = 0) -> str:
-    """The variant :func:`attend` runs for a cache of ``dtype``, ``block_m`` padded query rows and
-    ``capacity`` positions; ``mma_ok``: the layer and call fit
-    :mod:`~xquant_fx.kernels.attend_mma`. The one measured fastest (``benchmarks/NOTES.md``, run
-    35): ``mma`` up to :data:`MMA_DEFAULT_CAPACITY` (at 4k it led at batch 1 and 8, 5% and 11%,
-    and trailed 5% at batch 32), ``warps-t`` at 32 positions per warp from 16k on, at every shape
-    measured (8/128k: 618 against 685 µs). ``mma``'s hand-pipelined loads since then are not
-    measured yet; they only remove waits, so the boundary can only move up."""
-    if mma_ok and capacity <= MMA_DEFAULT_CAPACITY:
+def default_variant(dtype: torch.dtype, block_m: int = 16, mma_ok: bool = False) -> str:
+    """The variant :func:`attend` runs for a cache of ``dtype`` and ``block_m`` padded query rows;
+    ``mma_ok``: the layer and call fit :mod:`~xquant_fx.kernels.attend_mma`. The one measured
+    fastest (``benchmarks/NOTES.md``, run 40): ``mma`` wherever it fits (ahead of ``warps-t`` at
+    every benchmarked batch and context), else ``warps-t``, ``packed`` for more query rows than a
+    warp's accumulator holds, ``generic`` for float32."""
+    if mma_ok:
         return "mma"
     if dtype == torch.float32:
         return "generic"
@@ -1039,7 +1035,7 @@ def attend(
     mask_shared = mask is not None and (lq == 1 or mask_strides[2] == 0) and (hq == hkv or mask_strides[1] == 0)
     mma_ok = (mask is None or mask_shared) and v_group == group and attend_mma.supports(
         q.dtype, k_bits, v_bits, group, dk, dv, group_rows, _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale))
-    variant = variant or default_variant(q.dtype, block_m, mma_ok, v_scale.shape[2] + R)
+    variant = variant or default_variant(q.dtype, block_m, mma_ok)
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     qk_scale = scale * _LOG2E  # scores in log2 units
@@ -1187,11 +1183,6 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
     return out
 
 
-#: Largest cache capacity (positions) for which :func:`default_variant` picks ``mma``. Run 35
-#: measured its first version ahead at 4k and behind from 16k; the current version has not run on
-#: a GPU, so no capacity takes it by default until one checks and times it (8192 is the bound the
-#: first version's numbers suggest).
-MMA_DEFAULT_CAPACITY = 0
 #: Stage-1 programs of the ``mma`` variant resident per multiprocessor (offline sm_90 compile:
 #: 239 registers at K2/V1, head_dim 128).
 MMA_CTAS_PER_SM = 2
