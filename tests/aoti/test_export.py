@@ -142,6 +142,31 @@ def test_fp8_metadata_package_equals_eager(mini, tmp_path):
     assert_state_matches(lm, cache, lm.position)
 
 
+@pytest.mark.parametrize("spec", [
+    "kivi-2:sink_tokens=4,rotation=hadamard,residual_length=32",
+    "xquant-1.38:value_group_size=64,metadata_dtype=float8_e4m3fn,residual_length=32",
+])
+def test_quality_options_package_equals_eager(mini, tmp_path, spec):
+    """The quality options through export: sink tokens kept whole and the Hadamard rotation (of
+    keys, values, and the query inside the package), or 64-channel value groups with float8
+    metadata; the decode package gives the eager cache's tokens and stored state, sink buffers
+    included."""
+    config = XQuantConfig.from_spec(spec)
+    path = export(mini, prompt(8), tmp_path / "options.pt2", spec, max_cache_len=MINI_LEN, prefill=False,
+                  inductor_configs=FAST)
+    lm = load(path, config=spec)
+    assert lm.metadata["fused_attention"] == mini.config.num_hidden_layers
+    ids = prompt(20, seed=6)
+    ref, cache = eager_generate(mini, ids, 30, spec, MINI_LEN)
+    out = lm.generate(ids, 30)
+    assert torch.equal(out, ref)
+    assert_state_matches(lm, cache, lm.position)
+    if config.sink_tokens:
+        assert any("sink" in name for name in lm.state)
+    if config.value_group_size:
+        assert lm.state["0.v_scale"].shape[-1] == mini.config.head_dim // config.value_group_size == 1
+
+
 def test_mini_long_prompt_goes_through_decode(mini, mini_lm):
     """A 50-token prompt: 32 tokens through prefill, 18 through decode; the same tokens and
     storage as the eager cache fed that way."""
