@@ -1,6 +1,8 @@
 """Config search: the decode simulator equals the cache's decode, and search() keeps its promises
 (budget, clear minimum, determinism, monotone in the budget, usable configs, honest sharing)."""
 
+import math
+
 import pytest
 import torch
 
@@ -465,3 +467,33 @@ def test_eval_command_searches_the_metadata_dtype_by_default(tmp_path, monkeypat
             "--search", "1.4", "--search-stored", "2.1", "--out", str(tmp_path), *flag]
     assert cli_main(args) == 0
     assert seen["metadata_dtype"] == expected and seen["stored_budget_bits"] == 2.1
+
+
+def test_quality_pipeline_on_a_second_family(tmp_path, monkeypatch, capsys):
+    """The quality pipeline on Qwen3 (per-head q/k norms, another attention module), in a smoke
+    form: the full-precision preset scores exactly what the model gives without a cache, and the
+    eval command runs the recommended presets (sinks, rotation) and a search that may pick every
+    option under a code and a stored budget."""
+    from xquant_fx import XQuantConfig, smollm2
+
+    model = mini_model("qwen3", num_hidden_layers=3)
+    ids = ByteTokenizer()(calibration_text()).input_ids[0, : 2 * 96].view(2, 96)
+    nll, _ = evaluate.decode_nll(model, ids, XQuantConfig.preset("fp16"), prefill=32)
+    with torch.no_grad():
+        logits = model(ids).logits[:, 31:-1].float()
+    plain = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 32:], reduction="none")
+    torch.testing.assert_close(nll, plain, rtol=1e-4, atol=1e-4)
+
+    monkeypatch.setattr(smollm2, "load", lambda dtype=None: (model, ByteTokenizer()))
+    args = ["eval", "--presets", "fp16", "kivi-2+", "xquant-1.38+", "--segments", "1", "--segment-len", "160",
+            "--prefill", "64", "--depths", "--search", "1.4", "--search-stored", "2.5", "--search-tokens", "160",
+            "--search-copy-windows", "0", "--out", str(tmp_path)]
+    assert cli_main(args) == 0
+    rows = {line.split(",")[0]: line.split(",") for line in (tmp_path / "eval.csv").read_text().splitlines()[1:]}
+    names = list(rows)
+    assert names[:3] == ["fp16", "kivi-2+", "xquant-1.38+"] and names[3].startswith("search-1.4")
+    header = (tmp_path / "eval.csv").read_text().splitlines()[0].split(",")
+    ppl = {name: float(row[header.index("ppl")]) for name, row in rows.items()}
+    assert all(math.isfinite(p) and p > 1 for p in ppl.values())
+    assert float(rows[names[3]][header.index("code_bits")]) <= 1.4
+    assert float(rows[names[3]][header.index("stored_bits")]) <= 2.5
