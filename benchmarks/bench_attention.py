@@ -372,8 +372,8 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
                 else:
                     stats[key] = kernel_stats(
                         attend_kernels._attend_kernel, BLOCK_N=cfg.block_n, KB=kb, VB=vb, HAS_MASK=with_mask,
-                        WARP_SPLIT=cfg.num_warps if variant.startswith("warps") else 0,
-                        TRANSPOSED=variant.endswith("-t"), PACKED=not variant.startswith("generic"))
+                        WARP_SPLIT=cfg.num_warps if variant == "warps-t" else 0,
+                        PACKED=variant != "generic")
             add(f"attend-{name}/{spec}", us, quant_read_bytes(b, ctx, kb, vb), f"{splits} splits")
         if name == "k2v1":
             length = capacity

@@ -238,7 +238,7 @@ VARIANT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["warps", "warps-t", "packed", "packed-t", "generic", "generic-t"])
+@pytest.mark.parametrize("variant", ["warps-t", "packed", "generic"])
 @pytest.mark.parametrize("n,lq,gqa,kb,vb,G,dtype", VARIANT_CASES)
 def test_attend_variants(kernels, monkeypatch, variant, n, lq, gqa, kb, vb, G, dtype):
     """Every kernel variant on float16 / bfloat16 caches, 1/2/4-bit codes, a group smaller than a
@@ -323,10 +323,10 @@ def test_packed_variants_refuse_float32(kernels):
 
 @pytest.mark.parametrize("variant,block_n,warps,stages", [
     ("warps-t", 128, 4, 2),  # 32 positions per warp
-    ("warps", 64, 2, 1),  # two warps
+    ("warps-t", 64, 2, 1),  # two warps
     ("packed", 32, 4, 1),
-    ("packed-t", 128, 4, 3),
-    ("generic-t", 32, 4, 1),
+    ("packed", 128, 4, 3),
+    ("generic", 32, 4, 1),
 ])
 def test_attend_launch_configs(kernels, monkeypatch, variant, block_n, warps, stages):
     """Blocks smaller and larger than G, other warp counts and pipelining depths."""
@@ -365,7 +365,7 @@ MASK_CASES = [
     # n, Lq, gqa, kb, vb, dtype, kind, M, variant
     pytest.param(371, 1, 4, 2, 1, torch.bfloat16, "bool", 380, None, id="bool-leftpad-bf16"),
     pytest.param(371, 1, 4, 2, 1, torch.bfloat16, "bool", 380, "packed", id="bool-leftpad-packed"),
-    pytest.param(300, 3, 2, 2, 2, torch.float16, "bool", 512, "warps", id="bool-lq3-fp16-M-eq-capacity"),
+    pytest.param(300, 3, 2, 2, 2, torch.float16, "bool", 512, "warps-t", id="bool-lq3-fp16-M-eq-capacity"),
     pytest.param(371, 1, 4, 2, 1, torch.float32, "float", 400, None, id="additive-inf-fp32"),
     pytest.param(250, 2, 4, 1, 2, torch.bfloat16, "finfo", 260, None, id="additive-finfo-min-bf16"),
     pytest.param(333, 1, 2, 4, 1, torch.float16, "heads", 336, "warps-t", id="per-head-bool"),
@@ -410,7 +410,7 @@ def test_attend_with_mask(kernels, monkeypatch, n, lq, gqa, kb, vb, dtype, kind,
 SINK_CASES = [
     # n, Lq, gqa, kb, vb, S, dtype, variant, mask kind
     pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, None, None, id="n371-s4-default"),
-    pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, "warps", None, id="n371-s4-warps"),
+    pytest.param(371, 1, 4, 2, 1, 4, torch.bfloat16, "warps-t", None, id="n371-s4-warps-t"),
     pytest.param(300, 2, 3, 2, 2, 8, torch.float16, "packed", None, id="n300-lq2-s8-packed"),
     pytest.param(290, 1, 2, 1, 2, 3, torch.float32, "generic", None, id="n290-s3-generic-fp32"),
     pytest.param(40, 1, 4, 2, 1, 4, torch.bfloat16, None, None, id="n40-window-only"),

@@ -278,9 +278,9 @@ def test_kernel_float8_rounding_matches_torch(kernels):
 FP8_ATTEND_CASES = [
     # n, Lq, gqa, kb, vb, G, dtype, variant, masked
     pytest.param(300, 1, 4, 2, 1, 32, torch.bfloat16, "warps-t", False, id="bf16-warps-t"),
-    pytest.param(300, 2, 2, 2, 2, 32, torch.float16, "warps", True, id="fp16-warps-lq2-mask"),
+    pytest.param(300, 2, 2, 2, 2, 32, torch.float16, "warps-t", True, id="fp16-warps-t-lq2-mask"),
     pytest.param(290, 1, 4, 2, 1, 16, torch.float16, "packed", False, id="fp16-packed-g16-split-value-words"),
-    pytest.param(330, 1, 3, 1, 2, 64, torch.bfloat16, "packed-t", True, id="bf16-packed-t-k1v2-g64-mask"),
+    pytest.param(330, 1, 3, 1, 2, 64, torch.bfloat16, "packed", True, id="bf16-packed-k1v2-g64-mask"),
     pytest.param(300, 1, 4, 4, 4, 32, torch.bfloat16, "generic", False, id="bf16-generic-k4v4"),
     pytest.param(200, 3, 2, 2, 1, 32, torch.float32, None, True, id="fp32-default-lq3-mask"),
 ]

@@ -38,16 +38,20 @@ most 16 query rows per KV head, ``packed`` above, ``generic`` for float32):
   4k-128k; batch 8, 128k: 509 against 626 µs, 2.76x cuDNN bf16 SDPA), so it is the default
   wherever it fits.
 
-* ``warps-t`` / ``warps``: each of the ``W`` warps takes its own sub-block of ``BLOCK_N / W``
+* ``warps-t``: each of the ``W`` warps takes its own sub-block of ``BLOCK_N / W``
   positions with its own running max / sum / accumulator (a leading batch axis of size ``W``,
   which Triton maps one batch per warp in a 3-d ``tl.dot``), combined once at the end. Nothing
   crosses warps in the softmax, and each warp's products are m16n8k16 ``mma`` with the
-  dequantized tile as one operand (``-t``: ``S^T = K q^T``, ``O^T = V^T P^T``, so the query rows
-  are the n8 side: ``BLOCK_M`` pads ``GROUP * Lq`` to 8, not 16, halving the accumulator).
-* ``packed`` / ``packed-t``: all warps share one block (the layout of the first kernel), same
-  dequantization. Used when the rows do not fit a per-warp accumulator (``GROUP * Lq > 16``).
-* ``generic`` / ``generic-t``: the first kernel's element-wise dequantization in float32 (any
-  cache dtype), kept for float32 caches and as the benchmark's baseline.
+  dequantized tile as one operand, transposed (``-t``: ``S^T = K q^T``, ``O^T = V^T P^T``, so the
+  query rows are the n8 side: ``BLOCK_M`` pads ``GROUP * Lq`` to 8, not 16, halving the
+  accumulator).
+* ``packed``: all warps share one block (the layout of the first kernel), same dequantization,
+  ``S = q K^T``. Used when the rows do not fit a per-warp accumulator (``GROUP * Lq > 16``).
+* ``generic``: the first kernel's element-wise dequantization in float32 (any cache dtype), kept
+  for float32 caches.
+
+Each variant is the default of some layout; the orientations and warp splits no default used
+(``warps``, ``packed-t``, ``generic-t``) were removed after run 40.
 
 Why it is built this way: the first kernel read the cache at 0.35-0.55 TB/s, 0.55-0.8x bf16 SDPA
 (``benchmarks/results/attention.md``), because it issued ~89 warp instructions per (position, KV
@@ -110,13 +114,14 @@ _LOG2E = 1.4426950408889634
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 MAX_QUERY_LEN = 16
 
-#: Kernel variants (see the module docstring). ``warps`` / ``packed``: two codes dequantized per
-#: instruction (float16 / bfloat16 caches), each warp on its own positions (``warps``) or all
-#: warps on one block (``packed``); ``generic``: one element at a time in float32 (any dtype; the
-#: float32 path). ``-t``: the transposed product orientation.
-VARIANTS = ("mma", "warps", "warps-t", "packed", "packed-t", "generic", "generic-t")
-#: Most query rows (``Hq / Hkv * Lq``, padded) the ``warps`` variants take: every warp holds its
-#: own accumulator of that many rows.
+#: Kernel variants (see the module docstring), each the default of some layout
+#: (:func:`default_variant`). ``mma``: raw codes into tensor-core fragments; ``warps-t`` /
+#: ``packed``: two codes dequantized per instruction (float16 / bfloat16 caches), each warp on its
+#: own positions (``warps-t``, transposed products) or all warps on one block (``packed``);
+#: ``generic``: one element at a time in float32 (any dtype; the float32 path).
+VARIANTS = ("mma", "warps-t", "packed", "generic")
+#: Most query rows (``Hq / Hkv * Lq``, padded) ``warps-t`` takes: every warp holds its own
+#: accumulator of that many rows.
 WARPS_MAX_ROWS = 16
 
 
@@ -450,8 +455,7 @@ def _attend_block(
     start, nk, nv, n, qk_scale, mask_len,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MIXED: tl.constexpr,
-    PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    MASK_SHARED: tl.constexpr,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
     KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     SINKS: tl.constexpr,
 ):
@@ -468,48 +472,33 @@ def _attend_block(
     bfloat16).
 
     ``PACKED`` blocks hold their positions in :func:`~xquant_fx.kernels.common.pair_order` (keys
-    and values alike, so the softmax never notices), generic blocks in order. ``TRANSPOSED``
-    computes ``S^T = K q^T`` and ``O^T = V^T P^T`` (``q [DK, BLOCK_M]``, ``acc [DV, BLOCK_M]``),
-    otherwise ``S = q K^T``, ``O = P V`` (``q [BLOCK_M, DK]``, ``acc [BLOCK_M, DV]``).
+    and values alike, so the softmax never notices), generic blocks in order. ``S = q K^T``,
+    ``O = P V`` (``q [BLOCK_M, DK]``, ``acc [BLOCK_M, DV]``).
     """
     if PACKED:
         pos = start + pair_order(BLOCK_N, 32 // KB)
-        keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, 1, BLOCK_N, MIXED, not TRANSPOSED,
+        keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, 1, BLOCK_N, MIXED, True,
                                  KV_DTYPE, DOT_DTYPE, INTERPRET)
-        values = _load_values_packed(vt, pos[None, :], nv, n, VB, VG, R, DV, 1, BLOCK_N, MIXED, TRANSPOSED,
+        values = _load_values_packed(vt, pos[None, :], nv, n, VB, VG, R, DV, 1, BLOCK_N, MIXED, False,
                                      KV_DTYPE, DOT_DTYPE, INTERPRET)
-        if TRANSPOSED:
-            keys = tl.reshape(keys, (BLOCK_N, DK))
-            values = tl.reshape(values, (DV, BLOCK_N))
-        else:
-            keys = tl.reshape(keys, (DK, BLOCK_N))
-            values = tl.reshape(values, (BLOCK_N, DV))
+        keys = tl.reshape(keys, (DK, BLOCK_N))
+        values = tl.reshape(values, (BLOCK_N, DV))
     else:
         pos = start + tl.arange(0, BLOCK_N)
         keys = _load_keys(kt, start, nk, n, KB, G, R, DK, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DK]
         values = _load_values(vt, start, nv, n, VB, VG, R, DV, BLOCK_N, MIXED, KV_DTYPE, DOT_DTYPE)  # [BLOCK_N, DV]
-        if TRANSPOSED:
-            values = tl.trans(values)
-        else:
-            keys = tl.trans(keys)
+        keys = tl.trans(keys)
     if not (HAS_MASK and MASK_SHARED):
         shared = pos  # placeholder when the rows do not share the mask
     elif shared is None:  # stage 2 does not prefetch
         shared = _shared_mask(mask_ptr + m_row0, s_mt, start, mask_len, 1, BLOCK_N,
                               32 // KB if PACKED else 0, MASK_BOOL)
     shared = tl.reshape(shared, (BLOCK_N,))
-    if TRANSPOSED:
-        scores = tl.dot(keys, q, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        scores = _mask_scores(scores, pos[:, None], qpos[None, :], row_ok[None, :], m_row[None, :], shared[:, None],
-                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
-        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 0)
-        acc += tl.dot(values, _dot_operand(p, KV_DTYPE, DOT_DTYPE), input_precision=DOT_PRECISION)
-    else:
-        scores = tl.dot(q, keys, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        scores = _mask_scores(scores, pos[None, :], qpos[:, None], row_ok[:, None], m_row[:, None], shared[None, :],
-                              mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
-        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
-        acc += tl.dot(_dot_operand(p, KV_DTYPE, DOT_DTYPE), values, input_precision=DOT_PRECISION)
+    scores = tl.dot(q, keys, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    scores = _mask_scores(scores, pos[None, :], qpos[:, None], row_ok[:, None], m_row[:, None], shared[None, :],
+                          mask_ptr, s_mt, mask_len, MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
+    p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
+    acc += tl.dot(_dot_operand(p, KV_DTYPE, DOT_DTYPE), values, input_precision=DOT_PRECISION)
     return m_i, l_i, acc
 
 
@@ -519,7 +508,7 @@ def _attend_warps_block(
     start, nk, nv, n, qk_scale, mask_len,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BN: tl.constexpr, MIXED: tl.constexpr,
-    TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
     KV_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr, SINKS: tl.constexpr,
 ):
     """One online-softmax step of the warp-split kernel: ``W`` sub-blocks of ``BN`` positions,
@@ -527,32 +516,24 @@ def _attend_warps_block(
     3-d ``tl.dot``), each with its own running state ``m_i [W, BLOCK_M]``, ``l_i`` (partial sums
     shaped as the scores), ``acc``.
 
-    ``q``: ``[W, BLOCK_M, DK]`` (``[W, DK, BLOCK_M]`` when ``TRANSPOSED``), the same in every
-    batch; ``acc [W, BLOCK_M, DV]`` (``[W, DV, BLOCK_M]``). Nothing crosses warps in the softmax
-    but the one-flag test of :func:`_online_softmax`; ``P`` feeds the second product from the
-    registers the first left it in (``-t``: through a small shared-memory tile).
+    Transposed products, ``S^T = K q^T`` and ``O^T = V^T P^T``: ``q [W, DK, BLOCK_M]``, the same in
+    every batch; ``acc [W, DV, BLOCK_M]``. Nothing crosses warps in the softmax but the one-flag
+    test of :func:`_online_softmax`; ``P`` reaches the second product through a small
+    shared-memory tile.
     """
     pos = (start + tl.arange(0, W) * BN)[:, None] + pair_order(BN, 32 // KB)[None, :]  # [W, BN]
-    keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, W, BN, MIXED, not TRANSPOSED,
+    keys = _load_keys_packed(kt, start, nk, n, KB, G, R, DK, W, BN, MIXED, False,
                              KV_DTYPE, DOT_DTYPE, INTERPRET)
-    values = _load_values_packed(vt, pos, nv, n, VB, VG, R, DV, W, BN, MIXED, TRANSPOSED,
+    values = _load_values_packed(vt, pos, nv, n, VB, VG, R, DV, W, BN, MIXED, True,
                                  KV_DTYPE, DOT_DTYPE, INTERPRET)
     if not (HAS_MASK and MASK_SHARED):
         shared = pos  # placeholder when the rows do not share the mask
-    if TRANSPOSED:
-        scores = tl.dot(keys, q) * qk_scale  # [W, BN, BLOCK_M]
-        scores = _mask_scores(scores, pos[:, :, None], qpos[None, None, :], row_ok[None, None, :],
-                              m_row[None, None, :], shared[:, :, None], mask_ptr, s_mt, mask_len,
-                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
-        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
-        acc += tl.dot(values, _dot_operand(p, KV_DTYPE, DOT_DTYPE))
-    else:
-        scores = tl.dot(q, keys) * qk_scale  # [W, BLOCK_M, BN]
-        scores = _mask_scores(scores, pos[:, None, :], qpos[None, :, None], row_ok[None, :, None],
-                              m_row[None, :, None], shared[:, None, :], mask_ptr, s_mt, mask_len,
-                              MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
-        p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 2)
-        acc += tl.dot(_dot_operand(p, KV_DTYPE, DOT_DTYPE), values)
+    scores = tl.dot(keys, q) * qk_scale  # [W, BN, BLOCK_M]
+    scores = _mask_scores(scores, pos[:, :, None], qpos[None, None, :], row_ok[None, None, :],
+                          m_row[None, None, :], shared[:, :, None], mask_ptr, s_mt, mask_len,
+                          MIXED, HAS_MASK, MASK_BOOL, MASK_SHARED, SINKS)
+    p, m_i, l_i, acc = _online_softmax(scores, m_i, l_i, acc, 1)
+    acc += tl.dot(values, _dot_operand(p, KV_DTYPE, DOT_DTYPE))
     return m_i, l_i, acc
 
 
@@ -680,7 +661,7 @@ def _attend_kernel(
     LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPLIT: tl.constexpr,
-    PACKED: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     MASK_SHARED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, TAIL_PARTS: tl.constexpr, SINKS: tl.constexpr,
     SINK_BLOCK: tl.constexpr, STAGE: tl.constexpr, FAST_BLOCK: tl.constexpr,
@@ -689,14 +670,14 @@ def _attend_kernel(
 
     Stage 1, grid ``(b * Hkv, S)``: the whole blocks below ``F = Nv // BLOCK_N * BLOCK_N`` (keys
     and values all from codes; ``FAST_BLOCK == BLOCK_N``), split ``S`` ways. ``WARP_SPLIT``: the
-    number of warps ``W`` taking ``BLOCK_N / W`` positions each (:func:`_attend_warps_block`), or
-    0 for the shared-block loop (:func:`_attend_block`).
+    number of warps ``W`` taking ``BLOCK_N / W`` positions each (:func:`_attend_warps_block`,
+    transposed products), or 0 for the shared-block loop (:func:`_attend_block`).
 
     Stage 2, grid ``(b * Hkv, T)`` with ``T = TAIL_PARTS``: the positions ``[F, n)`` that stage 1
     left (``F`` in blocks of ``FAST_BLOCK``, stage 1's; fewer than ``R + FAST_BLOCK <= T' *
     BLOCK_N``: the ring window, the codes next to it, the causal edge), one block of ``BLOCK_N``
     positions per program, on all warps (:func:`_attend_block`, mixed path, ``q K^T``
-    orientation; ``WARP_SPLIT = 0``, not ``TRANSPOSED``), on programs ``0 .. T' - 1``; with
+    orientation; ``WARP_SPLIT = 0``), on programs ``0 .. T' - 1``; with
     ``SINKS > 0``, ``T = T' + 1`` and the last program attends the sink buffers instead
     (:func:`_sink_partial`: its block range lies past ``n``, so its loop is empty). Compiled apart
     from stage 1 (the ``STAGE`` branch is resolved at compile time), so that its masked,
@@ -739,25 +720,15 @@ def _attend_kernel(
             W: tl.constexpr = WARP_SPLIT
             BN: tl.constexpr = BLOCK_N // WARP_SPLIT
             m_i = tl.full((W, BLOCK_M), float("-inf"), tl.float32)
-            if TRANSPOSED:
-                q = tl.broadcast_to(tl.trans(q)[None, :, :], (W, DK, BLOCK_M))
-                acc = tl.zeros((W, DV, BLOCK_M), tl.float32)
-                l_i = tl.zeros((W, BN, BLOCK_M), tl.float32)
-            else:
-                q = tl.broadcast_to(q[None, :, :], (W, BLOCK_M, DK))
-                acc = tl.zeros((W, BLOCK_M, DV), tl.float32)
-                l_i = tl.zeros((W, BLOCK_M, BN), tl.float32)
+            q = tl.broadcast_to(tl.trans(q)[None, :, :], (W, DK, BLOCK_M))
+            acc = tl.zeros((W, DV, BLOCK_M), tl.float32)
+            l_i = tl.zeros((W, BN, BLOCK_M), tl.float32)
         else:
             W: tl.constexpr = 1
             BN: tl.constexpr = BLOCK_N
             m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            if TRANSPOSED:
-                q = tl.trans(q)  # [DK, BLOCK_M]
-                acc = tl.zeros((DV, BLOCK_M), tl.float32)
-                l_i = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            else:
-                acc = tl.zeros((BLOCK_M, DV), tl.float32)
-                l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc = tl.zeros((BLOCK_M, DV), tl.float32)
+            l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         # A mask shared by all rows is read one block ahead (byte-wide loads are not staged by
         # cp.async): its latency hides behind a whole block.
         PER: tl.constexpr = 32 // KB if PACKED else 0
@@ -769,32 +740,27 @@ def _attend_kernel(
                 m_i, l_i, acc = _attend_warps_block(
                     q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
                     start, nk, nv, n, qk_scale, mask_len,
-                    KB, VB, G, VG, R, DK, DV, W, BN, False, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                    KB, VB, G, VG, R, DK, DV, W, BN, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
                     KV_DTYPE, DOT_DTYPE, INTERPRET, SINKS,
                 )
             else:
                 m_i, l_i, acc = _attend_block(
                     q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, shared, kt, vt, mask_ptr, s_mt,
                     start, nk, nv, n, qk_scale, mask_len,
-                    KB, VB, G, VG, R, DK, DV, BLOCK_N, False, PACKED, TRANSPOSED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                    KB, VB, G, VG, R, DK, DV, BLOCK_N, False, PACKED, HAS_MASK, MASK_BOOL, MASK_SHARED,
                     KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
                 )
             shared = ahead
         if WARP_SPLIT > 0:
             # Combine the warps' states (once per program).
-            l_i = tl.sum(l_i, axis=1 if TRANSPOSED else 2)  # [W, BLOCK_M]
+            l_i = tl.sum(l_i, axis=1)  # [W, BLOCK_M]
             m_w = m_i
             m_i = tl.max(m_w, axis=0)  # [BLOCK_M]
             wgt = tl.math.exp2(m_w - tl.where(m_i == float("-inf"), 0.0, m_i)[None, :])  # [W, BLOCK_M]
             l_i = tl.sum(l_i * wgt, axis=0)
-            if TRANSPOSED:
-                acc = tl.trans(tl.sum(acc * wgt[:, None, :], axis=0))  # [BLOCK_M, DV]
-            else:
-                acc = tl.sum(acc * wgt[:, :, None], axis=0)
+            acc = tl.trans(tl.sum(acc * wgt[:, None, :], axis=0))  # [BLOCK_M, DV]
         else:
-            l_i = tl.sum(l_i, axis=0 if TRANSPOSED else 1)
-            if TRANSPOSED:
-                acc = tl.trans(acc)  # [BLOCK_M, DV]
+            l_i = tl.sum(l_i, axis=1)
         part = program
     else:
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -804,7 +770,7 @@ def _attend_kernel(
             m_i, l_i, acc = _attend_block(
                 q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
                 start, nk, nv, n, qk_scale, mask_len,
-                KB, VB, G, VG, R, DK, DV, BLOCK_N, True, PACKED, False, HAS_MASK, MASK_BOOL, MASK_SHARED,
+                KB, VB, G, VG, R, DK, DV, BLOCK_N, True, PACKED, HAS_MASK, MASK_BOOL, MASK_SHARED,
                 KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
             )
 
@@ -956,16 +922,16 @@ def block_config(variant: str, block_m: int, dk: int, dv: int, k_bits: int = 2) 
 
     Register counts are from offline sm_90 compiles with Triton 3.6 (K2/V1, head_dim 128, GQA 4):
     ``warps-t`` 162 at 16 positions per warp, 227 at 32 (the default up to head_dim 128 and 8 rows);
-    ``warps`` 226 / 254; ``packed`` 162 at 64 positions; ``generic`` 168.
+    ``packed`` 162 at 64 positions; ``generic`` 168.
     """
-    if variant.startswith("warps"):
+    if variant == "warps-t":
         # 32 positions per warp measured faster than 16 at every benchmarked shape (run 35: batch 8,
         # 128k 618 against 714 µs) where the accumulator is small (head_dim <= 128, <= 8 rows).
-        wide = variant == "warps-t" and max(dk, dv) <= 128 and block_m <= 8
+        wide = max(dk, dv) <= 128 and block_m <= 8
         per_warp = 32 if wide else max(16, 32 // k_bits)
-        big = per_warp > 16 or max(dk, dv) > 128 or block_m > 8 or variant == "warps"
+        big = per_warp > 16 or max(dk, dv) > 128 or block_m > 8
         return AttendConfig(block_n=4 * per_warp, num_warps=4, num_stages=4, ctas_per_sm=2 if big else 3)
-    if variant.startswith("packed"):
+    if variant == "packed":
         if block_m >= 64 or max(dk, dv) > 128:
             return AttendConfig(block_n=64, num_warps=8, num_stages=3, ctas_per_sm=1)
         return AttendConfig(block_n=64, num_warps=4, num_stages=3, ctas_per_sm=3)
@@ -1056,7 +1022,7 @@ def attend(
     if variant == "warps-t":  # the rows are the n8 side of the products: pad to 8 only
         block_m = max(8, triton.next_power_of_2(group_rows))
     cfg = config or block_config(variant, block_m, dk, dv, k_bits)
-    warp_split = cfg.num_warps if variant.startswith("warps") else 0
+    warp_split = cfg.num_warps if variant == "warps-t" else 0
     per_block = cfg.block_n // max(warp_split, 1)  # positions of one sub-block
     if per_block < 16 or per_block & (per_block - 1) or per_block * k_bits < 32:
         raise ValueError(f"block_n={cfg.block_n} over {max(warp_split, 1)} sub-blocks: each a power of two "
@@ -1078,7 +1044,7 @@ def attend(
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
         hkv, splits, qk_scale, mask_len,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, WARP_SPLIT=warp_split, TRANSPOSED=variant.endswith("-t"),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, WARP_SPLIT=warp_split,
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), TAIL_PARTS=tail_parts, **common,
         STAGE=1, FAST_BLOCK=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -1171,7 +1137,7 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
         hkv, first_parts, qk_scale, mask_len,
-        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), BLOCK_N=TAIL_BLOCK_N, WARP_SPLIT=0, TRANSPOSED=False,
+        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), BLOCK_N=TAIL_BLOCK_N, WARP_SPLIT=0,
         VC_ROW=0, VS_ROW=0, TAIL_PARTS=tail_parts, **common, STAGE=2, FAST_BLOCK=fast_block,
         num_warps=4, num_stages=1,
     )
