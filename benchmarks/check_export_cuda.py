@@ -92,12 +92,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def top2_margin(logits: torch.Tensor) -> tuple[float, float]:
-    """The gap between a step's two largest logits and the spacing of the logits' dtype at the
-    largest: a gap of a few spacings is a near-tie that any rounding difference can flip."""
+def top2_margin(logits: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+    """The gap between a step's two largest logits and the spacing of ``dtype`` (the model's: the
+    logits were rounded to it, whatever ``generate`` upcast them to) at the largest: a gap of a few
+    spacings is a near-tie that any rounding difference can flip."""
     top = logits.float().topk(2).values
     exponent = math.frexp(abs(top[0].item()))[1]  # |x| in [2^(e-1), 2^e)
-    spacing = torch.finfo(logits.dtype).eps * 2.0 ** (exponent - 1)  # eps: the spacing at 1
+    spacing = torch.finfo(dtype).eps * 2.0 ** (exponent - 1)  # eps: the spacing at 1
     return (top[0] - top[1]).item(), spacing
 
 
@@ -306,7 +307,7 @@ class Shape:
             ref = model.generate(self.ids, max_new_tokens=args.new, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True, **{cache_argument(model): cache})
         self.eager_tokens = ref.sequences[0, args.prompt:].tolist()
-        self.eager_margins = [top2_margin(step[0]) for step in ref.scores]
+        self.eager_margins = [top2_margin(step[0], dtype) for step in ref.scores]
         del cache
         # optimize()
         start = time.perf_counter()
@@ -352,6 +353,7 @@ class Report:
         self.checks: list[tuple[str, bool, str]] = []
         self.tables: dict[str, list[dict]] = {}
         self.notes: list[str] = []
+        self.tokens: dict[str, dict] = {}  # shape -> path -> greedy tokens (JSON only), and the margins
         self.error: str | None = None
 
     def check(self, name: str, ok: bool, detail: str) -> bool:
@@ -366,7 +368,7 @@ class Report:
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         data = {"env": self.env, "args": vars(self.args), "checks": self.checks, "tables": self.tables,
-                "notes": self.notes, "error": self.error, "passed": self.ok()}
+                "notes": self.notes, "tokens": self.tokens, "error": self.error, "passed": self.ok()}
         (self.out / "export_cuda.json").write_text(json.dumps(data, indent=1, default=str))
         lines = [f"# AOTInductor export vs optimize() vs strong bf16 ({self.env.get('gpu', '')}, "
                  f"{self.env.get('date', '')})", ""]
@@ -408,6 +410,8 @@ def run(args, report: Report) -> None:
         def versus(a, b):
             return "equal" if a == b else first_difference(a, b, sh.eager_margins)
 
+        report.tokens[s] = {"eager XQuantCache": sh.eager_tokens, "optimize()": sh.optimize_tokens,
+                            "strong bf16 baseline": sh.base_tokens, "eager top-2 margins": sh.eager_margins}
         report.notes.append(f"{s}: optimize() greedy tokens vs the eager XQuantCache's (reference ops, not the "
                             f"fused kernels): {versus(sh.optimize_tokens, sh.eager_tokens)}; strong bf16 baseline "
                             f"vs eager XQuantCache: {versus(sh.base_tokens, sh.eager_tokens)}")
@@ -461,6 +465,7 @@ def run(args, report: Report) -> None:
                 backtrace(cmd, report, f"{s} package worker")
             continue
         same = result["tokens"] == sh.optimize_tokens
+        report.tokens.setdefault(s, {})["AOTI package"] = result["tokens"]
         report.check(f"{s}: package greedy tokens equal optimize()'s (same weights and prompt)", same,
                      f"{len(sh.optimize_tokens)} new tokens" + ("" if same else "; " + first_difference(
                          result["tokens"], sh.optimize_tokens, sh.eager_margins) + "; package vs eager XQuantCache: "
