@@ -46,13 +46,19 @@ vector load it each (8 lanes for value rows and metadata, 4 for key codes): one 
 all the same, no shared-memory staging.
 
 Budget per (position, KV head) at K2/V1, head_dim 128 (offline sm_90 compile, Triton 3.6): 80 B
-read; 25.2 SASS instructions per position in the loop (808 per warp and group of 32: 147 LOP3 (of
-which 128 decode codes, one per register of two through inline ``lop3``: from plain Triton, ptxas
-emitted an AND and an OR), 143 IMAD (92 of them register moves: the A operands of the zero-point
-product, ``(z, z)``, copied into consecutive registers, and constants), 64
-HMMA, 64 PRMT, 64 IADD3 (load addresses), 56 FMUL (48: the accumulator rescale), 48 LDG, 32
-HMUL2 (scale folds), the softmax ~45); 239 registers, 2 programs of 4 warps per multiprocessor, no
-shared memory, no spills (float8 metadata: 229 registers).
+read; 648 SASS instructions a warp executes per group of 32 positions without a mask, 20.3 per
+position (691 with a decode mask): 139 LOP3 (128 decode codes, one per register of two through
+inline ``lop3``: from plain Triton, ptxas emitted an AND and an OR), 72 HMMA, 64 PRMT, 56 FMUL
+(48: the accumulator rescale), 48 LDG, 42 IMAD, 37 SHF, 36 IADD3, 32 HMUL2 (scale folds), the
+softmax ~45; 240 registers, 2 programs of 4 warps per multiprocessor, no shared memory, no
+spills. Four changes took it there from 808 (run 40's build, profiled at 8 warps per SM issuing
+0.47 instructions per cycle per scheduler, i.e. bound by issue): the zero-point product of the
+keys as two m16n8k8 products of the pair as loaded (the 16x16 fragment ``(z, z, z', z')`` cost
+four copies per chunk), the A operand of the value offsets' sums as four loop-invariant registers
+(ptxas rebuilt the constant quad before each product), key metadata addressed from one word
+pointer per group (per-chunk element offsets divided by two cost ~8 instructions an address), and
+the never-taken side of the value loads' branch kept in its own block (its zeros were set before
+the branch, 32 instructions every iteration).
 
 Requirements (:func:`supports`; else :mod:`xquant_fx.kernels.attend` runs another variant, and
 refuses an explicit ``variant="mma"``): 16-bit cache, ``G == 32``, 1- or 2-bit codes, power-of-two
@@ -218,6 +224,44 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3,
 
 
 @triton.jit
+def _unpack_half(r, NT: tl.constexpr, KV_DTYPE: tl.constexpr):
+    """Interpreter: one register holding an 8x8 slab (row ``g``, columns ``2t, 2t + 1``) -> float32
+    ``[W, 8, 8]``."""
+    W: tl.constexpr = NT // 32
+    lo, hi = _unpack(_to_warps(r, NT), KV_DTYPE)
+    return tl.reshape(tl.join(lo, hi), (W, 8, 8))
+
+
+@triton.jit
+def _mma_k8(a0, a1, b0, c0, c1, c2, c3, NT: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """``D = A B + C``, ``mma.sync.aligned.m16n8k8`` (A 16x8: ``a0`` rows ``g``, ``a1`` rows
+    ``g + 8``; B 8x8: ``b0`` = ``B[2t + e, g]``; C / D as in :func:`_mma`). Where one operand pair
+    is already two adjacent registers (a 64-bit load), two of these spare the copies a 16x16
+    fragment of repeated registers costs."""
+    if INTERPRET:
+        W: tl.constexpr = NT // 32
+        top = _unpack_half(a0, NT, KV_DTYPE)
+        bottom = _unpack_half(a1, NT, KV_DTYPE)
+        a = tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (W, 16, 8))
+        b = tl.permute(_unpack_half(b0, NT, KV_DTYPE), (0, 2, 1))  # [W, 8 (k), 8 (n)]
+        d = tl.sum(a[:, :, :, None] * b[:, None, :, :], axis=2)  # [W, 16, 8]
+        d_top, d_bottom = tl.split(tl.permute(tl.reshape(d, (W, 2, 8, 8)), (0, 2, 3, 1)))
+        d0, d1 = _rows_to_lanes(d_top, NT)
+        d2, d3 = _rows_to_lanes(d_bottom, NT)
+        return d0 + c0, d1 + c1, d2 + c2, d3 + c3
+    elif KV_DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5}, {$6}, {$7,$8,$9,$10};",
+            "=f,=f,=f,=f,r,r,r,0,1,2,3", [a0, a1, b0, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5}, {$6}, {$7,$8,$9,$10};",
+            "=f,=f,=f,=f,r,r,r,0,1,2,3", [a0, a1, b0, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
 def _transpose8(x, NT: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """``movmatrix.sync.aligned.m8n8.trans.b16``: lane ``(g, t)`` holding ``X[g, 2t + e]`` gets
     ``X[2t + e, g]``."""
@@ -308,6 +352,13 @@ def _load_pairs(base, off, NT: tl.constexpr):
 
 
 @triton.jit
+def _load_words2(words, NT: tl.constexpr):
+    """The two int32 words at ``words`` (an int32 pointer per lane) in one 8-byte load."""
+    w = tl.load(words[:, None] + tl.arange(0, 2)[None, :])
+    return tl.split(tl.reshape(w, (NT, 2)))
+
+
+@triton.jit
 def _key_loads(kc_base, ks_base, kz_base, group, valid, g, t, s_kct, s_kst,
                KB: tl.constexpr, DK: tl.constexpr, NT: tl.constexpr, META16: tl.constexpr):
     """The loads of one key group per warp, nothing computed from them (the loop issues them one
@@ -322,18 +373,25 @@ def _key_loads(kc_base, ks_base, kz_base, group, valid, g, t, s_kct, s_kst,
         row = 2 * grp + g % 2
     else:
         row = grp
+    # Metadata as int32 words from one word address per lane and group, each chunk at a constant
+    # offset from it (the group stride is a whole number of words: ``_mma_layout_ok``); computed
+    # per chunk from element offsets, each address cost ~8 instructions.
+    PER_WORD: tl.constexpr = 2 if META16 else 4
+    meta = grp * (s_kst // PER_WORD) + (4 // PER_WORD) * t
+    ks_words = ks_base.to(tl.pointer_type(tl.int32)) + meta
+    kz_words = kz_base.to(tl.pointer_type(tl.int32)) + meta
     words = ()
     scales = ()
     zeros = ()
     for k in tl.static_range(NCH):
         ch = 16 * k + 4 * t  # the lane's 4 channels of this chunk
         words = words + (_load4(kc_base, row * s_kct + ch, NT),)
-        if META16:
-            scales = scales + (_load_pairs(ks_base, grp * s_kst + ch, NT),)
-            zeros = zeros + (_load_pairs(kz_base, grp * s_kst + ch, NT),)
+        if META16:  # two words of two 16-bit values
+            scales = scales + (_load_words2(ks_words + 8 * k, NT),)
+            zeros = zeros + (_load_words2(kz_words + 8 * k, NT),)
         else:  # four float8 values: one word
-            scales = scales + (tl.load(ks_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch) // 4),)
-            zeros = zeros + (tl.load(kz_base.to(tl.pointer_type(tl.int32)) + (grp * s_kst + ch) // 4),)
+            scales = scales + (tl.load(ks_words + 4 * k),)
+            zeros = zeros + (tl.load(kz_words + 4 * k),)
     return words, scales, zeros
 
 
@@ -414,9 +472,12 @@ def _key_group(kd, qb, g,
     ones = tl.full((NT,), 1.0, tl.float32)
     one2 = _pack_f32(ones, ones, KV_DTYPE)
     zero = tl.zeros((NT,), tl.float32)
-    # Rows g + 8 of these two products repeat rows g: their accumulators run on as scratch, which
-    # spares zeroing two fresh registers per product.
-    zq0, zq1, zq2, zq3 = zero, zero, zero, zero
+    # z q^T as two m16n8k8 products of the pair (z01, z23) as loaded (one 64-bit load: adjacent
+    # registers; a 16x16 fragment (z01, z01, z23, z23) cost four copies per chunk): rows g of
+    # ``za`` take z01 . q0, rows g + 8 of ``zb`` z23 . q1, the other rows are scratch. Rows g + 8
+    # of the ``qs`` product repeat rows g: scratch too. The accumulators run on across chunks.
+    za0, za1, za2, za3 = zero, zero, zero, zero
+    zb0, zb1, zb2, zb3 = zero, zero, zero, zero
     qs0, qs1, qs2, qs3 = zero, zero, zero, zero
     frags = ()
     for k in tl.static_range(NCH):
@@ -427,10 +488,13 @@ def _key_group(kd, qb, g,
         q1 = qb[2 * k + 1]
         p0 = _mul2(q0, s01_, KV_DTYPE, INTERPRET)
         p1 = _mul2(q1, s23_, KV_DTYPE, INTERPRET)
-        # z q^T (rows all equal) and the sum of q' (for the code offsets)
-        zq0, zq1, zq2, zq3 = _mma(z01_, z01_, z23_, z23_, q0, q1, zq0, zq1, zq2, zq3, NT, KV_DTYPE, INTERPRET)
+        # z q^T and the sum of q' (for the code offsets)
+        za0, za1, za2, za3 = _mma_k8(z01_, z23_, q0, za0, za1, za2, za3, NT, KV_DTYPE, INTERPRET)
+        zb0, zb1, zb2, zb3 = _mma_k8(z01_, z23_, q1, zb0, zb1, zb2, zb3, NT, KV_DTYPE, INTERPRET)
         qs0, qs1, qs2, qs3 = _mma(one2, one2, one2, one2, p0, p1, qs0, qs1, qs2, qs3, NT, KV_DTYPE, INTERPRET)
         frags = frags + ((_prmt(w0, w1, sel, INTERPRET), _prmt(w2, w3, sel, INTERPRET), p0, p1),)
+    zq0 = za0 + zb2
+    zq1 = za1 + zb3
     # Initial accumulators: z q^T minus the offsets' share, row half h of tile m holding code j = 2m + h.
     s00 = zq0 - _offset(0, KB, KV_DTYPE) * qs0
     s01 = zq1 - _offset(0, KB, KV_DTYPE) * qs1
@@ -614,6 +678,12 @@ def _attend_mma_kernel(
     sel_v = _byte_sel(g // 2)
     one2 = _pack_f32(tl.full((NT,), 1.0, tl.float32), tl.full((NT,), 1.0, tl.float32), KV_DTYPE)
     nil = one2 * 0
+    # The A operand of the products that sum P' (rows g + 8 of the zero-point accumulators): four
+    # distinct loop-invariant registers, so the loop does not rebuild the quad for every product.
+    # (Selected on values of n that never occur, so that ptxas cannot see them as constants, which
+    # it would set again before each use.)
+    ones_a = (tl.where(n == -3, g, nil), tl.where(n == -4, g, one2), tl.where(n == -5, g, nil),
+              tl.where(n == -6, g, one2))
     # Software pipelining by hand, one phase ahead: a group's value loads are issued before its
     # scores are computed, the next group's key loads before this group's values are used, so
     # each warp always has one phase's loads in flight (Triton's pipeliner does not stage these
@@ -629,9 +699,12 @@ def _attend_mma_kernel(
         group = g_lo + r * W + warp
         valid = group < g_hi
         gbase = tl.where(valid, group, 0).to(tl.int64) * 32
-        vd = _value_group_zeros(VB, DV, NT, META16)  # never used: what the untaken side yields
         if n != -1:
             vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT, META16)
+        else:  # never runs. The store (masked off) keeps this block apart: without it the zeros
+            # the untaken side yields were set before the branch, 64 registers every iteration.
+            vd = _value_group_zeros(VB, DV, NT, META16)
+            tl.store(part_ml_ptr + warp, m0, mask=warp < 0)
         s0, s1 = _key_group(kd, qb, g, KB, DK, NT, META16, KV_DTYPE, INTERPRET)
         mv = md
         if n != -2:
@@ -693,7 +766,8 @@ def _attend_mma_kernel(
                 # rounded P' the codes were multiplied with)
                 zt = _mma(z_lo, nil, z_hi, nil, pb[2 * c], pb[2 * c + 1], zt[0], zt[1], zt[2], zt[3],
                           NT, KV_DTYPE, INTERPRET)
-                zt = _mma(nil, one2, nil, one2, p_lo, p_hi, zt[0], zt[1], zt[2], zt[3], NT, KV_DTYPE, INTERPRET)
+                zt = _mma(ones_a[0], ones_a[1], ones_a[2], ones_a[3], p_lo, p_hi, zt[0], zt[1], zt[2], zt[3],
+                          NT, KV_DTYPE, INTERPRET)
             out = out + t0 + t1
             zacc = zacc + zt
         acc = out + zacc
