@@ -145,12 +145,13 @@ def test_fp8_metadata_package_equals_eager(mini, tmp_path):
 @pytest.mark.parametrize("spec", [
     "kivi-2:sink_tokens=4,rotation=hadamard,residual_length=32",
     "xquant-1.38:value_group_size=64,metadata_dtype=float8_e4m3fn,residual_length=32",
+    "xquant-1.38:level_fit=lsq,eta=none,sink_tokens=2,residual_length=32",
 ])
 def test_quality_options_package_equals_eager(mini, tmp_path, spec):
     """The quality options through export: sink tokens kept whole and the Hadamard rotation (of
-    keys, values, and the query inside the package), or 64-channel value groups with float8
-    metadata; the decode package gives the eager cache's tokens and stored state, sink buffers
-    included."""
+    keys, values, and the query inside the package), 64-channel value groups with float8
+    metadata, least-squares levels; the decode package gives the eager cache's tokens and stored
+    state, sink buffers included."""
     config = XQuantConfig.from_spec(spec)
     path = export(mini, prompt(8), tmp_path / "options.pt2", spec, max_cache_len=MINI_LEN, prefill=False,
                   inductor_configs=FAST)
