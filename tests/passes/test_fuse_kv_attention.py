@@ -133,7 +133,8 @@ def test_declines_a_value_read_whose_group_is_not_its_storages():
 @pytest.mark.parametrize("spec,kernels", [("xquant-1.38:rotation=hadamard", False), ("kivi-2:sink_tokens=4", False),
                                           ("xquant-1.38:sink_tokens=3,rotation=hadamard", False),
                                           ("xquant-1.38:sink_tokens=3,rotation=hadamard", True),
-                                          ("kivi-2:value_group_size=64,sink_tokens=4", True)])
+                                          ("kivi-2:value_group_size=64,sink_tokens=4", True),
+                                          ("xquant-1.38:level_fit=lsq,eta=none", True)])
 def test_quality_options_fuse_and_keep_outputs(spec, kernels, monkeypatch):
     """A rotating cache fuses: the query is rotated before attend and the output after it (the
     reads' own rotations are gone). A cache with sink tokens fuses with its sink buffers passed to
