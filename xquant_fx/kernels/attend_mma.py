@@ -191,6 +191,17 @@ def _rows_to_lanes(d, NT: tl.constexpr):
 
 
 @triton.jit
+def _product_to_lanes(d, c0, c1, c2, c3, NT: tl.constexpr):
+    """Interpreter: a product ``[W, 16, 8]`` plus ``C``, as the four accumulator registers of
+    each lane (rows ``g`` and ``g + 8``, columns ``2t, 2t + 1``)."""
+    W: tl.constexpr = NT // 32
+    d_top, d_bottom = tl.split(tl.permute(tl.reshape(d, (W, 2, 8, 8)), (0, 2, 3, 1)))
+    d0, d1 = _rows_to_lanes(d_top, NT)
+    d2, d3 = _rows_to_lanes(d_bottom, NT)
+    return d0 + c0, d1 + c1, d2 + c2, d3 + c3
+
+
+@triton.jit
 def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3,
          NT: tl.constexpr, KV_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """``D = A B + C``, ``mma.sync.aligned.m16n8k16`` with float32 accumulation (A 16x16 and B 16x8
@@ -203,21 +214,12 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3,
         a = tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (W, 16, 16))
         # B: register b0 of lane (g, t) holds B[2t + e, g], b1 holds B[8 + 2t + e, g]
         bt = _unpack_tile(b0, b1, NT, KV_DTYPE)  # [W, 8 (n = g), 16 (k)]
-        b = tl.permute(bt, (0, 2, 1))
-        d = tl.dot(a, b, input_precision="ieee")  # [W, 16, 8]
-        d_top, d_bottom = tl.split(tl.permute(tl.reshape(d, (W, 2, 8, 8)), (0, 2, 3, 1)))
-        d0, d1 = _rows_to_lanes(d_top, NT)
-        d2, d3 = _rows_to_lanes(d_bottom, NT)
-        return d0 + c0, d1 + c1, d2 + c2, d3 + c3
-    elif KV_DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
-            "{$10,$11,$12,$13};",
-            "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        d = tl.dot(a, tl.permute(bt, (0, 2, 1)), input_precision="ieee")  # [W, 16, 8]
+        return _product_to_lanes(d, c0, c1, c2, c3, NT)
     else:
+        AB: tl.constexpr = ".bf16.bf16" if KV_DTYPE == tl.bfloat16 else ".f16.f16"
         return tl.inline_asm_elementwise(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+            "mma.sync.aligned.m16n8k16.row.col.f32" + AB + ".f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
             "{$10,$11,$12,$13};",
             "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
@@ -244,19 +246,12 @@ def _mma_k8(a0, a1, b0, c0, c1, c2, c3, NT: tl.constexpr, KV_DTYPE: tl.constexpr
         bottom = _unpack_half(a1, NT, KV_DTYPE)
         a = tl.reshape(tl.permute(tl.join(top, bottom), (0, 3, 1, 2)), (W, 16, 8))
         b = tl.permute(_unpack_half(b0, NT, KV_DTYPE), (0, 2, 1))  # [W, 8 (k), 8 (n)]
-        d = tl.sum(a[:, :, :, None] * b[:, None, :, :], axis=2)  # [W, 16, 8]
-        d_top, d_bottom = tl.split(tl.permute(tl.reshape(d, (W, 2, 8, 8)), (0, 2, 3, 1)))
-        d0, d1 = _rows_to_lanes(d_top, NT)
-        d2, d3 = _rows_to_lanes(d_bottom, NT)
-        return d0 + c0, d1 + c1, d2 + c2, d3 + c3
-    elif KV_DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5}, {$6}, {$7,$8,$9,$10};",
-            "=f,=f,=f,=f,r,r,r,0,1,2,3", [a0, a1, b0, c0, c1, c2, c3],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        d = tl.sum(a[:, :, :, None] * b[:, None, :, :], axis=2)  # [W, 16, 8] (tl.dot takes k >= 16)
+        return _product_to_lanes(d, c0, c1, c2, c3, NT)
     else:
+        AB: tl.constexpr = ".bf16.bf16" if KV_DTYPE == tl.bfloat16 else ".f16.f16"
         return tl.inline_asm_elementwise(
-            "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {$0,$1,$2,$3}, {$4,$5}, {$6}, {$7,$8,$9,$10};",
+            "mma.sync.aligned.m16n8k8.row.col.f32" + AB + ".f32 {$0,$1,$2,$3}, {$4,$5}, {$6}, {$7,$8,$9,$10};",
             "=f,=f,=f,=f,r,r,r,0,1,2,3", [a0, a1, b0, c0, c1, c2, c3],
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
 
