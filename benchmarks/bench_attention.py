@@ -25,7 +25,8 @@ Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
    * ``attend-kivi-2/<variant>``: 2-bit keys and values, the first variant only;
    * ``deq-sdpa-k2v1``: ``quant.read_keys`` / ``read_values`` to a bf16 cache, then SDPA (batch
      1 and 8 up to 16k: it is 10-100x slower);
-   * ``append-k2v1``: the decode-step write (one token per sequence, all 8 KV heads).
+   * ``append-k2v1``: the decode-step write (one token per sequence, all 8 KV heads), at a step
+     that stores no key group, and ``append-k2v1-group`` at the one step in G that does.
 
    Each is captured in a CUDA graph and timed with ``triton.testing.do_bench`` (median, L2
    flushed between runs). ``GB/s`` counts the bytes the method must read (codes, scales, zero
@@ -389,10 +390,13 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
                     "quant.read_* + SDPA")
             kn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
             vn = torch.randn(b, HKV, 1, D, device=device, dtype=DTYPE)
+            # G - 1 steps in G store no key group (ctx - 1 is one of them); the G-th quantizes one
             pos = torch.tensor(ctx - 1, device=device)
             us = time_graph(lambda: torch.ops.xquant.append_token(kn, vn, pos, *args, kb, vb, G, k_eta, v_eta))
-            write_bytes = b * HKV * (G * D * 2 + 2 * D * 2)  # ring group read + new token
-            add("append-k2v1", us, write_bytes, "per decode step, all KV heads")
+            add("append-k2v1", us, b * HKV * 3 * D * 2, "per decode step, all KV heads")  # ring value + new token
+            flush = torch.tensor(R + (ctx - 1 - R) // G * G, device=device)
+            us = time_graph(lambda: torch.ops.xquant.append_token(kn, vn, flush, *args, kb, vb, G, k_eta, v_eta))
+            add("append-k2v1-group", us, b * HKV * (G + 3) * D * 2, "the step that stores a key group (1 in G)")
         del st, args
         torch.cuda.empty_cache()
     sdpa_us = rows[0]["us"]

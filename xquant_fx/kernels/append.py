@@ -7,9 +7,9 @@ in a CUDA graph). With ``q = max(pos - R, 0)`` each program, one per (sequence, 
 1. quantizes the value in ring slot ``q % R`` (position ``pos - R``; while ``pos < R`` a
    placeholder that ``pos = R`` rewrites) per token, in groups of ``VG`` channels, into row ``q``
    of ``v_codes`` / ``v_scale`` / ``v_zero``;
-2. quantizes the key group ``g = q // G`` (ring slots of tokens ``g*G .. g*G + G - 1``) per
-   channel, and stores codes / scale / zero of group ``g`` only when ``pos >= R`` and
-   ``(pos - R) % G == 0`` (a masked store, not a branch);
+2. when ``pos >= R`` and ``(pos - R) % G == 0`` (one step in ``G``; a branch on ``pos``, the same
+   for the whole program), quantizes the key group ``g = q // G`` (ring slots of tokens
+   ``g*G .. g*G + G - 1``) per channel and stores its codes, scale and zero point;
 3. writes the new ``k`` / ``v`` into ring slot ``pos % R``.
 
 The codes, scales and zero points are bit-identical to the reference: statistics in float32, the
@@ -121,29 +121,28 @@ def _append_token_kernel(
     tl.store(vz_ptr + vs_off, to_metadata(zero, vz_ptr.dtype.element_ty))
 
     # ---------------------------------------------------------------- key group starting at q
+    # Only when the group starts exactly at pos - R: the other G - 1 steps skip its loads and math.
+    # (Its names differ from the value section's: a compiled if block may not give a name another
+    # type, which the interpreter does not check.)
     dk = tl.arange(0, DK)
-    g = q // G
-    tok = g * G + tl.arange(0, G)  # [G] positions of the group
     kw_base = kw_ptr + bi * s_kwb + hi * s_kwh
-    x = tl.load(kw_base + (tok % R)[:, None] * s_kwt + dk[None, :]).to(tl.float32)  # [G, DK]
-    mn = tl.min(x, axis=0)  # [DK]
-    rng = tl.max(x, axis=0) - mn
-    inv, scale, zero = _quant_params(mn, rng, k_c1, k_c2, K_LEVELS, K_CALIBRATE)
-    # The group is stored only when it starts exactly at pos - R (masks are built full-shape: the
-    # interpreter does not broadcast a scalar condition into a store mask).
-    pos_kd = pos + tl.zeros((1, DK), tl.int64)  # [1, DK]
-    flush = (pos_kd >= R) & ((pos_kd - R) % G == 0)  # [1, DK]
-    if HAS_K_CODES:
-        codes = _codes(x, mn[None, :], inv[None, :], K_LEVELS)  # [G, DK]
-        codes = tl.reshape(codes, (KWG, K_PER, DK))  # token w * K_PER + i
-        shifts = (tl.arange(0, K_PER) * KB)[None, :, None]
-        words = tl.reduce(codes << shifts, 1, bitwise_or)  # [KWG, DK]
-        rows = g * KWG + tl.arange(0, KWG)
-        kc_off = bi * s_kcb + hi * s_kch + rows[:, None] * s_kct + dk[None, :]
-        tl.store(kc_ptr + kc_off, words, mask=flush & (rows[:, None] >= 0))
-    ks_off = bi * s_ksb + hi * s_ksh + g * s_kst + dk
-    tl.store(ks_ptr + ks_off, to_metadata(scale, ks_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
-    tl.store(kz_ptr + ks_off, to_metadata(zero, kz_ptr.dtype.element_ty), mask=tl.reshape(flush, (DK,)))
+    if (pos >= R) & ((pos - R) % G == 0):
+        g = q // G
+        tok = g * G + tl.arange(0, G)  # [G] positions of the group
+        kx = tl.load(kw_base + (tok % R)[:, None] * s_kwt + dk[None, :]).to(tl.float32)  # [G, DK]
+        kmn = tl.min(kx, axis=0)  # [DK]
+        krng = tl.max(kx, axis=0) - kmn
+        kinv, kscale, kzero = _quant_params(kmn, krng, k_c1, k_c2, K_LEVELS, K_CALIBRATE)
+        if HAS_K_CODES:
+            kcodes = _codes(kx, kmn[None, :], kinv[None, :], K_LEVELS)  # [G, DK]
+            kcodes = tl.reshape(kcodes, (KWG, K_PER, DK))  # token w * K_PER + i
+            kshifts = (tl.arange(0, K_PER) * KB)[None, :, None]
+            kwords = tl.reduce(kcodes << kshifts, 1, bitwise_or)  # [KWG, DK]
+            rows = g * KWG + tl.arange(0, KWG)
+            tl.store(kc_ptr + bi * s_kcb + hi * s_kch + rows[:, None] * s_kct + dk[None, :], kwords)
+        ks_off = bi * s_ksb + hi * s_ksh + g * s_kst + dk
+        tl.store(ks_ptr + ks_off, to_metadata(kscale, ks_ptr.dtype.element_ty))
+        tl.store(kz_ptr + ks_off, to_metadata(kzero, kz_ptr.dtype.element_ty))
 
     # ---------------------------------------------------------------- the new token into slot pos % R
     k_new = tl.load(k_ptr + bi * s_kb + hi * s_kh + dk * s_kd)
