@@ -339,18 +339,17 @@ def _byte_sel(byte):
 
 # ------------------------------------------------------------------------------------ kernel
 @triton.jit
-def _load_pairs(base, off, NT: tl.constexpr):
-    """Two int32 words at ``base + off`` (16-bit elements, ``off`` even, 4-byte aligned) per lane:
-    four 16-bit scales or zero points in one 8-byte load."""
-    w = tl.load(base.to(tl.pointer_type(tl.int32)) + off[:, None] // 2 + tl.arange(0, 2)[None, :])
-    return tl.split(tl.reshape(w, (NT, 2)))
-
-
-@triton.jit
 def _load_words2(words, NT: tl.constexpr):
     """The two int32 words at ``words`` (an int32 pointer per lane) in one 8-byte load."""
     w = tl.load(words[:, None] + tl.arange(0, 2)[None, :])
     return tl.split(tl.reshape(w, (NT, 2)))
+
+
+@triton.jit
+def _load_pairs(base, off, NT: tl.constexpr):
+    """Two int32 words at ``base + off`` (16-bit elements, ``off`` even, 4-byte aligned) per lane:
+    four 16-bit scales or zero points in one 8-byte load."""
+    return _load_words2(base.to(tl.pointer_type(tl.int32)) + off // 2, NT)
 
 
 @triton.jit
