@@ -80,8 +80,21 @@ DEFAULT_VARIANTS = "mma,warps-t,warps-t@64"
 
 
 # --------------------------------------------------------------------------- variants
-def parse_variant(spec: str) -> tuple[str, attend_kernels.AttendConfig | None]:
-    """``NAME[@BLOCK_N[xSTAGES]]`` -> (variant, config or None for the launcher's default)."""
+def parse_variant(spec: str):
+    """``NAME[@BLOCK_N[xSTAGES]]`` -> (variant, config or None for the launcher's default);
+    ``mma[:wW][:lean][:rREGS]`` -> ("mma", an ``MmaConfig`` of W warps per program, the lean
+    pipeline, a register cap; the programs per multiprocessor follow from the cap, else from 240
+    registers, the default build's)."""
+    if spec.startswith("mma:"):
+        opts = spec.split(":")[1:]
+        warps = next((int(o[1:]) for o in opts if o.startswith("w")), attend_kernels.attend_mma.WARPS)
+        cap = next((int(o[1:]) for o in opts if o.startswith("r")), None)
+        unknown = [o for o in opts if o != "lean" and o[:1] not in ("w", "r")]
+        if unknown:
+            raise SystemExit(f"{spec!r}: unknown mma options {unknown}; expected wW, lean, rREGS")
+        regs = -(-(cap or 240) // 8) * 8  # allocated per thread in steps of 8
+        return "mma", attend_kernels.attend_mma.MmaConfig(
+            num_warps=warps, lean="lean" in opts, maxnreg=cap, ctas_per_sm=min(32, 65536 // (32 * warps * regs)))
     name, _, rest = spec.partition("@")
     if name not in attend_kernels.VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; expected one of {attend_kernels.VARIANTS}")
@@ -362,14 +375,16 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
         for spec in variants if name == "k2v1" else variants[:1]:
             variant, config = parse_variant(spec)
             us = time_graph(lambda: run_variant(spec, q, args, n, kb, vb, mask=mask))
-            cfg = config or attend_kernels.block_config(variant, 8 if variant == "warps-t" else 16, D, D, kb)
-            ctas = attend_kernels.MMA_CTAS_PER_SM if variant == "mma" else cfg.ctas_per_sm
-            splits = attend_kernels.num_splits(b * HKV, capacity, device, ctas)
+            if variant == "mma":
+                cfg = config or attend_kernels.attend_mma.MmaConfig(ctas_per_sm=attend_kernels.MMA_CTAS_PER_SM)
+            else:
+                cfg = config or attend_kernels.block_config(variant, 8 if variant == "warps-t" else 16, D, D, kb)
+            splits = attend_kernels.num_splits(b * HKV, capacity, device, cfg.ctas_per_sm)
             key = (spec, name)
             if key not in stats:
                 if variant == "mma":  # its own kernel (run 35's table showed another kernel's numbers here)
                     stats[key] = kernel_stats(attend_kernels.attend_mma._attend_mma_kernel, KB=kb, VB=vb,
-                                              HAS_MASK=with_mask)
+                                              HAS_MASK=with_mask, W=cfg.num_warps, LEAN=cfg.lean)
                 else:
                     stats[key] = kernel_stats(
                         attend_kernels._attend_kernel, BLOCK_N=cfg.block_n, KB=kb, VB=vb, HAS_MASK=with_mask,
@@ -610,12 +625,22 @@ def profile(spec: str, device, b: int = 8, ctx: int = 131072) -> int:
     return 0
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """``"1x4096,8x131072"`` -> [(1, 4096), (8, 131072)]."""
+    try:
+        return [(int(b), int(c)) for b, c in (pair.split("x") for pair in text.split(",") if pair)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BATCHxCONTEXT pairs, e.g. 1x4096,8x131072") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="batch 1, 8 and context 4k, 16k only")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help="comma-separated NAME[@BLOCK_N[xSTAGES]] (the first also runs kivi-2)")
+                        help="comma-separated NAME[@BLOCK_N[xSTAGES]] or mma[:wW][:lean][:rREGS] (the first also runs kivi-2)")
+    parser.add_argument("--shapes", type=_shapes, metavar="BxCTX,..",
+                        help="only these batch x context pairs, e.g. 1x4096,8x131072 (overrides --quick)")
     parser.add_argument("--time-budget", type=float, default=330.0,
                         help="seconds after which configurations still untimed are skipped")
     parser.add_argument("--no-compile-check", action="store_true")
@@ -663,22 +688,22 @@ def main(argv=None) -> int:
 
     batches = (1, 8) if args.quick else (1, 8, 32)
     contexts = (4096, 16384) if args.quick else (4096, 16384, 65536, 131072)
+    shapes = args.shapes or [(b, ctx) for b in batches for ctx in contexts]
     rows = []
-    for b in batches:
-        for ctx in contexts:
-            if estimate_bytes(b, ctx) > MEMORY_LIMIT:
-                print(f"skip batch {b} context {ctx}: over {MEMORY_LIMIT / 1e9:.0f} GB", flush=True)
-                continue
-            if time.time() - started > args.time_budget:
-                meta["skipped"].append(f"batch {b} context {ctx // 1024}k (time budget)")
-                print(f"skip batch {b} context {ctx}: past the time budget", flush=True)
-                continue
-            config_rows = bench_config(b, ctx, device, meta["copy_gbps"], variants, meta["stats"], args.mask)
-            for row in config_rows:
-                print(f"  {row['method']:>26} b={b:<3} ctx={ctx:<7} {row['us']:9.1f} us  "
-                      f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s  {row['note']}", flush=True)
-            rows.extend(config_rows)
-            torch.cuda.empty_cache()
+    for b, ctx in shapes:
+        if estimate_bytes(b, ctx) > MEMORY_LIMIT:
+            print(f"skip batch {b} context {ctx}: over {MEMORY_LIMIT / 1e9:.0f} GB", flush=True)
+            continue
+        if time.time() - started > args.time_budget:
+            meta["skipped"].append(f"batch {b} context {ctx // 1024}k (time budget)")
+            print(f"skip batch {b} context {ctx}: past the time budget", flush=True)
+            continue
+        config_rows = bench_config(b, ctx, device, meta["copy_gbps"], variants, meta["stats"], args.mask)
+        for row in config_rows:
+            print(f"  {row['method']:>26} b={b:<3} ctx={ctx:<7} {row['us']:9.1f} us  "
+                  f"x{row['speedup']:5.2f}  {row['gbps']:6.0f} GB/s  {row['note']}", flush=True)
+        rows.extend(config_rows)
+        torch.cuda.empty_cache()
     for (spec, layout), s in meta["stats"].items():
         print(f"stage 1 {spec} ({layout}): {s}")
     print()

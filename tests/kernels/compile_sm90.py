@@ -22,7 +22,7 @@ from xquant_fx.kernels import attend, moe
 
 TARGET = GPUTarget("cuda", 90, 32)
 SM90_SHARED_BYTES = 232448  # per block, opt-in maximum of H100 / H200
-_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")
 
 
 class _Recorder:
@@ -133,7 +133,8 @@ def scenarios():
 def attend_scenarios():
     """The ``mma`` variant of decode attention (stage 1 on raw codes, then the tail and merge
     kernels) at the layouts it takes: K2/V1 and K2/V2 in bf16 and fp16, float8 metadata, 1-bit
-    keys, head_dim 64, GQA 1 and 8, Lq 2, with a bool or additive mask and sinks. Prints each stage-1 compile's registers and spills."""
+    keys, head_dim 64, GQA 1 and 8, Lq 2, other launch options, with a bool or additive mask and
+    sinks. Prints each stage-1 compile's registers and spills."""
     import math
 
     def storage(b, h, d, kb, vb, dtype, meta=None, T=4096, G=32, R=128):
@@ -152,6 +153,12 @@ def attend_scenarios():
         yield (f"attend mma K{kb}/V{vb} {dtype} meta {meta} d{d} gqa{gqa} lq{lq}",
                lambda q=q, st=storage(2, 8, d, kb, vb, dtype, meta), kb=kb, vb=vb: attend.attend(
                    q, *st, torch.tensor(3000), kb, vb, 32, 0.1, variant="mma", splits=3))
+    # Launch options: one warp per program, the lean pipeline, a register cap.
+    q = torch.zeros(2, 32, 1, 128, dtype=bf16)
+    cfg = attend.attend_mma.MmaConfig(num_warps=1, lean=True, maxnreg=224)
+    yield ("attend mma K2/V1 bf16, 1 warp, lean, maxnreg 224",
+           lambda q=q, st=storage(2, 8, 128, 2, 1, bf16): attend.attend(
+               q, *st, torch.tensor(3000), 2, 1, 32, 0.1, variant="mma", splits=3, config=cfg))
     # Model decode steps: transformers' mask (bool, or additive), sink tokens.
     for kb, vb, dtype, mask_dtype, sinks in ((2, 1, bf16, torch.bool, 4), (2, 2, fp16, fp16, 0)):
         q = torch.zeros(2, 32, 1, 128, dtype=dtype)

@@ -314,6 +314,29 @@ def test_attend_mma_variant(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, vb, dt
     assert_close_rel(got, ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("warps,lean", [(1, True), (2, False)])
+def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lean):
+    """Other warps per program (each warp its own groups and partial) and the lean pipeline
+    (values loaded after the keys are consumed), against the reference; an ``AttendConfig`` is
+    refused for ``mma`` and an ``MmaConfig`` for the other variants."""
+    B, hkv, gqa, dk, dv, kb, vb, G, R, T, n = 2, 2, 4, 64, 64, 2, 1, 32, 64, 384, 333
+    dtype = torch.bfloat16
+    st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=warps)
+    q = torch.randn(B, hkv * gqa, 1, dk, generator=torch.Generator().manual_seed(warps)).to(dtype)
+    ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
+    cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lean=lean)
+    poison_workspace(kernels, monkeypatch)
+    got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=3, config=cfg,
+                     variant="mma")
+    assert_close_rel(got, ref, TOL[dtype])
+    with pytest.raises(ValueError, match="does not configure variant 'mma'"):
+        kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.125, variant="mma",
+                              config=kernels.attend.AttendConfig())
+    with pytest.raises(ValueError, match="does not configure variant 'warps-t'"):
+        kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.125, variant="warps-t",
+                              config=cfg)
+
+
 def test_packed_variants_refuse_float32(kernels):
     st = make_storage(1, 1, 64, 64, 2, 2, 32, 64, 128, torch.float32)
     q = torch.randn(1, 1, 1, 64)

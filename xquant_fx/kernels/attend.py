@@ -962,10 +962,11 @@ def attend(
     tensor. ``mask`` as :func:`xquant_fx.quant.attend` takes it: broadcastable to
     ``[b, Hq, Lq, M]``, bool (True attends) or additive float, positions at or past ``M`` masked.
     ``splits`` overrides :func:`num_splits`; ``out`` receives the result; ``config`` overrides
-    :func:`block_config`; ``variant`` (one of :data:`VARIANTS`) overrides
-    :func:`default_variant` (tests, benchmarks). ``k_sink [B, Hkv, S, Dk]`` / ``v_sink [B, Hkv, S,
-    Dv]`` (``XQuantConfig.sink_tokens``, both or neither): positions ``< S`` are read from them,
-    not from the codes or the ring, by one more stage-2 program (:func:`_sink_partial`).
+    :func:`block_config` (for ``variant="mma"`` an :class:`~xquant_fx.kernels.attend_mma.MmaConfig`);
+    ``variant`` (one of :data:`VARIANTS`) overrides :func:`default_variant` (tests, benchmarks).
+    ``k_sink [B, Hkv, S, Dk]`` / ``v_sink [B, Hkv, S, Dv]`` (``XQuantConfig.sink_tokens``, both or
+    neither): positions ``< S`` are read from them, not from the codes or the ring, by one more
+    stage-2 program (:func:`_sink_partial`).
     """
     check_bits("k_bits", k_bits)
     check_bits("v_bits", v_bits)
@@ -1007,6 +1008,9 @@ def attend(
     qk_scale = scale * _LOG2E  # scores in log2 units
     storage, storage_strides = _stage_storage(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
                                               v_window, n, mask, mask_strides, k_sink, v_sink)
+    if isinstance(config, attend_mma.MmaConfig) != (variant == "mma") and config is not None:
+        raise ValueError(f"config={config!r} does not configure variant {variant!r} (mma takes an "
+                         "attend_mma.MmaConfig, the others an AttendConfig)")
     if variant == "mma":
         if not mma_ok:
             raise ValueError("variant 'mma' takes 16-bit caches, group_size 32 (keys and values), 1-2 bit codes, "
@@ -1015,7 +1019,7 @@ def attend(
                              "mask or one that all query rows of a KV head share")
         return _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                            k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides,
-                           sinks, storage, storage_strides)
+                           sinks, storage, storage_strides, config)
     packed = not variant.startswith("generic")
     if packed and q.dtype == torch.float32:
         raise ValueError(f"variant {variant!r} decodes into 16-bit floats; a float32 cache runs 'generic'")
@@ -1168,15 +1172,16 @@ def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
 
 def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, n,
                 k_bits, v_bits, group, qk_scale, splits, out, mask, mask_bool, mask_len, mask_strides, sinks,
-                storage, storage_strides):
+                storage, storage_strides, config=None):
     """The ``mma`` variant: stage 1 of :mod:`~xquant_fx.kernels.attend_mma` (one partial per warp),
     then this module's stage 2 over the positions from ``Nv // 32 * 32`` on, and the merge
     (``storage`` / ``storage_strides``: :func:`_stage_storage`)."""
     b, hq, lq, dk = q.shape
     hkv, R, dv = v_window.shape[1], v_window.shape[2], v_window.shape[3]
     capacity = v_scale.shape[2] + R
-    splits = splits or num_splits(b * hkv, capacity, q.device, MMA_CTAS_PER_SM)
-    warps = attend_mma.WARPS
+    config = config or attend_mma.MmaConfig(ctas_per_sm=MMA_CTAS_PER_SM)
+    splits = splits or num_splits(b * hkv, capacity, q.device, config.ctas_per_sm)
+    warps = config.num_warps
     fast_block = attend_mma.GROUP_TOKENS
     tail_parts = _tail_parts(R, fast_block, sinks)
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits * warps + tail_parts, out)
@@ -1190,8 +1195,9 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, R=R, DK=dk, DV=dv, TAIL_PARTS=tail_parts,
         META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
-        SINKS=sinks, INTERPRET=interpret,
+        SINKS=sinks, INTERPRET=interpret, W=warps, LEAN=config.lean,
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
+        **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, VG=group, R=R, DK=dk, DV=dv, PACKED=True,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask is not None,

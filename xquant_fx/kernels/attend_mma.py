@@ -73,6 +73,8 @@ with the same fragment layouts.
 
 from __future__ import annotations
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
@@ -81,6 +83,23 @@ from .common import (BF16_BIAS, BF16_MANT, FP16_BIAS, FP16_MANT, apply_mask, hea
 
 #: Warps per program; each takes its own key groups and writes its own partial.
 WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class MmaConfig:
+    """Launch options of :func:`_attend_mma_kernel` (``attend(..., variant="mma", config=)``).
+
+    ``num_warps``: warps per program (any of 1, 2, 4: the warps are independent); ``lean``: load
+    each group's values once its keys are consumed and the next group's keys once its values are,
+    instead of one phase ahead (fewer registers live, loads less hidden); ``maxnreg``: a register
+    cap for ``ptxas`` (None: its own choice; above the need it spills); ``ctas_per_sm``: programs
+    expected resident per multiprocessor, which sizes the split (from the registers:
+    ``65536 // (32 * num_warps * registers)``, at most 32)."""
+
+    num_warps: int = WARPS
+    lean: bool = False
+    maxnreg: int | None = None
+    ctas_per_sm: int = 2
 #: Tokens of one key group, the only group size this stage takes.
 GROUP_TOKENS = 32
 
@@ -610,7 +629,7 @@ def _attend_mma_kernel(
     LQ: tl.constexpr, GROUP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, TAIL_PARTS: tl.constexpr, META16: tl.constexpr,
     VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    SINKS: tl.constexpr, INTERPRET: tl.constexpr,
+    SINKS: tl.constexpr, INTERPRET: tl.constexpr, W: tl.constexpr, LEAN: tl.constexpr,
 ):
     """Stage 1 on raw codes, grid ``(b * Hkv, S)`` (see the module docstring). Writes partials
     ``s * W + w`` of ``part_acc [b * Hkv, S * W + T, GROUP * Lq, DV]`` /
@@ -618,7 +637,6 @@ def _attend_mma_kernel(
     ``HAS_MASK``: the caller's mask, one row ``[mask_len]`` shared by all the program's query rows
     (``Lq = 1`` or constant along it, and constant across the GQA group or ``GROUP = 1``), bool
     (``MASK_BOOL``, as uint8) or additive; ``SINKS``: positions below it are masked here."""
-    W: tl.constexpr = 4
     NT: tl.constexpr = 32 * W
     NG: tl.constexpr = DV // 32
     M: tl.constexpr = GROUP * LQ
@@ -693,18 +711,28 @@ def _attend_mma_kernel(
         group = g_lo + r * W + warp
         valid = group < g_hi
         gbase = tl.where(valid, group, 0).to(tl.int64) * 32
-        if n != -1:
-            vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT, META16)
-        else:  # never runs. The store (masked off) keeps this block apart: without it the zeros
-            # the untaken side yields were set before the branch, 64 registers every iteration.
-            vd = _value_group_zeros(VB, DV, NT, META16)
-            tl.store(part_ml_ptr + warp, m0, mask=warp < 0)
+        if not LEAN:
+            if n != -1:
+                vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT,
+                                        META16)
+            else:  # never runs. The store (masked off) keeps this block apart: without it the zeros
+                # the untaken side yields were set before the branch, 64 registers every iteration.
+                vd = _value_group_zeros(VB, DV, NT, META16)
+                tl.store(part_ml_ptr + warp, m0, mask=warp < 0)
         s0, s1 = _key_group(kd, qb, g, KB, DK, NT, META16, KV_DTYPE, INTERPRET)
         mv = md
-        if n != -2:
-            kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
-                            KB, DK, NT, META16)
-            md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
+        if LEAN:  # the values' loads only once the keys' registers are free
+            if n != -1:
+                vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT,
+                                        META16)
+            else:
+                vd = _value_group_zeros(VB, DV, NT, META16)
+                tl.store(part_ml_ptr + warp, m0, mask=warp < 0)
+        else:
+            if n != -2:
+                kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
+                                KB, DK, NT, META16)
+                md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
         x = (s0[0] * qk_scale, s0[1] * qk_scale, s0[2] * qk_scale, s0[3] * qk_scale,
              s1[0] * qk_scale, s1[1] * qk_scale, s1[2] * qk_scale, s1[3] * qk_scale)
         if HAS_MASK or SINKS > 0:
@@ -765,6 +793,11 @@ def _attend_mma_kernel(
             out = out + t0 + t1
             zacc = zacc + zt
         acc = out + zacc
+        if LEAN:  # the next group's keys once the values' registers are free
+            if n != -2:
+                kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
+                                KB, DK, NT, META16)
+                md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
     _store_warp_partials(part_acc_ptr, part_ml_ptr, pid_bh, split, num_splits, warp, g, t, acc, m0, m1, l0, l1,
                          M, NG, VB, DV, NT, TAIL_PARTS, KV_DTYPE)
 
