@@ -178,6 +178,31 @@ def time_graph(fn, warmup_calls: int = 2) -> float:
     return ms * 1e3
 
 
+def kernel_times(fn, calls: int = 20) -> str:
+    """Mean device µs per call of each kernel ``fn`` launches (torch.profiler, eager calls; best
+    effort), e.g. ``"_attend_mma_kernel 7.1, _attend_kernel 3.0, _attend_merge_kernel 2.2"``: what
+    the kernels themselves take, against the graph's time for the whole call (the rest is the gaps
+    between dependent launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for evt in prof.events():
+            if str(getattr(evt, "device_type", "")).endswith("CUDA"):
+                us = evt.time_range.elapsed_us()
+                name = evt.name.split("(")[0]
+                totals[name] = totals.get(name, 0.0) + us
+        return ", ".join(f"{name} {us / calls:.1f}" for name, us in totals.items()) or "no kernels seen"
+    except Exception as exc:  # noqa: BLE001
+        return f"kernel times unavailable ({type(exc).__name__})"
+
+
 def copy_bandwidth(device) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus written."""
     nbytes = 4 << 30
@@ -336,6 +361,10 @@ def kernel_stats(kernel, **constants) -> str:
 
 
 # --------------------------------------------------------------------------- benchmark
+#: Shapes whose first variant's kernels are also timed one by one (:func:`kernel_times`).
+BREAKDOWN_SHAPES = ((1, 4096), (1, 16384), (8, 16384))
+
+
 def estimate_bytes(b: int, ctx: int) -> int:
     """Bytes a configuration holds at once without the dequantize-then-SDPA baseline."""
     return sdpa_read_bytes(b, ctx) + quant_read_bytes(b, ctx, 2, 2) + quant_read_bytes(b, ctx, 2, 1)
@@ -390,7 +419,10 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
                         attend_kernels._attend_kernel, BLOCK_N=cfg.block_n, KB=kb, VB=vb, HAS_MASK=with_mask,
                         WARP_SPLIT=cfg.num_warps if variant == "warps-t" else 0,
                         PACKED=variant != "generic")
-            add(f"attend-{name}/{spec}", us, quant_read_bytes(b, ctx, kb, vb), f"{splits} splits")
+            note = f"{splits} splits"
+            if spec == variants[0] and (b, ctx) in BREAKDOWN_SHAPES:
+                note += "; kernels (µs): " + kernel_times(lambda: run_variant(spec, q, args, n, kb, vb, mask=mask))
+            add(f"attend-{name}/{spec}", us, quant_read_bytes(b, ctx, kb, vb), note)
         if name == "k2v1":
             length = capacity
 
