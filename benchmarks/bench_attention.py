@@ -82,19 +82,20 @@ DEFAULT_VARIANTS = "mma,warps-t,warps-t@64"
 # --------------------------------------------------------------------------- variants
 def parse_variant(spec: str):
     """``NAME[@BLOCK_N[xSTAGES]]`` -> (variant, config or None for the launcher's default);
-    ``mma[:wW][:lean][:rREGS]`` -> ("mma", an ``MmaConfig`` of W warps per program, the lean
-    pipeline, a register cap; the programs per multiprocessor follow from the cap, else from 240
+    ``mma[:wW][:lean][:lazy][:rREGS]`` -> ("mma", an ``MmaConfig`` of W warps per program, the
+    lean pipeline, the lazy rescale, a register cap; the programs per multiprocessor follow from the cap, else from 240
     registers, the default build's)."""
     if spec.startswith("mma:"):
         opts = spec.split(":")[1:]
         warps = next((int(o[1:]) for o in opts if o.startswith("w")), attend_kernels.attend_mma.WARPS)
         cap = next((int(o[1:]) for o in opts if o.startswith("r")), None)
-        unknown = [o for o in opts if o != "lean" and o[:1] not in ("w", "r")]
+        unknown = [o for o in opts if o not in ("lean", "lazy") and o[:1] not in ("w", "r")]
         if unknown:
-            raise SystemExit(f"{spec!r}: unknown mma options {unknown}; expected wW, lean, rREGS")
+            raise SystemExit(f"{spec!r}: unknown mma options {unknown}; expected wW, lean, lazy, rREGS")
         regs = -(-(cap or 240) // 8) * 8  # allocated per thread in steps of 8
         return "mma", attend_kernels.attend_mma.MmaConfig(
-            num_warps=warps, lean="lean" in opts, maxnreg=cap, ctas_per_sm=min(32, 65536 // (32 * warps * regs)))
+            num_warps=warps, lean="lean" in opts, maxnreg=cap, ctas_per_sm=min(32, 65536 // (32 * warps * regs)),
+            lazy="lazy" in opts)
     name, _, rest = spec.partition("@")
     if name not in attend_kernels.VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; expected one of {attend_kernels.VARIANTS}")
@@ -670,7 +671,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="batch 1, 8 and context 4k, 16k only")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help="comma-separated NAME[@BLOCK_N[xSTAGES]] or mma[:wW][:lean][:rREGS] (the first also runs kivi-2)")
+                        help="comma-separated NAME[@BLOCK_N[xSTAGES]] or mma[:wW][:lean][:lazy][:rREGS] (the first also runs kivi-2)")
     parser.add_argument("--shapes", type=_shapes, metavar="BxCTX,..",
                         help="only these batch x context pairs, e.g. 1x4096,8x131072 (overrides --quick)")
     parser.add_argument("--time-budget", type=float, default=330.0,

@@ -397,7 +397,7 @@ def run(args, report: Report) -> None:
     common = ["--device", args.device, "--dtype", args.dtype, "--preset", args.preset, "--prompt", str(args.prompt),
               "--max-cache-len", str(args.max_cache_len), "--new", str(args.new), "--timing-new", str(args.timing_new),
               "--out", args.out, "--work", args.work] + (["--layers", str(args.layers)] if args.layers else [])
-    packages = {s: work / f"{s}-{args.preset}-{args.dtype}.pt2" for s in args.shapes}
+    packages = {} if args.tokens_only else {s: work / f"{s}-{args.preset}-{args.dtype}.pt2" for s in args.shapes}
     phase(f"starting {len(packages)} export processes")
     exports = {s: subprocess.Popen(me + common + ["--export-worker", s, str(p)], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
@@ -441,6 +441,9 @@ def run(args, report: Report) -> None:
                             "C++ runtime recorded": (result.get("cxx_runtime") or {}).get("library")})
         report.tables["export"] = export_rows
         report.write()
+    if args.tokens_only:
+        phase("done (--tokens-only)")
+        return
     phase("timing optimize() and the baseline (exports done: nothing else on the GPU)")
     speed = []
     for s, sh in shapes.items():
@@ -520,6 +523,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-cache-len", type=int, default=256)
     p.add_argument("--export-timeout", type=float, default=420)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tokens-only", action="store_true",
+                   help="no export, package or timing: the in-process paths' greedy tokens and the eager "
+                        "reference's top-2 margins only")
     p.add_argument("--export-worker", nargs=2, metavar=("SHAPE", "PATH"), help=argparse.SUPPRESS)
     p.add_argument("--package-worker", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)

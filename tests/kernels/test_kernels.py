@@ -314,21 +314,32 @@ def test_attend_mma_variant(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, vb, dt
     assert_close_rel(got, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("warps,lean", [(1, True), (2, False)])
-def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lean):
+@pytest.mark.parametrize("warps,lean,lazy", [(1, True, False), (2, False, False), (1, False, True)])
+def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lean, lazy):
     """Other warps per program (each warp its own groups and partial) and the lean pipeline
-    (values loaded after the keys are consumed), against the reference; an ``AttendConfig`` is
+    (values loaded after the keys are consumed), the lazy rescale (scores that grow past the
+    reference max by more than 2^8 force it; smaller steps do not), against the reference; an ``AttendConfig`` is
     refused for ``mma`` and an ``MmaConfig`` for the other variants."""
     B, hkv, gqa, dk, dv, kb, vb, G, R, T, n = 2, 2, 4, 64, 64, 2, 1, 32, 64, 384, 333
     dtype = torch.bfloat16
     st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=warps)
     q = torch.randn(B, hkv * gqa, 1, dk, generator=torch.Generator().manual_seed(warps)).to(dtype)
+    if lazy:
+        # Key zero points of -64 + 3 (g % 5) in group g: scores (log2 units) of several hundred
+        # plus or minus, whose exp2 over- or underflows float32 unless the reference max follows
+        # them, and group maxima that rise by less and by more than the threshold. (z . q is exact:
+        # the zero points are small integers.)
+        groups = torch.arange(st["k_zero"].shape[2], dtype=torch.float32)
+        st["k_zero"] = (-64 + 3 * (groups % 5))[None, None, :, None].expand_as(st["k_zero"]).to(dtype).contiguous()
+        q = q * 3
     ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
-    cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lean=lean)
+    cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lean=lean, lazy=lazy)
     poison_workspace(kernels, monkeypatch)
     got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=3, config=cfg,
                      variant="mma")
     assert_close_rel(got, ref, TOL[dtype])
+    with pytest.raises(ValueError, match="lazy needs num_warps=1"):
+        kernels.attend.attend_mma.MmaConfig(num_warps=4, lazy=True)
     with pytest.raises(ValueError, match="does not configure variant 'mma'"):
         kernels.attend.attend(q, *storage_args(st), torch.tensor(n), kb, vb, G, 0.125, variant="mma",
                               config=kernels.attend.AttendConfig())

@@ -94,14 +94,26 @@ class MmaConfig:
     instead of one phase ahead (fewer registers live, loads less hidden); ``maxnreg``: a register
     cap for ``ptxas`` (None: its own choice; above the need it spills); ``ctas_per_sm``: programs
     expected resident per multiprocessor, which sizes the split (from the registers:
-    ``65536 // (32 * num_warps * registers)``, at most 32)."""
+    ``65536 // (32 * num_warps * registers)``, at most 32); ``lazy`` (one warp per program only):
+    rescale the running output only when a query row's max grows by more than ``2^LAZY_GROWTH``,
+    not at every group that raises it (bf16 caches; with fp16 ``P * s`` must stay in range, so
+    those rescale at every group that raises the max, as without ``lazy``)."""
 
     num_warps: int = WARPS
     lean: bool = False
     maxnreg: int | None = None
     ctas_per_sm: int = 2
+    lazy: bool = False
+
+    def __post_init__(self):
+        if self.num_warps not in (1, 2, 4):
+            raise ValueError(f"MmaConfig.num_warps={self.num_warps!r}: expected 1, 2 or 4")
+        if self.lazy and self.num_warps != 1:
+            raise ValueError("MmaConfig.lazy needs num_warps=1 (the rescale test is a branch per program)")
 #: Tokens of one key group, the only group size this stage takes.
 GROUP_TOKENS = 32
+#: ``MmaConfig.lazy``: how far (log2 units) a row's max may grow before the state is rescaled.
+LAZY_GROWTH = tl.constexpr(8.0)
 
 
 # ------------------------------------------------------------------------------------ bit helpers
@@ -629,7 +641,7 @@ def _attend_mma_kernel(
     LQ: tl.constexpr, GROUP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, TAIL_PARTS: tl.constexpr, META16: tl.constexpr,
     VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    SINKS: tl.constexpr, INTERPRET: tl.constexpr, W: tl.constexpr, LEAN: tl.constexpr,
+    SINKS: tl.constexpr, INTERPRET: tl.constexpr, W: tl.constexpr, LEAN: tl.constexpr, LAZY: tl.constexpr,
 ):
     """Stage 1 on raw codes, grid ``(b * Hkv, S)`` (see the module docstring). Writes partials
     ``s * W + w`` of ``part_acc [b * Hkv, S * W + T, GROUP * Lq, DV]`` /
@@ -641,6 +653,8 @@ def _attend_mma_kernel(
     NG: tl.constexpr = DV // 32
     M: tl.constexpr = GROUP * LQ
     KV_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+    # fp16: P' = P * s must stay in range, so P <= 1 (a rescale at every group that raises the max)
+    LAZY_RESCALE: tl.constexpr = LAZY and KV_DTYPE == tl.bfloat16
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     bi, hi = seq_head(pid_bh, num_kv_heads)
@@ -733,6 +747,8 @@ def _attend_mma_kernel(
                 kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
                                 KB, DK, NT, META16)
                 md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
+        # (not folded into q: q * scale rounded to 16 bits would put an error of its own on
+        # z . q, the same at every position of the codes but not at the window's)
         x = (s0[0] * qk_scale, s0[1] * qk_scale, s0[2] * qk_scale, s0[3] * qk_scale,
              s1[0] * qk_scale, s1[1] * qk_scale, s1[2] * qk_scale, s1[3] * qk_scale)
         if HAS_MASK or SINKS > 0:
@@ -746,17 +762,35 @@ def _attend_mma_kernel(
         bx1 = tl.reshape(tl.broadcast_to(tl.max(_to_warps(bx1, NT), axis=1, keep_dims=True), (W, 8, 4)), (NT,))
         n0 = tl.maximum(m0, bx0)
         n1 = tl.maximum(m1, bx1)
-        r0 = tl.where(n0 == float("-inf"), 0.0, n0)
-        r1 = tl.where(n1 == float("-inf"), 0.0, n1)
-        a0 = tl.math.exp2(m0 - r0)
-        a1 = tl.math.exp2(m1 - r1)
-        m0, m1 = n0, n1
+        if LAZY_RESCALE:
+            # The reference max moves (and the state is rescaled) only when a row's max grows by
+            # more than LAZY_GROWTH (log2 units): P then stays below 2^LAZY_GROWTH, and most groups
+            # skip the 12 * NG multiplies. One warp per program, so the test is warp-uniform.
+            grow = tl.max(((n0 > m0 + LAZY_GROWTH) | (n1 > m1 + LAZY_GROWTH)).to(tl.int32), axis=0)
+            if grow != 0:
+                a0 = tl.math.exp2(m0 - tl.where(n0 == float("-inf"), 0.0, n0))
+                a1 = tl.math.exp2(m1 - tl.where(n1 == float("-inf"), 0.0, n1))
+                acc = _rescale(acc, a0, a1, NG)
+                l0 = l0 * a0
+                l1 = l1 * a1
+                m0, m1 = n0, n1
+            r0 = tl.where(m0 == float("-inf"), 0.0, m0)
+            r1 = tl.where(m1 == float("-inf"), 0.0, m1)
+            a0, a1 = zero + 1.0, zero + 1.0  # unused: the state is already on the reference max
+        else:
+            r0 = tl.where(n0 == float("-inf"), 0.0, n0)
+            r1 = tl.where(n1 == float("-inf"), 0.0, n1)
+            a0 = tl.math.exp2(m0 - r0)
+            a1 = tl.math.exp2(m1 - r1)
+            m0, m1 = n0, n1
+            l0 = l0 * a0
+            l1 = l1 * a1
         p = ()
         for i in tl.static_range(8):
             pe = tl.math.exp2(x[i] - (r0 if i % 2 == 0 else r1))
             p = p + (tl.where(valid, pe, 0.0),)
-        l0 = l0 * a0 + (p[0] + p[2] + p[4] + p[6])
-        l1 = l1 * a1 + (p[1] + p[3] + p[5] + p[7])
+        l0 = l0 + (p[0] + p[2] + p[4] + p[6])
+        l1 = l1 + (p[1] + p[3] + p[5] + p[7])
         # P^T as B fragments: block (m, h) holds tokens of code j = 2m + h at rows g; transposed,
         # lane (g, t) holds query row g of tokens rows 2t, 2t + 1 (tok_a + j, tok_b + j).
         pb = ()
@@ -765,10 +799,16 @@ def _attend_mma_kernel(
         out = ()
         zacc = ()
         for gr in tl.static_range(NG):
-            # the running state rescaled to the new max (columns 2t: a0, 2t + 1: a1)
-            t0 = (acc[8 * gr] * a0, acc[8 * gr + 1] * a1, acc[8 * gr + 2] * a0, acc[8 * gr + 3] * a1)
-            t1 = (acc[8 * gr + 4] * a0, acc[8 * gr + 5] * a1, acc[8 * gr + 6] * a0, acc[8 * gr + 7] * a1)
-            zt = (acc[8 * NG + 4 * gr] * a0, acc[8 * NG + 4 * gr + 1] * a1, acc[8 * NG + 4 * gr + 2] * a0, acc[8 * NG + 4 * gr + 3] * a1)
+            if LAZY_RESCALE:  # rescaled above, when the max moved
+                t0 = (acc[8 * gr], acc[8 * gr + 1], acc[8 * gr + 2], acc[8 * gr + 3])
+                t1 = (acc[8 * gr + 4], acc[8 * gr + 5], acc[8 * gr + 6], acc[8 * gr + 7])
+                zt = (acc[8 * NG + 4 * gr], acc[8 * NG + 4 * gr + 1], acc[8 * NG + 4 * gr + 2],
+                      acc[8 * NG + 4 * gr + 3])
+            else:  # the running state rescaled to the new max (columns 2t: a0, 2t + 1: a1)
+                t0 = (acc[8 * gr] * a0, acc[8 * gr + 1] * a1, acc[8 * gr + 2] * a0, acc[8 * gr + 3] * a1)
+                t1 = (acc[8 * gr + 4] * a0, acc[8 * gr + 5] * a1, acc[8 * gr + 6] * a0, acc[8 * gr + 7] * a1)
+                zt = (acc[8 * NG + 4 * gr] * a0, acc[8 * NG + 4 * gr + 1] * a1, acc[8 * NG + 4 * gr + 2] * a0,
+                      acc[8 * NG + 4 * gr + 3] * a1)
             # k-chunk c: B rows 0-7 hold code j = 2c (tokens tok_a / tok_b + 2c), rows 8-15 j = 2c + 1
             for c in tl.static_range(2):
                 a0_, b0_ = vd[2 * c]  # (words, scales, zeros) of tokens tok_a / tok_b + 2c
@@ -800,6 +840,16 @@ def _attend_mma_kernel(
                 md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
     _store_warp_partials(part_acc_ptr, part_ml_ptr, pid_bh, split, num_splits, warp, g, t, acc, m0, m1, l0, l1,
                          M, NG, VB, DV, NT, TAIL_PARTS, KV_DTYPE)
+
+
+@triton.jit
+def _rescale(acc, a0, a1, NG: tl.constexpr):
+    """The accumulators times the rescale factors of their query rows (even registers: row 2t,
+    ``a0``; odd: 2t + 1, ``a1``)."""
+    out = ()
+    for i in tl.static_range(12 * NG):
+        out = out + (acc[i] * (a0 if i % 2 == 0 else a1),)
+    return out
 
 
 @triton.jit
