@@ -325,14 +325,18 @@ def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lean, lazy):
     st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=warps)
     q = torch.randn(B, hkv * gqa, 1, dk, generator=torch.Generator().manual_seed(warps)).to(dtype)
     if lazy:
-        # Key zero points of -64 + 3 (g % 5) in group g: scores (log2 units) of several hundred
+        # Key zero points of -256 + 8 (g % 5) in group g: scores (log2 units) of several hundred
         # plus or minus, whose exp2 over- or underflows float32 unless the reference max follows
-        # them, and group maxima that rise by less and by more than the threshold. (z . q is exact:
-        # the zero points are small integers.)
+        # them, and group maxima that rise by less and by more than the threshold, row by row
+        # (z . q is exact: the zero points are integers that bf16 holds). The reference runs in
+        # float32: in bf16 its keys c * s + z round to bf16's spacing at 256 (2), where the kernel
+        # keeps z . q and (c * s) . q apart.
         groups = torch.arange(st["k_zero"].shape[2], dtype=torch.float32)
-        st["k_zero"] = (-64 + 3 * (groups % 5))[None, None, :, None].expand_as(st["k_zero"]).to(dtype).contiguous()
-        q = q * 3
-    ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
+        st["k_zero"] = (-256 + 8 * (groups % 5))[None, None, :, None].expand_as(st["k_zero"]).to(dtype).contiguous()
+        wide = {name: t.float() if t.is_floating_point() else t for name, t in st.items()}
+        ref = reference_attend(q.float(), wide, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125).to(dtype)
+    else:
+        ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
     cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lean=lean, lazy=lazy)
     poison_workspace(kernels, monkeypatch)
     got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=3, config=cfg,
