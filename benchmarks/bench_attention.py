@@ -70,6 +70,7 @@ from triton.testing import do_bench  # noqa: E402
 import xquant_fx.ops  # noqa: E402,F401  (registers torch.ops.xquant.*)
 from xquant_fx import quant  # noqa: E402
 from xquant_fx.kernels import attend as attend_kernels  # noqa: E402
+from profiling import kernel_times  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B
 G, R = 32, 128  # xquant defaults (group_size, residual_length)
@@ -95,7 +96,7 @@ def parse_variant(spec: str):
         regs = -(-(cap or 240) // 8) * 8  # allocated per thread in steps of 8
         return "mma", attend_kernels.attend_mma.MmaConfig(
             num_warps=warps, lean="lean" in opts, maxnreg=cap, ctas_per_sm=min(32, 65536 // (32 * warps * regs)),
-            lazy="lazy" in opts)
+            lazy="lazy" in opts)  # explicit: "mma:w1" is one warp without the lazy rescale
     name, _, rest = spec.partition("@")
     if name not in attend_kernels.VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; expected one of {attend_kernels.VARIANTS}")
@@ -179,27 +180,11 @@ def time_graph(fn, warmup_calls: int = 2) -> float:
     return ms * 1e3
 
 
-def kernel_times(fn, calls: int = 20) -> str:
-    """Mean device µs per call of each kernel ``fn`` launches (torch.profiler, eager calls; best
-    effort), e.g. ``"_attend_mma_kernel 7.1, _attend_kernel 3.0, _attend_merge_kernel 2.2"``: what
-    the kernels themselves take, against the graph's time for the whole call (the rest is the gaps
-    between dependent launches)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def kernel_breakdown(fn) -> str:
+    """``"name µs, .."`` per kernel of ``fn`` (:func:`profiling.kernel_times`, best effort), against
+    the graph's time for the whole call: the rest is the gaps between dependent launches."""
     try:
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-        totals: dict[str, float] = {}
-        for evt in prof.events():
-            if str(getattr(evt, "device_type", "")).endswith("CUDA"):
-                us = evt.time_range.elapsed_us()
-                name = evt.name.split("(")[0]
-                totals[name] = totals.get(name, 0.0) + us
-        return ", ".join(f"{name} {us / calls:.1f}" for name, us in totals.items()) or "no kernels seen"
+        return ", ".join(f"{name.split('(')[0]} {us:.1f}" for name, us, _ in kernel_times(fn, iters=20))
     except Exception as exc:  # noqa: BLE001
         return f"kernel times unavailable ({type(exc).__name__})"
 
@@ -362,7 +347,7 @@ def kernel_stats(kernel, **constants) -> str:
 
 
 # --------------------------------------------------------------------------- benchmark
-#: Shapes whose first variant's kernels are also timed one by one (:func:`kernel_times`).
+#: Shapes whose first variant's kernels are also timed one by one (:func:`kernel_breakdown`).
 BREAKDOWN_SHAPES = ((1, 4096), (1, 16384), (8, 16384))
 
 
@@ -406,10 +391,11 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
             variant, config = parse_variant(spec)
             us = time_graph(lambda: run_variant(spec, q, args, n, kb, vb, mask=mask))
             if variant == "mma":
-                cfg = config or attend_kernels.attend_mma.MmaConfig(ctas_per_sm=attend_kernels.MMA_CTAS_PER_SM)
+                cfg = config or attend_kernels.attend_mma.MmaConfig()
+                splits = attend_kernels.mma_splits(b * HKV, capacity, device, cfg)
             else:
                 cfg = config or attend_kernels.block_config(variant, 8 if variant == "warps-t" else 16, D, D, kb)
-            splits = attend_kernels.num_splits(b * HKV, capacity, device, cfg.ctas_per_sm)
+                splits = attend_kernels.num_splits(b * HKV, capacity, device, cfg.ctas_per_sm)
             key = (spec, name)
             if key not in stats:
                 if variant == "mma":  # its own kernel (run 35's table showed another kernel's numbers here)
@@ -422,7 +408,7 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
                         PACKED=variant != "generic")
             note = f"{splits} splits"
             if spec == variants[0] and (b, ctx) in BREAKDOWN_SHAPES:
-                note += "; kernels (µs): " + kernel_times(lambda: run_variant(spec, q, args, n, kb, vb, mask=mask))
+                note += "; kernels (µs): " + kernel_breakdown(lambda: run_variant(spec, q, args, n, kb, vb, mask=mask))
             add(f"attend-{name}/{spec}", us, quant_read_bytes(b, ctx, kb, vb), note)
         if name == "k2v1":
             length = capacity

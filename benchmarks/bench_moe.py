@@ -60,6 +60,7 @@ from xquant_fx.api import cache_argument  # noqa: E402
 from xquant_fx.memory import load_config, with_layers  # noqa: E402
 from xquant_fx.moe import MoEPlan, find_moe_layers, install_experts  # noqa: E402
 from xquant_fx.passes import PassContext, run_passes  # noqa: E402
+from profiling import kernel_times  # noqa: E402
 
 COPY_BW = 4.30e12  # bytes/s, H200 device-to-device copy (benchmarks/NOTES.md)
 SHAPES = {"qwen3-30b-a3b": [8, 6, 4, 2, 1], "deepseek-v2-lite": [6, 4, 3, 2, 1]}
@@ -239,27 +240,6 @@ def bench_layer(name, model, batches, ks, iters, rows, check, flush, inductor_ba
                   f"experts alone {te * 1e6:.1f}, err {err:.1e}", flush=True)
         set_top_k(model, model_k)
         flush()
-
-
-def kernel_times(fn, iters: int = 50) -> list[tuple[str, float, float]]:
-    """``(kernel, µs per step, launches per step)`` of ``fn``'s device work, longest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad():
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
-    found = []
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        us = e.self_cuda_time_total if us is None else us
-        if us > 0:
-            found.append((e.key, us / iters, e.count / iters))
-    return sorted(found, key=lambda r: -r[1])
 
 
 def profile_layer(name, model, ks, iters, out: Path, lines: list[str]) -> None:

@@ -114,6 +114,27 @@ def first_difference(a: list, b: list, margins: list | None = None) -> str:
     return text
 
 
+#: A first difference counts as a tie (not a failure) where the eager reference's top-2 logit gap
+#: at that step is at most this many spacings of the model dtype: two paths that round
+#: differently (fused kernels, Inductor) can flip such a choice.
+TIE_SPACINGS = 1.0
+
+
+def tokens_agree(a: list, b: list, reference: list, margins: list) -> tuple[bool, str]:
+    """Whether greedy token lists ``a`` and ``b`` agree: equal, or equal up to a step where the
+    eager ``reference`` (same prefix up to there) had a tie (:data:`TIE_SPACINGS`), after which
+    the continuations legitimately part. Returns ``(agree, detail)``."""
+    if a == b:
+        return True, "equal"
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    detail = first_difference(a, b, margins)
+    if i < len(margins) and reference[:i] == a[:i] and i < min(len(a), len(b)):
+        gap, spacing = margins[i]
+        if gap <= TIE_SPACINGS * spacing:
+            return True, f"equal up to a tie: {detail}"
+    return False, detail
+
+
 # ---------------------------------------------------------------------------- workers
 def export_worker(args) -> int:
     """``--export-worker SHAPE PATH``: export one package, print a JSON line."""
@@ -408,13 +429,16 @@ def run(args, report: Report) -> None:
         shapes[s] = Shape(s, args)
         sh = shapes[s]
         def versus(a, b):
-            return "equal" if a == b else first_difference(a, b, sh.eager_margins)
+            return tokens_agree(a, b, sh.eager_tokens, sh.eager_margins)[1]
 
         report.tokens[s] = {"eager XQuantCache": sh.eager_tokens, "optimize()": sh.optimize_tokens,
                             "strong bf16 baseline": sh.base_tokens, "eager top-2 margins": sh.eager_margins}
         report.notes.append(f"{s}: optimize() greedy tokens vs the eager XQuantCache's (reference ops, not the "
                             f"fused kernels): {versus(sh.optimize_tokens, sh.eager_tokens)}; strong bf16 baseline "
                             f"vs eager XQuantCache: {versus(sh.base_tokens, sh.eager_tokens)}")
+        agree = tokens_agree(sh.optimize_tokens, sh.eager_tokens, sh.eager_tokens, sh.eager_margins)[0]
+        report.check(f"{s}: optimize() greedy tokens equal the eager XQuantCache's (or part where its top-2 logits tie)", agree,
+                     versus(sh.optimize_tokens, sh.eager_tokens))
         report.write()
     export_rows = []
     for s, proc in exports.items():
@@ -467,13 +491,12 @@ def run(args, report: Report) -> None:
             if rc < 0 and args.device == "cuda":
                 backtrace(cmd, report, f"{s} package worker")
             continue
-        same = result["tokens"] == sh.optimize_tokens
+        same, detail = tokens_agree(result["tokens"], sh.optimize_tokens, sh.eager_tokens, sh.eager_margins)
         report.tokens.setdefault(s, {})["AOTI package"] = result["tokens"]
-        report.check(f"{s}: package greedy tokens equal optimize()'s (same weights and prompt)", same,
-                     f"{len(sh.optimize_tokens)} new tokens" + ("" if same else "; " + first_difference(
-                         result["tokens"], sh.optimize_tokens, sh.eager_margins) + "; package vs eager XQuantCache: "
-                         + ("equal" if result["tokens"] == sh.eager_tokens else first_difference(
-                             result["tokens"], sh.eager_tokens, sh.eager_margins))))
+        report.check(f"{s}: package greedy tokens equal optimize()'s (same weights and prompt; a first "
+                     f"difference where the eager reference's top-2 logits tie is reported, not failed)", same,
+                     f"{len(sh.optimize_tokens)} new tokens: {detail}; package vs eager XQuantCache: "
+                     + tokens_agree(result["tokens"], sh.eager_tokens, sh.eager_tokens, sh.eager_margins)[1])
         if "load_refused" in result:
             report.notes.append(f"{s}: load() refused under this process's environment (measured with "
                                 f"runtime_check=False): {result['load_refused']}")

@@ -155,10 +155,11 @@ def attend_scenarios():
                    q, *st, torch.tensor(3000), kb, vb, 32, 0.1, variant="mma", splits=3))
     # Launch options: one warp per program, the lean pipeline, a register cap.
     q = torch.zeros(2, 32, 1, 128, dtype=bf16)
-    cfg = attend.attend_mma.MmaConfig(num_warps=1, lean=True, maxnreg=224)
-    yield ("attend mma K2/V1 bf16, 1 warp, lean, maxnreg 224",
-           lambda q=q, st=storage(2, 8, 128, 2, 1, bf16): attend.attend(
-               q, *st, torch.tensor(3000), 2, 1, 32, 0.1, variant="mma", splits=3, config=cfg))
+    for cfg in (attend.attend_mma.MmaConfig(num_warps=1, lean=True, maxnreg=224),
+                attend.attend_mma.MmaConfig(num_warps=4, lazy=False, ctas_per_sm=2)):
+        yield (f"attend mma K2/V1 bf16, {cfg}",
+               lambda q=q, st=storage(2, 8, 128, 2, 1, bf16), cfg=cfg: attend.attend(
+                   q, *st, torch.tensor(3000), 2, 1, 32, 0.1, variant="mma", splits=3, config=cfg))
     # Model decode steps: transformers' mask (bool, or additive), sink tokens.
     for kb, vb, dtype, mask_dtype, sinks in ((2, 1, bf16, torch.bool, 4), (2, 2, fp16, fp16, 0)):
         q = torch.zeros(2, 32, 1, 128, dtype=dtype)

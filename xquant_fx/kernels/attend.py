@@ -852,7 +852,8 @@ def _workspace(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def num_splits(batch_kv_heads, capacity: int, device: torch.device, ctas_per_sm: int = 3):
+def num_splits(batch_kv_heads, capacity: int, device: torch.device, ctas_per_sm: int = 3,
+               min_split_tokens: int = MIN_SPLIT_TOKENS):
     """Sequence slices per (sequence, KV head) for stage 1. Static: a function of the cache
     capacity, the batch and the device, never of ``n`` (CUDA-graph safe).
 
@@ -860,7 +861,7 @@ def num_splits(batch_kv_heads, capacity: int, device: torch.device, ctas_per_sm:
     :class:`AttendConfig`). The count is the fewest splits that fill every resident slot if the
     last round of programs is then at least ``MIN_ROUND_FILL`` full; else the most splits that fit
     the fewest rounds that guarantee that fill (``programs <= rounds * resident`` and more than
-    ``rounds * resident - batch_kv_heads``); at most one slice per ``MIN_SPLIT_TOKENS`` positions
+    ``rounds * resident - batch_kv_heads``); at most one slice per ``min_split_tokens`` positions
     of ``capacity``.
 
     Arithmetic only, with ``torch.sym_*`` for the choices: ``batch_kv_heads`` is a SymInt under
@@ -871,7 +872,7 @@ def num_splits(batch_kv_heads, capacity: int, device: torch.device, ctas_per_sm:
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else INTERPRETER_SMS
     resident = sms * ctas_per_sm
-    most = max(1, math.ceil(capacity / MIN_SPLIT_TOKENS))
+    most = max(1, math.ceil(capacity / min_split_tokens))
     bh = batch_kv_heads
     fill = fractions.Fraction(MIN_ROUND_FILL).limit_denominator(100)  # 17 / 20: integers only
     fill_num, fill_den = fill.numerator, fill.denominator
@@ -906,8 +907,8 @@ def _row_stride(t: torch.Tensor) -> int:
 def default_variant(dtype: torch.dtype, block_m: int = 16, mma_ok: bool = False) -> str:
     """The variant :func:`attend` runs for a cache of ``dtype`` and ``block_m`` padded query rows;
     ``mma_ok``: the layer and call fit :mod:`~xquant_fx.kernels.attend_mma`. The one measured
-    fastest (``benchmarks/NOTES.md``, run 40): ``mma`` wherever it fits (ahead of ``warps-t`` at
-    every benchmarked batch and context), else ``warps-t``, ``packed`` for more query rows than a
+    fastest (``benchmarks/NOTES.md``, runs 40 and 44-46): ``mma`` wherever it fits (ahead of
+    ``warps-t`` at every benchmarked batch and context), else ``warps-t``, ``packed`` for more query rows than a
     warp's accumulator holds, ``generic`` for float32."""
     if mma_ok:
         return "mma"
@@ -1058,16 +1059,15 @@ def attend(
 
 def _expand_mask(mask, b: int, hq: int, lq: int):
     """``(mask, is_bool, mask_len, strides)``: the caller's mask expanded to ``[b, Hq, Lq, M]``
-    (broadcast dims get stride 0; bool as uint8), or ``(None, False, 0, (0, 0, 0, 0))``."""
+    (broadcast dims get stride 0), or ``(None, False, 0, (0, 0, 0, 0))``."""
     if mask is None:
         return None, False, 0, (0, 0, 0, 0)
     if mask.dim() > 4:
         raise ValueError(f"mask must have at most 4 dims, got {tuple(mask.shape)}")
     mask_bool = mask.dtype == torch.bool
-    if mask_bool:
-        # a real conversion before the broadcast (b x Lq x M bytes): Inductor cannot lower a
-        # bool -> uint8 dtype view on every torch version
-        mask = mask.to(torch.uint8)
+    # A bool mask goes to the kernels as it is (Triton loads its bytes): a conversion to uint8
+    # was a copy kernel per call and layer (2-4 µs, runs 44-46), and a dtype view is not lowered
+    # by Inductor on every torch version.
     mask = mask.expand(b, hq, lq, mask.shape[-1])
     return mask, mask_bool, mask.shape[-1], mask.stride()
 
@@ -1153,9 +1153,13 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
     return out
 
 
-#: Stage-1 programs of the ``mma`` variant resident per multiprocessor (offline sm_90 compile:
-#: 239 registers at K2/V1, head_dim 128).
-MMA_CTAS_PER_SM = 2
+
+def mma_splits(batch_kv_heads, capacity: int, device: torch.device, config) -> int:
+    """:func:`num_splits` for the ``mma`` variant's launch ``config``
+    (:class:`~xquant_fx.kernels.attend_mma.MmaConfig`): ``MIN_SPLIT_TOKENS`` is a four-warp
+    program's least share, so a program of fewer warps takes proportionally fewer positions."""
+    return num_splits(batch_kv_heads, capacity, device, config.ctas_per_sm,
+                      max(attend_mma.GROUP_TOKENS, MIN_SPLIT_TOKENS * config.num_warps // 4))
 
 
 def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
@@ -1179,8 +1183,8 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
     b, hq, lq, dk = q.shape
     hkv, R, dv = v_window.shape[1], v_window.shape[2], v_window.shape[3]
     capacity = v_scale.shape[2] + R
-    config = config or attend_mma.MmaConfig(ctas_per_sm=MMA_CTAS_PER_SM)
-    splits = splits or num_splits(b * hkv, capacity, q.device, config.ctas_per_sm)
+    config = config or attend_mma.MmaConfig()
+    splits = splits or mma_splits(b * hkv, capacity, q.device, config)
     warps = config.num_warps
     fast_block = attend_mma.GROUP_TOKENS
     tail_parts = _tail_parts(R, fast_block, sinks)

@@ -3,7 +3,8 @@ fragments built in registers, the scales folded into the other operand.
 
 Layout and grid
 ---------------
-Grid ``(b * Hkv, S)``, ``W = 4`` warps per program. Program ``(bh, s)`` takes the whole key groups
+Grid ``(b * Hkv, S)``, ``W`` warps per program (:class:`MmaConfig`; one by default, eight
+programs per multiprocessor). Program ``(bh, s)`` takes the whole key groups
 (``G = 32`` tokens) of its slice of ``[0, F)``, ``F = Nv // 32 * 32``; warp ``w`` takes groups
 ``w, w + W, ...`` of the slice with its own online softmax and writes its own partial
 (``s * W + w``), which the merge kernel combines with the others. All of a warp's data lives in
@@ -50,15 +51,22 @@ read; 648 SASS instructions a warp executes per group of 32 positions without a 
 position (691 with a decode mask): 139 LOP3 (128 decode codes, one per register of two through
 inline ``lop3``: from plain Triton, ptxas emitted an AND and an OR), 72 HMMA, 64 PRMT, 56 FMUL
 (48: the accumulator rescale), 48 LDG, 42 IMAD, 37 SHF, 36 IADD3, 32 HMUL2 (scale folds), the
-softmax ~45; 240 registers, 2 programs of 4 warps per multiprocessor, no shared memory, no
-spills. Four changes took it there from 808 (run 40's build, profiled at 8 warps per SM issuing
-0.47 instructions per cycle per scheduler, i.e. bound by issue): the zero-point product of the
+softmax ~45; 240 registers, 8 warps per multiprocessor, no shared memory, no spills. Four
+changes took it there from 808 (run 40's build, profiled at 8 warps per SM issuing 0.47
+instructions per cycle per scheduler, i.e. bound by issue): the zero-point product of the
 keys as two m16n8k8 products of the pair as loaded (the 16x16 fragment ``(z, z, z', z')`` cost
 four copies per chunk), the A operand of the value offsets' sums as four loop-invariant registers
 (ptxas rebuilt the constant quad before each product), key metadata addressed from one word
 pointer per group (per-chunk element offsets divided by two cost ~8 instructions an address), and
 the never-taken side of the value loads' branch kept in its own block (its zeros were set before
-the branch, 32 instructions every iteration).
+the branch, 32 instructions every iteration). Measured (H100, ``benchmarks/NOTES.md`` runs
+44-46), they did not pay: 562 µs at batch 8 / 128k against run 40's 509. What did is the lazy
+rescale (:class:`MmaConfig` ``lazy``, the default): the running output is rescaled only when a
+query row's max grows by more than ``2^LAZY_GROWTH``, a warp-uniform branch that most groups skip
+with their 48 multiplies, so ``P`` stays below ``2^8`` (bf16 holds it; fp16 caches rescale at every
+group that raises the max, since ``P * s`` must stay in fp16's range). The test must be one
+warp's, hence one warp per program: 468 µs at 8 / 128k (2.98x cuDNN SDPA, 48% of copy
+bandwidth), 1788 µs at 32 / 128k (3.08x, 50%); one warp per program without it ran as four did.
 
 Requirements (:func:`supports`; else :mod:`xquant_fx.kernels.attend` runs another variant, and
 refuses an explicit ``variant="mma"``): 16-bit cache, ``G == 32``, 1- or 2-bit codes, power-of-two
@@ -81,8 +89,12 @@ import triton.language as tl
 from .common import (BF16_BIAS, BF16_MANT, FP16_BIAS, FP16_MANT, apply_mask, head_bases, load_mask, mask_values,
                      round_to, seq_head)
 
-#: Warps per program; each takes its own key groups and writes its own partial.
-WARPS = 4
+#: Warps per program (the default): each takes its own key groups and writes its own partial.
+#: One, so that the lazy rescale's test is one warp's (measured, ``benchmarks/NOTES.md`` runs
+#: 44-46: at four warps per program and one, without it, the times were equal).
+WARPS = 1
+#: Programs resident per multiprocessor at the default (sm_90: 240-246 registers, one warp each).
+CTAS_PER_SM = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +114,8 @@ class MmaConfig:
     num_warps: int = WARPS
     lean: bool = False
     maxnreg: int | None = None
-    ctas_per_sm: int = 2
-    lazy: bool = False
+    ctas_per_sm: int = CTAS_PER_SM
+    lazy: bool = True
 
     def __post_init__(self):
         if self.num_warps not in (1, 2, 4):
@@ -648,7 +660,7 @@ def _attend_mma_kernel(
     ``part_ml [.., 2, GROUP * Lq]`` as the other stage-1 kernels do (max in log2 units).
     ``HAS_MASK``: the caller's mask, one row ``[mask_len]`` shared by all the program's query rows
     (``Lq = 1`` or constant along it, and constant across the GQA group or ``GROUP = 1``), bool
-    (``MASK_BOOL``, as uint8) or additive; ``SINKS``: positions below it are masked here."""
+    (``MASK_BOOL``) or additive; ``SINKS``: positions below it are masked here."""
     NT: tl.constexpr = 32 * W
     NG: tl.constexpr = DV // 32
     M: tl.constexpr = GROUP * LQ

@@ -248,7 +248,7 @@ def mask_values(m, MASK_BOOL: tl.constexpr):
 @triton.jit
 def load_mask(ptrs, ok, MASK_BOOL: tl.constexpr):
     """Raw mask values at ``ptrs``; where not ``ok`` (past the mask's length, a row or group that
-    does not exist) the value that masks: 0 for a bool mask (as uint8), ``-inf`` for an additive one."""
+    does not exist) the value that masks: False (0) for a bool mask, ``-inf`` for an additive one."""
     if MASK_BOOL:
         return tl.load(ptrs, mask=ok, other=0)
     else:
