@@ -188,7 +188,20 @@ def cache_bytes(model, method, preset, batch, context) -> int:
     return batch * context * layers * heads * (k_dim + v_dim) * model.dtype.itemsize
 
 
-def run_one(name, layers, batch, context, new, device, dtype, method, preset, bandwidth, serve=0):
+def step_kernels(model, ids, new: int, cache, top: int = 10) -> str:
+    """The kernels of one decode step, longest first, as ``"name µs, .."``: torch.profiler's kernel
+    times of a ``generate`` of ``new`` tokens minus those of a one-token ``generate`` (the prefill),
+    per step; CUDA-graph replays included."""
+    from profiling import kernel_times
+
+    full = {name: us for name, us, _ in kernel_times(lambda: timed_generate(model, ids, new, **cache()), 1, 0)}
+    first = {name: us for name, us, _ in kernel_times(lambda: timed_generate(model, ids, 1, **cache()), 1, 0)}
+    step = sorted(((name, (us - first.get(name, 0.0)) / (new - 1)) for name, us in full.items()), key=lambda r: -r[1])
+    total = sum(us for _, us in step)
+    return f"{total:.0f} µs of kernels: " + ", ".join(f"{name[:60]} {us:.1f}" for name, us in step[:top] if us > 0)
+
+
+def run_one(name, layers, batch, context, new, device, dtype, method, preset, bandwidth, serve=0, breakdown=False):
     model = build(name, device, dtype, layers)
     model.generation_config.pad_token_id = 0
     ids = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
@@ -216,6 +229,8 @@ def run_one(name, layers, batch, context, new, device, dtype, method, preset, ba
                batch=batch, context=context, new=new, compile_s=round(warm - total, 1), graphs=compiled,
                ms_per_step=round(step_ms, 2), tokens_per_s=round(batch * (new - 1) / decode, 1),
                floor_ms=round(floor_ms, 2), x_floor=round(step_ms / floor_ms, 2), peak_gib=round(peak, 2))
+    if breakdown and device.type == "cuda":
+        row["step_kernels"] = step_kernels(model, ids, new, cache)
     if serve and method == "xquant":
         row["serve_graphs"] = serve_loop(model, batch, context, serve)
     del model
@@ -695,6 +710,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="xquant-1.38")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--serve", type=int, default=0, help="generate calls of random shapes after timing (xquant)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="after timing, the kernels of one decode step with their µs (torch.profiler; CUDA only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     c = p.add_argument_group("capacity mode (module docstring)")
@@ -725,7 +742,7 @@ def main(argv=None) -> int:
                 for method in args.methods:
                     try:
                         row, out = run_one(name, args.layers, batch, context, args.new, device, dtype, method,
-                                           args.preset, bandwidth, args.serve)
+                                           args.preset, bandwidth, args.serve, args.breakdown)
                     except torch.OutOfMemoryError:
                         row, out = dict(model=name, method=method, batch=batch, context=context, tokens_per_s="OOM"), None
                         torch.cuda.empty_cache()
