@@ -153,9 +153,9 @@ def attend_scenarios():
         yield (f"attend mma K{kb}/V{vb} {dtype} meta {meta} d{d} gqa{gqa} lq{lq}",
                lambda q=q, st=storage(2, 8, d, kb, vb, dtype, meta), kb=kb, vb=vb: attend.attend(
                    q, *st, torch.tensor(3000), kb, vb, 32, 0.1, variant="mma", splits=3))
-    # Launch options: one warp per program, the lean pipeline, a register cap.
+    # Launch options: two and four warps per program without the lazy rescale.
     q = torch.zeros(2, 32, 1, 128, dtype=bf16)
-    for cfg in (attend.attend_mma.MmaConfig(num_warps=1, lean=True, maxnreg=224),
+    for cfg in (attend.attend_mma.MmaConfig(num_warps=2, lazy=False, ctas_per_sm=4),
                 attend.attend_mma.MmaConfig(num_warps=4, lazy=False, ctas_per_sm=2)):
         yield (f"attend mma K2/V1 bf16, {cfg}",
                lambda q=q, st=storage(2, 8, 128, 2, 1, bf16), cfg=cfg: attend.attend(

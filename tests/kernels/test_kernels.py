@@ -314,13 +314,13 @@ def test_attend_mma_variant(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, vb, dt
     assert_close_rel(got, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("warps,lean,lazy", [(1, True, False), (2, False, False), (4, False, False), (1, False, True)])
-def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lean, lazy):
-    """Other warps per program than the default one (each warp its own groups and partial),
-    without the lazy rescale, the lean pipeline (values loaded after the keys are consumed), and
-    the lazy rescale on scores that leave float32's exp2 range (rises past the reference max by
-    more than 2^8 force a rescale, smaller ones do not), against the reference; an
-    ``AttendConfig`` is refused for ``mma`` and an ``MmaConfig`` for the other variants."""
+@pytest.mark.parametrize("warps,lazy", [(1, False), (2, False), (4, False), (1, True)])
+def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lazy):
+    """One, two and four warps per program (each warp its own groups and partial) without the
+    lazy rescale, and the lazy rescale on scores that leave float32's exp2 range (rises past the
+    reference max by more than 2^8 force a rescale, smaller ones do not), against the
+    reference; an ``AttendConfig`` is refused for ``mma`` and an ``MmaConfig`` for the other
+    variants."""
     B, hkv, gqa, dk, dv, kb, vb, G, R, T, n = 2, 2, 4, 64, 64, 2, 1, 32, 64, 384, 333
     dtype = torch.bfloat16
     st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=warps)
@@ -338,7 +338,7 @@ def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lean, lazy):
         ref = reference_attend(q.float(), wide, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125).to(dtype)
     else:
         ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
-    cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lean=lean, lazy=lazy)
+    cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lazy=lazy)
     poison_workspace(kernels, monkeypatch)
     got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=3, config=cfg,
                      variant="mma")

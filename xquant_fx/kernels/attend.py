@@ -1199,7 +1199,7 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, R=R, DK=dk, DV=dv, TAIL_PARTS=tail_parts,
         META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
-        SINKS=sinks, INTERPRET=interpret, W=warps, LEAN=config.lean, LAZY=config.lazy,
+        SINKS=sinks, INTERPRET=interpret, W=warps, LAZY=config.lazy,
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )

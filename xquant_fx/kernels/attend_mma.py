@@ -101,9 +101,7 @@ CTAS_PER_SM = 8
 class MmaConfig:
     """Launch options of :func:`_attend_mma_kernel` (``attend(..., variant="mma", config=)``).
 
-    ``num_warps``: warps per program (any of 1, 2, 4: the warps are independent); ``lean``: load
-    each group's values once its keys are consumed and the next group's keys once its values are,
-    instead of one phase ahead (fewer registers live, loads less hidden); ``maxnreg``: a register
+    ``num_warps``: warps per program (any of 1, 2, 4: the warps are independent); ``maxnreg``: a register
     cap for ``ptxas`` (None: its own choice; above the need it spills); ``ctas_per_sm``: programs
     expected resident per multiprocessor, which sizes the split (from the registers:
     ``65536 // (32 * num_warps * registers)``, at most 32); ``lazy`` (one warp per program only):
@@ -112,7 +110,6 @@ class MmaConfig:
     those rescale at every group that raises the max, as without ``lazy``)."""
 
     num_warps: int = WARPS
-    lean: bool = False
     maxnreg: int | None = None
     ctas_per_sm: int = CTAS_PER_SM
     lazy: bool = True
@@ -653,7 +650,7 @@ def _attend_mma_kernel(
     LQ: tl.constexpr, GROUP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, TAIL_PARTS: tl.constexpr, META16: tl.constexpr,
     VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    SINKS: tl.constexpr, INTERPRET: tl.constexpr, W: tl.constexpr, LEAN: tl.constexpr, LAZY: tl.constexpr,
+    SINKS: tl.constexpr, INTERPRET: tl.constexpr, W: tl.constexpr, LAZY: tl.constexpr,
 ):
     """Stage 1 on raw codes, grid ``(b * Hkv, S)`` (see the module docstring). Writes partials
     ``s * W + w`` of ``part_acc [b * Hkv, S * W + T, GROUP * Lq, DV]`` /
@@ -737,28 +734,18 @@ def _attend_mma_kernel(
         group = g_lo + r * W + warp
         valid = group < g_hi
         gbase = tl.where(valid, group, 0).to(tl.int64) * 32
-        if not LEAN:
-            if n != -1:
-                vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT,
-                                        META16)
-            else:  # never runs. The store (masked off) keeps this block apart: without it the zeros
-                # the untaken side yields were set before the branch, 64 registers every iteration.
-                vd = _value_group_zeros(VB, DV, NT, META16)
-                tl.store(part_ml_ptr + warp, m0, mask=warp < 0)
+        if n != -1:
+            vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT, META16)
+        else:  # never runs. The store (masked off) keeps this block apart: without it the zeros
+            # the untaken side yields were set before the branch, 64 registers every iteration.
+            vd = _value_group_zeros(VB, DV, NT, META16)
+            tl.store(part_ml_ptr + warp, m0, mask=warp < 0)
         s0, s1 = _key_group(kd, qb, g, KB, DK, NT, META16, KV_DTYPE, INTERPRET)
         mv = md
-        if LEAN:  # the values' loads only once the keys' registers are free
-            if n != -1:
-                vd = _value_group_loads(vc_base, vs_base, vz_base, gbase, tok_a, tok_b, g, s_vct, s_vst, VB, DV, NT,
-                                        META16)
-            else:
-                vd = _value_group_zeros(VB, DV, NT, META16)
-                tl.store(part_ml_ptr + warp, m0, mask=warp < 0)
-        else:
-            if n != -2:
-                kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
-                                KB, DK, NT, META16)
-                md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
+        if n != -2:
+            kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
+                            KB, DK, NT, META16)
+            md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
         # (not folded into q: q * scale rounded to 16 bits would put an error of its own on
         # z . q, the same at every position of the codes but not at the window's)
         x = (s0[0] * qk_scale, s0[1] * qk_scale, s0[2] * qk_scale, s0[3] * qk_scale,
@@ -845,11 +832,6 @@ def _attend_mma_kernel(
             out = out + t0 + t1
             zacc = zacc + zt
         acc = out + zacc
-        if LEAN:  # the next group's keys once the values' registers are free
-            if n != -2:
-                kd = _key_loads(kc_base, ks_base, kz_base, group + W, group + W < g_hi, g, t, s_kct, s_kst,
-                                KB, DK, NT, META16)
-                md = _mask_loads(mask_row, group + W, group + W < g_hi, g, s_mt, mask_len, KB, HAS_MASK, MASK_BOOL)
     _store_warp_partials(part_acc_ptr, part_ml_ptr, pid_bh, split, num_splits, warp, g, t, acc, m0, m1, l0, l1,
                          M, NG, VB, DV, NT, TAIL_PARTS, KV_DTYPE)
 
