@@ -767,23 +767,11 @@ def _attend_mma_kernel(
             # skip the 12 * NG multiplies. One warp per program, so the test is warp-uniform.
             grow = tl.max(((n0 > m0 + LAZY_GROWTH) | (n1 > m1 + LAZY_GROWTH)).to(tl.int32), axis=0)
             if grow != 0:
-                a0 = tl.math.exp2(m0 - tl.where(n0 == float("-inf"), 0.0, n0))
-                a1 = tl.math.exp2(m1 - tl.where(n1 == float("-inf"), 0.0, n1))
-                acc = _rescale(acc, a0, a1, NG)
-                l0 = l0 * a0
-                l1 = l1 * a1
-                m0, m1 = n0, n1
-            r0 = tl.where(m0 == float("-inf"), 0.0, m0)
-            r1 = tl.where(m1 == float("-inf"), 0.0, m1)
-            a0, a1 = zero + 1.0, zero + 1.0  # unused: the state is already on the reference max
+                acc, l0, l1, m0, m1 = _move_max(acc, l0, l1, m0, m1, n0, n1, NG)
         else:
-            r0 = tl.where(n0 == float("-inf"), 0.0, n0)
-            r1 = tl.where(n1 == float("-inf"), 0.0, n1)
-            a0 = tl.math.exp2(m0 - r0)
-            a1 = tl.math.exp2(m1 - r1)
-            m0, m1 = n0, n1
-            l0 = l0 * a0
-            l1 = l1 * a1
+            acc, l0, l1, m0, m1 = _move_max(acc, l0, l1, m0, m1, n0, n1, NG)
+        r0 = tl.where(m0 == float("-inf"), 0.0, m0)
+        r1 = tl.where(m1 == float("-inf"), 0.0, m1)
         p = ()
         for i in tl.static_range(8):
             pe = tl.math.exp2(x[i] - (r0 if i % 2 == 0 else r1))
@@ -798,16 +786,10 @@ def _attend_mma_kernel(
         out = ()
         zacc = ()
         for gr in tl.static_range(NG):
-            if LAZY_RESCALE:  # rescaled above, when the max moved
-                t0 = (acc[8 * gr], acc[8 * gr + 1], acc[8 * gr + 2], acc[8 * gr + 3])
-                t1 = (acc[8 * gr + 4], acc[8 * gr + 5], acc[8 * gr + 6], acc[8 * gr + 7])
-                zt = (acc[8 * NG + 4 * gr], acc[8 * NG + 4 * gr + 1], acc[8 * NG + 4 * gr + 2],
-                      acc[8 * NG + 4 * gr + 3])
-            else:  # the running state rescaled to the new max (columns 2t: a0, 2t + 1: a1)
-                t0 = (acc[8 * gr] * a0, acc[8 * gr + 1] * a1, acc[8 * gr + 2] * a0, acc[8 * gr + 3] * a1)
-                t1 = (acc[8 * gr + 4] * a0, acc[8 * gr + 5] * a1, acc[8 * gr + 6] * a0, acc[8 * gr + 7] * a1)
-                zt = (acc[8 * NG + 4 * gr] * a0, acc[8 * NG + 4 * gr + 1] * a1, acc[8 * NG + 4 * gr + 2] * a0,
-                      acc[8 * NG + 4 * gr + 3] * a1)
+            # the running state, already on the reference max (columns 2t / 2t + 1 of the tiles)
+            t0 = (acc[8 * gr], acc[8 * gr + 1], acc[8 * gr + 2], acc[8 * gr + 3])
+            t1 = (acc[8 * gr + 4], acc[8 * gr + 5], acc[8 * gr + 6], acc[8 * gr + 7])
+            zt = (acc[8 * NG + 4 * gr], acc[8 * NG + 4 * gr + 1], acc[8 * NG + 4 * gr + 2], acc[8 * NG + 4 * gr + 3])
             # k-chunk c: B rows 0-7 hold code j = 2c (tokens tok_a / tok_b + 2c), rows 8-15 j = 2c + 1
             for c in tl.static_range(2):
                 a0_, b0_ = vd[2 * c]  # (words, scales, zeros) of tokens tok_a / tok_b + 2c
@@ -837,13 +819,16 @@ def _attend_mma_kernel(
 
 
 @triton.jit
-def _rescale(acc, a0, a1, NG: tl.constexpr):
-    """The accumulators times the rescale factors of their query rows (even registers: row 2t,
-    ``a0``; odd: 2t + 1, ``a1``)."""
+def _move_max(acc, l0, l1, m0, m1, n0, n1, NG: tl.constexpr):
+    """The running state moved from the maxima ``m0, m1`` of query rows ``2t, 2t + 1`` to
+    ``n0, n1``: the accumulators (even registers: row 2t; odd: 2t + 1) and sums times
+    ``2^(m - n)``; returns ``(acc, l0, l1, n0, n1)``."""
+    a0 = tl.math.exp2(m0 - tl.where(n0 == float("-inf"), 0.0, n0))
+    a1 = tl.math.exp2(m1 - tl.where(n1 == float("-inf"), 0.0, n1))
     out = ()
     for i in tl.static_range(12 * NG):
         out = out + (acc[i] * (a0 if i % 2 == 0 else a1),)
-    return out
+    return out, l0 * a0, l1 * a1, n0, n1
 
 
 @triton.jit
