@@ -102,10 +102,16 @@ def top2_margin(logits: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]
     return (top[0] - top[1]).item(), spacing
 
 
+def _parting(a: list, b: list) -> int:
+    """The first step where token lists ``a`` and ``b`` differ (the shorter length if one is a
+    prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def first_difference(a: list, b: list, margins: list | None = None) -> str:
     """Where two greedy token lists part, and (``margins``: the eager reference's
     :func:`top2_margin` per step) how close the reference's own choice was there."""
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    i = _parting(a, b)
     text = f"first difference at new token {i}: {a[i:i + 4]} vs {b[i:i + 4]}"
     if margins and i < len(margins):
         gap, spacing = margins[i]
@@ -126,7 +132,7 @@ def tokens_agree(a: list, b: list, reference: list, margins: list) -> tuple[bool
     the continuations legitimately part. Returns ``(agree, detail)``."""
     if a == b:
         return True, "equal"
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    i = _parting(a, b)
     detail = first_difference(a, b, margins)
     if i < len(margins) and reference[:i] == a[:i] and i < min(len(a), len(b)):
         gap, spacing = margins[i]
@@ -428,17 +434,13 @@ def run(args, report: Report) -> None:
         phase(f"{s}: eager reference, optimize() and the strong bf16 baseline (compiling)")
         shapes[s] = Shape(s, args)
         sh = shapes[s]
-        def versus(a, b):
-            return tokens_agree(a, b, sh.eager_tokens, sh.eager_margins)[1]
-
         report.tokens[s] = {"eager XQuantCache": sh.eager_tokens, "optimize()": sh.optimize_tokens,
                             "strong bf16 baseline": sh.base_tokens, "eager top-2 margins": sh.eager_margins}
-        report.notes.append(f"{s}: optimize() greedy tokens vs the eager XQuantCache's (reference ops, not the "
-                            f"fused kernels): {versus(sh.optimize_tokens, sh.eager_tokens)}; strong bf16 baseline "
-                            f"vs eager XQuantCache: {versus(sh.base_tokens, sh.eager_tokens)}")
-        agree = tokens_agree(sh.optimize_tokens, sh.eager_tokens, sh.eager_tokens, sh.eager_margins)[0]
-        report.check(f"{s}: optimize() greedy tokens equal the eager XQuantCache's (or part where its top-2 logits tie)", agree,
-                     versus(sh.optimize_tokens, sh.eager_tokens))
+        agree, detail = tokens_agree(sh.optimize_tokens, sh.eager_tokens, sh.eager_tokens, sh.eager_margins)
+        report.check(f"{s}: optimize() greedy tokens equal the eager XQuantCache's (or part where its top-2 "
+                     f"logits tie)", agree, f"reference ops, not the fused kernels: {detail}")
+        report.notes.append(f"{s}: strong bf16 baseline vs eager XQuantCache: "
+                            + tokens_agree(sh.base_tokens, sh.eager_tokens, sh.eager_tokens, sh.eager_margins)[1])
         report.write()
     export_rows = []
     for s, proc in exports.items():
