@@ -3,7 +3,7 @@
 Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
 
     python benchmarks/bench_attention.py [--out benchmarks/results] [--quick | --shapes 8x131072,..]
-        [--variants mma,mma:w4,warps-t] [--time-budget 330]
+        [--variants mma,mma:lazy:sep,warps-t] [--time-budget 330]
     python benchmarks/bench_attention.py --profile mma     # one shape, for ncu (see profile())
     python benchmarks/bench_attention.py --options         # decode cost of the quality options
 
@@ -21,7 +21,7 @@ Run on a CUDA GPU (written for an H200: torch 2.11, triton 3.6, no network)::
    * ``attend-k2v1/<variant>``: the fused kernel, 2-bit keys and 1-bit values
      (``xquant-1.38``-like), for each variant of ``--variants`` (``NAME[@BLOCK_N[xSTAGES]]``:
      a variant of :data:`xquant_fx.kernels.attend.VARIANTS`, optionally with stage 1's
-     positions per iteration and pipelining stages; ``mma[:wW][:lazy][:rREGS]``: the
+     positions per iteration and pipelining stages; ``mma[:wW][:lazy][:rREGS][:sep|:fused]``: the
      ``mma`` stage 1 with an ``MmaConfig``). A sharing layer runs the same kernel with
      its partner's codes: same bytes, same time;
    * ``attend-kivi-2/<variant>``: 2-bit keys and values, the first variant only;
@@ -79,26 +79,28 @@ G, R = 32, 128  # xquant defaults (group_size, residual_length)
 DTYPE = torch.bfloat16
 MEMORY_LIMIT = 100e9  # bytes a configuration may allocate
 LAYOUTS = {"kivi-2": (2, 2, 0.0, 0.0), "k2v1": (2, 1, 0.045, 1 / 6)}  # k_bits, v_bits, k_eta, v_eta
-DEFAULT_VARIANTS = "mma,mma:w4,warps-t"  # the default, its four-warp form without the lazy rescale, CUDA-core decoding
+DEFAULT_VARIANTS = "mma,mma:lazy:sep,warps-t"  # the default, with stage 2 always a launch of its own, CUDA-core decoding
 
 
 # --------------------------------------------------------------------------- variants
 def parse_variant(spec: str):
     """``NAME[@BLOCK_N[xSTAGES]]`` -> (variant, config or None for the launcher's default);
-    ``mma[:wW][:lazy][:rREGS]`` -> ("mma", an ``MmaConfig`` of W warps per program, the lazy
-    rescale, a register cap; the programs per multiprocessor follow from the cap, else from 240
-    registers, the default build's)."""
+    ``mma[:wW][:lazy][:rREGS][:sep|:fused]`` -> ("mma", an ``MmaConfig`` of W warps per program,
+    the lazy rescale, a register cap, stage 2 as a launch of its own (``sep``) or as programs of
+    stage 1's (``fused``; neither: by capacity, the default's rule); the programs per
+    multiprocessor follow from the cap, else from 240 registers, the default build's)."""
     if spec.startswith("mma:"):
         opts = spec.split(":")[1:]
         warps = next((int(o[1:]) for o in opts if o.startswith("w")), attend_kernels.attend_mma.WARPS)
         cap = next((int(o[1:]) for o in opts if o.startswith("r")), None)
-        unknown = [o for o in opts if o != "lazy" and o[:1] not in ("w", "r")]
-        if unknown:
-            raise SystemExit(f"{spec!r}: unknown mma options {unknown}; expected wW, lazy, rREGS")
+        unknown = [o for o in opts if o not in ("lazy", "sep", "fused") and o[:1] not in ("w", "r")]
+        if unknown or {"sep", "fused"} <= set(opts):
+            raise SystemExit(f"{spec!r}: unknown mma options {unknown}; expected wW, lazy, rREGS, sep or fused")
         regs = -(-(cap or 240) // 8) * 8  # allocated per thread in steps of 8
         return "mma", attend_kernels.attend_mma.MmaConfig(
             num_warps=warps, maxnreg=cap, ctas_per_sm=min(32, 65536 // (32 * warps * regs)),
-            lazy="lazy" in opts)  # explicit: "mma:w1" is one warp without the lazy rescale
+            lazy="lazy" in opts,  # explicit: "mma:w1" is one warp without the lazy rescale
+            tail_programs=True if "fused" in opts else False if "sep" in opts else None)
     name, _, rest = spec.partition("@")
     if name not in attend_kernels.VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; expected one of {attend_kernels.VARIANTS}")
@@ -402,8 +404,9 @@ def bench_config(b: int, ctx: int, device, copy_gbps: float, variants: list[str]
             key = (spec, name)
             if key not in stats:
                 if variant == "mma":  # its own kernel (run 35's table showed another kernel's numbers here)
-                    stats[key] = kernel_stats(attend_kernels.attend_mma._attend_mma_kernel, KB=kb, VB=vb,
-                                              HAS_MASK=with_mask, W=cfg.num_warps, LAZY=cfg.lazy)
+                    stats[key] = kernel_stats(attend_kernels._attend_mma_kernel, KB=kb, VB=vb,
+                                              HAS_MASK=with_mask, W=cfg.num_warps, LAZY=cfg.lazy,
+                                              TAIL_PROGRAMS=attend_kernels.mma_tail_programs(cfg, capacity))
                 else:
                     stats[key] = kernel_stats(
                         attend_kernels._attend_kernel, BLOCK_N=cfg.block_n, KB=kb, VB=vb, HAS_MASK=with_mask,
@@ -660,7 +663,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="batch 1, 8 and context 4k, 16k only")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help="comma-separated NAME[@BLOCK_N[xSTAGES]] or mma[:wW][:lazy][:rREGS] (the first also runs kivi-2)")
+                        help="comma-separated NAME[@BLOCK_N[xSTAGES]] or mma[:wW][:lazy][:rREGS][:sep|:fused] (the first also runs kivi-2)")
     parser.add_argument("--shapes", type=_shapes, metavar="BxCTX,..",
                         help="only these batch x context pairs, e.g. 1x4096,8x131072 (overrides --quick)")
     parser.add_argument("--time-budget", type=float, default=330.0,

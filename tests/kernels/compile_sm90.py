@@ -11,6 +11,7 @@ compiled through Triton's front end, LLVM and ``ptxas`` to a cubin.
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -69,9 +70,33 @@ def compile_launch(kernel, args, kwargs) -> None:
     assert compiled.metadata.shared <= SM90_SHARED_BYTES, (
         f"{kernel.__name__} {constexprs}: {compiled.metadata.shared} bytes of shared memory, sm_90 has {SM90_SHARED_BYTES}")
     regs, spills = _ptxas_resources(compiled.asm["ptx"])
-    # an attention kernel that spills runs its loop from local memory: fail here, not on the device
-    assert spills <= 64 or not kernel.__name__.startswith("_attend"), f"{kernel.__name__} {constexprs}: {spills} bytes spilled"
+    # An attention kernel that spills runs its loop from local memory: fail here, not on the device.
+    # The exception, measured: the mma launch with the tail's programs (one warp runs a tail
+    # block; its tiles spill, ~560 bytes), which the host code takes at small capacities only.
+    fused_tail = constexprs.get("TAIL_PROGRAMS", False)
+    assert spills <= 64 or fused_tail or not kernel.__name__.startswith("_attend"), (
+        f"{kernel.__name__} {constexprs}: {spills} bytes spilled")
     return regs, spills
+
+
+def inductor_copy(kernel):
+    """``kernel`` as ``torch.compile`` / AOTInductor compile it: Inductor writes a user-defined
+    Triton kernel into its own module with the jit functions it reaches through plain global
+    names, so a call through a module attribute (``module.fn(...)``) does not resolve there."""
+    import importlib.util
+    import tempfile
+
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    source = user_defined_triton_kernel_transitive_closure_source_code(kernel)
+    folder = tempfile.mkdtemp()
+    path = f"{folder}/inductor_{kernel.__name__}.py"
+    with open(path, "w") as fh:  # Inductor's header, and the decorator it adds to the kernel
+        fh.write("import triton\nimport triton.language as tl\n\n\n@triton.jit\n" + source)
+    spec = importlib.util.spec_from_file_location(f"inductor_{kernel.__name__}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, kernel.__name__)
 
 
 def _ptxas_resources(ptx: str) -> tuple[int, int]:
@@ -160,16 +185,20 @@ def attend_scenarios():
         yield (f"attend mma K2/V1 bf16, {cfg}",
                lambda q=q, st=storage(2, 8, 128, 2, 1, bf16), cfg=cfg: attend.attend(
                    q, *st, torch.tensor(3000), 2, 1, 32, 0.1, variant="mma", splits=3, config=cfg))
-    # Model decode steps: transformers' mask (bool, or additive), sink tokens.
-    for kb, vb, dtype, mask_dtype, sinks in ((2, 1, bf16, torch.bool, 4), (2, 2, fp16, fp16, 0)):
+    # Model decode steps: transformers' mask (bool, or additive), sink tokens; the tail's programs
+    # in stage 1's launch (the default at this capacity) and in a launch of their own.
+    for (kb, vb, dtype, mask_dtype, sinks), tail in itertools.product(
+            ((2, 1, bf16, torch.bool, 4), (2, 2, fp16, fp16, 0)), (None, False)):
         q = torch.zeros(2, 32, 1, 128, dtype=dtype)
         mask = torch.ones(2, 1, 1, 4000, dtype=torch.bool)
         mask = mask if mask_dtype == torch.bool else torch.zeros(mask.shape, dtype=mask_dtype)
         sink = {"k_sink": torch.zeros(2, 8, sinks, 128, dtype=dtype),
                 "v_sink": torch.zeros(2, 8, sinks, 128, dtype=dtype)} if sinks else {}
-        yield (f"attend mma K{kb}/V{vb} {dtype} {mask_dtype} mask, {sinks} sinks",
-               lambda q=q, st=storage(2, 8, 128, kb, vb, dtype), kb=kb, vb=vb, mask=mask, sink=sink: attend.attend(
-                   q, *st, torch.tensor(3000), kb, vb, 32, 0.1, mask, variant="mma", splits=3, **sink))
+        cfg = attend.attend_mma.MmaConfig(tail_programs=tail)
+        yield (f"attend mma K{kb}/V{vb} {dtype} {mask_dtype} mask, {sinks} sinks, {cfg}",
+               lambda q=q, st=storage(2, 8, 128, kb, vb, dtype), kb=kb, vb=vb, mask=mask, sink=sink, cfg=cfg:
+               attend.attend(q, *st, torch.tensor(3000), kb, vb, 32, 0.1, mask, variant="mma", splits=3, config=cfg,
+                             **sink))
 
 
 def main() -> int:
@@ -180,8 +209,12 @@ def main() -> int:
         before = len(launches)
         call()
         assert len(launches) > before, f"{name}: no kernel launched"
-    seen = set()
+    seen, copied = set(), set()
     for kernel, args, kwargs in launches:
+        if kernel.__name__ not in copied:  # once per kernel: the source Inductor compiles
+            copied.add(kernel.__name__)
+            compile_launch(inductor_copy(kernel), args, kwargs)
+            print("inductor copy", kernel.__name__, flush=True)
         key = (kernel.__name__, tuple(sorted((k, v) for k, v in kwargs.items())),
                tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args))
         if key in seen:

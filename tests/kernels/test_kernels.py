@@ -314,13 +314,14 @@ def test_attend_mma_variant(kernels, monkeypatch, n, lq, gqa, dk, dv, kb, vb, dt
     assert_close_rel(got, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("warps,lazy", [(1, False), (2, False), (4, False), (1, True)])
-def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lazy):
+@pytest.mark.parametrize("warps,lazy,tail", [(1, False, True), (2, False, True), (4, False, True), (1, True, True),
+                                             (1, True, False)])
+def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lazy, tail):
     """One, two and four warps per program (each warp its own groups and partial) without the
     lazy rescale, and the lazy rescale on scores that leave float32's exp2 range (rises past the
-    reference max by more than 2^8 force a rescale, smaller ones do not), against the
-    reference; an ``AttendConfig`` is refused for ``mma`` and an ``MmaConfig`` for the other
-    variants."""
+    reference max by more than 2^8 force a rescale, smaller ones do not), with stage 2 as programs
+    of stage 1's launch or as a launch of its own, against the reference; an ``AttendConfig`` is
+    refused for ``mma`` and an ``MmaConfig`` for the other variants."""
     B, hkv, gqa, dk, dv, kb, vb, G, R, T, n = 2, 2, 4, 64, 64, 2, 1, 32, 64, 384, 333
     dtype = torch.bfloat16
     st = make_storage(B, hkv, dk, dv, kb, vb, G, R, T, dtype, seed=warps)
@@ -338,7 +339,7 @@ def test_attend_mma_launch_configs(kernels, monkeypatch, warps, lazy):
         ref = reference_attend(q.float(), wide, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125).to(dtype)
     else:
         ref = reference_attend(q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125)
-    cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lazy=lazy)
+    cfg = kernels.attend.attend_mma.MmaConfig(num_warps=warps, lazy=lazy, tail_programs=tail)
     poison_workspace(kernels, monkeypatch)
     got = run_attend(kernels, q, st, st["k_codes"], st["v_codes"], n, kb, vb, G, 0.125, splits=3, config=cfg,
                      variant="mma")
@@ -589,6 +590,33 @@ def test_ops_run_the_kernels_under_the_interpreter(kernels, monkeypatch):
 
 
 
+@pytest.mark.parametrize("capacity,tail,launches", [
+    (1024, None, ["_attend_mma_kernel", "_attend_merge_kernel"]),
+    (8192, None, ["_attend_mma_kernel", "_attend_merge_kernel"]),
+    (8192 + 2048, None, ["_attend_mma_kernel", "_attend_kernel", "_attend_merge_kernel"]),
+    (1024, False, ["_attend_mma_kernel", "_attend_kernel", "_attend_merge_kernel"]),
+    (8192 + 2048, True, ["_attend_mma_kernel", "_attend_merge_kernel"]),
+])
+def test_mma_tail_programs_follow_the_capacity(kernels, monkeypatch, capacity, tail, launches):
+    """``mma`` runs stage 2 as programs of stage 1's launch up to ``MMA_TAIL_PROGRAMS_CAPACITY``
+    positions of cache (two launches), as a launch of its own above (three); an explicit
+    ``MmaConfig.tail_programs`` overrides the rule. Recorded launches, nothing run."""
+    B, H, gqa, d, kb, vb, G, R = 2, 2, 4, 64, 2, 1, 32, 128
+    st = make_storage(B, H, d, d, kb, vb, G, R, capacity, torch.bfloat16, seed=5)
+    names, grids = [], []
+    monkeypatch.setattr(kernels.attend, "launch",
+                        lambda kernel: type("Grid", (), {"__getitem__": lambda self, grid: (
+                            lambda *args, **kwargs: (names.append(kernel.__name__), grids.append(grid)))})())
+    q = torch.zeros(B, H * gqa, 1, d, dtype=torch.bfloat16)
+    cfg = kernels.attend.attend_mma.MmaConfig(tail_programs=tail)
+    kernels.attend.attend(q, *storage_args(st), torch.tensor(capacity - 7), kb, vb, G, 0.125, variant="mma",
+                          splits=3, config=cfg)
+    assert names == launches
+    fused = len(launches) == 2
+    tail_block = 16 if fused else kernels.attend.TAIL_BLOCK_N  # one key word's positions at 2 bits
+    assert grids[0] == (B * H, 3 + (R + 32) // tail_block if fused else 3)
+
+
 @pytest.mark.parametrize("variant", ["warps-t", "mma", "packed"])
 def test_attend_host_code_does_not_specialize_on_the_batch(kernels, monkeypatch, variant):
     """Under ``torch.compile`` with a dynamic batch the host code sees ``b`` as a SymInt (in the
@@ -612,7 +640,8 @@ def test_attend_host_code_does_not_specialize_on_the_batch(kernels, monkeypatch,
     q = torch.zeros(3, H * gqa, 1, d, dtype=torch.bfloat16)
     gm = make_fx(host, tracing_mode="symbolic")(q, torch.tensor(200), *storage_args(st))
     batch = next(node for node in gm.graph.nodes if node.op == "placeholder").meta["val"].shape[0]
-    assert isinstance(batch, torch.SymInt) and len(grids) == 3
+    # three launches; two for mma, whose stage 2 runs as programs of stage 1's launch
+    assert isinstance(batch, torch.SymInt) and len(grids) == (2 if variant == "mma" else 3)
     assert all(isinstance(grid[0], torch.SymInt) for grid in grids)
     # Guards that mention the batch (tensor sizes >= 2, Max(1, x) == x in the workspaces' strides)
     # must hold for every batch size, or a new one would recompile.

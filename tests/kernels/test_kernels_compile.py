@@ -26,6 +26,10 @@ def test_kernels_compile_for_sm90():
                for line in compiled)
     assert any("_attend_mma_kernel" in line and "'HAS_MASK': True" in line and "'MASK_BOOL': False" in line
                for line in compiled)
+    # every kernel also as torch.compile / AOTInductor compile it (their copy of its source)
+    assert {line.split()[2] for line in done.stdout.splitlines() if line.startswith("inductor copy")} == names
+    assert any("_attend_mma_kernel" in line and "'TAIL_PROGRAMS': True" in line and "'SINKS': 4" in line
+               for line in compiled)  # the tail's programs in stage 1's launch
     assert any("_attend_kernel" in line and "'STAGE': 2" in line for line in compiled)  # the mma path's tail
     # ... and with sink tokens, whose partial its last program computes
     assert any("_attend_kernel" in line and "'STAGE': 2" in line and "'SINKS': 4" in line for line in compiled)

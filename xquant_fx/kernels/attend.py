@@ -4,7 +4,7 @@ Computes ``quant.attend(q, quant.read_keys(...), quant.read_values(...), n, scal
 materialising the dequantized cache: each code word is read once and dequantized in registers;
 positions at or past the key / value boundary come from the full-precision ring window.
 
-Three launches, all with shape-only grids (``n`` is read on the device, the split count is a
+Three launches (two for ``mma`` at small capacities, below), all with shape-only grids (``n`` is read on the device, the split count is a
 function of capacity, batch and device: CUDA-graph safe; counts are not specialized on, so a new
 batch size or split count does not recompile, and the host code takes the batch through
 arithmetic only, so that under ``torch.compile`` with a dynamic batch one graph serves every
@@ -20,7 +20,12 @@ batch size):
    ``TAIL_BLOCK_N`` block per program, as partials ``S .. S + T - 1``. A separate compilation (the
    ``STAGE`` branch is a constant) because the two-source, masked blocks need many more
    registers than stage 1's loop; compiled into one program they would set the occupancy of both
-   (255 registers instead of 162).
+   (255 registers instead of 162). The ``mma`` variant runs stage 2 as the first ``T`` programs of
+   its own stage-1 launch up to ``MMA_TAIL_PROGRAMS_CAPACITY`` positions of cache
+   (:func:`mma_tail_programs`, :func:`_attend_mma_kernel`): there its one-warp program already
+   holds ~240 registers, so the tail's code costs 255 and a few spill reloads in the loop, which
+   pay where the loops are short (the launch and the wait for it gone: 1 / 4k 18.1 against 21.9
+   µs) and not where they are long (3-10% slower from ~1k positions a split; run 47).
 3. Stage 3, :func:`_attend_merge_kernel`, grid ``(b * Hkv * GROUP * Lq,)``: merges the ``S + T``
    partials of one query row, ``MERGE_BLOCK`` at a time (their count is a run-time value).
 
@@ -107,6 +112,7 @@ import triton.language as tl
 
 from ..quant import value_group
 from . import attend_mma
+from .attend_mma import _stage1_program
 from .common import (apply_mask, check_bits, check_metadata, check_pow2, codes_to_float, decode_pairs, head_bases,
                      interpreting, launch, load_mask, mask_values, pair_order, pair_slot_constants, round_to, seq_head)
 
@@ -638,6 +644,119 @@ def _sink_partial(q, qpos, row_ok, m_row, k_ptr, v_ptr, s_kt, s_kd, s_vt, s_vd, 
     return m_i, tl.sum(p, axis=1), acc
 
 
+@triton.jit
+def _tail_program(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr, xk_ptr, xv_ptr,
+    part_acc_ptr, part_ml_ptr, pid_bh, program, first_parts,
+    s_qb, s_qh, s_ql, s_qd, s_kcb, s_kch, s_kct, s_kcd, s_ksb, s_ksh, s_kst, s_ksd, s_kwb, s_kwh, s_kwt, s_kwd,
+    s_vcb, s_vch, s_vct, s_vcd, s_vsb, s_vsh, s_vst, s_vsd, s_vwb, s_vwh, s_vwt, s_vwd,
+    s_mb, s_mh, s_ml, s_mt, s_xkb, s_xkh, s_xkt, s_xkd, s_xvb, s_xvh, s_xvt, s_xvd,
+    num_kv_heads, qk_scale, mask_len,
+    LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    G: tl.constexpr, VG: tl.constexpr, R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_SHARED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, TAIL_PARTS: tl.constexpr,
+    SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr, FAST_BLOCK: tl.constexpr,
+):
+    """Stage 2's program ``program`` of (sequence, KV head) ``pid_bh``: the block of ``BLOCK_N``
+    positions at ``F + program * BLOCK_N`` (``F`` in blocks of ``FAST_BLOCK``, where stage 1
+    stopped; the ring window, the codes next to it, the causal edge) on all the program's warps
+    (:func:`_attend_block`, mixed path), or with ``SINKS > 0`` and ``program == TAIL_PARTS - 1`` the
+    sink buffers (:func:`_sink_partial`); written as partial ``first_parts + program`` of the
+    ``first_parts + TAIL_PARTS``. Arguments as :func:`_attend_kernel` takes them. Run by
+    :func:`_attend_kernel` (``STAGE=2``) and by the tail programs of :func:`_attend_mma_kernel`."""
+    bi, hi = seq_head(pid_bh, num_kv_heads)
+    KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
+    n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
+    q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
+                                                 LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
+    kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
+                       s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
+    vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
+                       s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = tl.zeros((BLOCK_M, DV), tl.float32)
+    for start in range(fast + program * BLOCK_N, tl.minimum(fast + (program + 1) * BLOCK_N, n), BLOCK_N):
+        m_i, l_i, acc = _attend_block(
+            q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
+            start, nk, nv, n, qk_scale, mask_len,
+            KB, VB, G, VG, R, DK, DV, BLOCK_N, True, PACKED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+            KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
+        )
+    l_i = tl.sum(l_i, axis=1)
+    if SINKS > 0:
+        if program == TAIL_PARTS - 1:
+            m_i, l_i, acc = _sink_partial(
+                q, qpos, row_ok, m_row, xk_ptr + bi * s_xkb + hi * s_xkh, xv_ptr + bi * s_xvb + hi * s_xvh,
+                s_xkt, s_xkd, s_xvt, s_xvd, mask_ptr, s_mt, qk_scale, mask_len,
+                SINKS, SINK_BLOCK, BLOCK_M, DK, DV, VB, PACKED, HAS_MASK, MASK_BOOL, DOT_DTYPE, DOT_PRECISION)
+    _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (first_parts + TAIL_PARTS) + first_parts + program,
+                   acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "num_splits"])
+def _attend_mma_kernel(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr, xk_ptr, xv_ptr,
+    part_acc_ptr, part_ml_ptr,
+    s_qb, s_qh, s_ql, s_qd,
+    s_kcb, s_kch, s_kct, s_kcd, s_ksb, s_ksh, s_kst, s_ksd, s_kwb, s_kwh, s_kwt, s_kwd,
+    s_vcb, s_vch, s_vct, s_vcd, s_vsb, s_vsh, s_vst, s_vsd, s_vwb, s_vwh, s_vwt, s_vwd,
+    s_mb, s_mh, s_ml, s_mt,
+    s_xkb, s_xkh, s_xkt, s_xkd, s_xvb, s_xvh, s_xvt, s_xvd,
+    num_kv_heads, num_splits, qk_scale, mask_len,
+    LQ: tl.constexpr, GROUP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, TAIL_PARTS: tl.constexpr, META16: tl.constexpr,
+    VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    SINKS: tl.constexpr, INTERPRET: tl.constexpr, W: tl.constexpr, LAZY: tl.constexpr,
+    TAIL_PROGRAMS: tl.constexpr, TAIL_BLOCK_M: tl.constexpr, TAIL_BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, SINK_BLOCK: tl.constexpr,
+):
+    """Stage 1 on raw codes, and with ``TAIL_PROGRAMS`` stage 2 in the same launch.
+
+    Arguments as :func:`~xquant_fx.kernels.attend._attend_kernel` takes them. Grid ``(b * Hkv,
+    S)``, or with ``TAIL_PROGRAMS`` ``(b * Hkv, T + S)``: programs ``0 .. T - 1`` of each
+    (sequence, KV head) are stage 2's (:func:`_tail_program`, the ring
+    window, the codes next to it and the sinks, on this launch's warps), the others stage 1's
+    splits (:func:`~xquant_fx.kernels.attend_mma._stage1_program`). In one launch the tail's blocks run beside stage 1's loops
+    instead of after them, and its launch is gone (a third of the kernels of a decode step's
+    attention); both branches are compiled into one program, whose registers are stage 1's."""
+    pid_bh = tl.program_id(0)
+    program = tl.program_id(1)
+    if TAIL_PROGRAMS:
+        if program < TAIL_PARTS:
+            _tail_program(
+                q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr, xk_ptr, xv_ptr,
+                part_acc_ptr, part_ml_ptr, pid_bh, program, num_splits * W,
+                s_qb, s_qh, s_ql, s_qd, s_kcb, s_kch, s_kct, s_kcd, s_ksb, s_ksh, s_kst, s_ksd,
+                s_kwb, s_kwh, s_kwt, s_kwd, s_vcb, s_vch, s_vct, s_vcd, s_vsb, s_vsh, s_vst, s_vsd,
+                s_vwb, s_vwh, s_vwt, s_vwd, s_mb, s_mh, s_ml, s_mt,
+                s_xkb, s_xkh, s_xkt, s_xkd, s_xvb, s_xvh, s_xvt, s_xvd,
+                num_kv_heads, qk_scale, mask_len,
+                LQ, GROUP, TAIL_BLOCK_M, KB, VB, 32, 32, R, DK, DV, TAIL_BLOCK_N, True,  # groups of 32 tokens
+                HAS_MASK, MASK_BOOL, HAS_MASK, DOT_DTYPE, None, INTERPRET, TAIL_PARTS, SINKS, SINK_BLOCK, 32,
+            )
+        else:
+            _stage1_program(
+                q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n_ptr, mask_ptr, part_acc_ptr, part_ml_ptr,
+                pid_bh, program - TAIL_PARTS,
+                s_qb, s_qh, s_ql, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
+                s_mb, s_mh, s_mt, num_kv_heads, num_splits, qk_scale, mask_len,
+                LQ, GROUP, KB, VB, R, DK, DV, TAIL_PARTS, META16, VC_ROW, VS_ROW, HAS_MASK, MASK_BOOL, SINKS,
+                INTERPRET, W, LAZY,
+            )
+    else:
+        _stage1_program(
+            q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n_ptr, mask_ptr, part_acc_ptr, part_ml_ptr,
+            pid_bh, program,
+            s_qb, s_qh, s_ql, s_kcb, s_kch, s_kct, s_ksb, s_ksh, s_kst, s_vcb, s_vch, s_vct, s_vsb, s_vsh, s_vst,
+            s_mb, s_mh, s_mt, num_kv_heads, num_splits, qk_scale, mask_len,
+            LQ, GROUP, KB, VB, R, DK, DV, TAIL_PARTS, META16, VC_ROW, VS_ROW, HAS_MASK, MASK_BOOL, SINKS, INTERPRET,
+            W, LAZY,
+        )
+
+
 @triton.jit(do_not_specialize=["num_kv_heads", "num_splits", "mask_len"])
 def _attend_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr, xk_ptr, xv_ptr,
@@ -691,26 +810,37 @@ def _attend_kernel(
     """
     pid_bh = tl.program_id(0)
     program = tl.program_id(1)
-    bi, hi = seq_head(pid_bh, num_kv_heads)
-    KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
-    # Per-token rows of the value codes / scales are a few words long, not a multiple of 16
-    # elements, so Triton would not know them aligned: with their lengths as constants it loads
-    # each row as one vector (and stages it with cp.async).
-    if VC_ROW > 0:
-        s_vct = VC_ROW
-    if VS_ROW > 0:
-        s_vst = VS_ROW
+    if STAGE == 2:
+        _tail_program(
+            q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr, xk_ptr, xv_ptr,
+            part_acc_ptr, part_ml_ptr, pid_bh, program, num_splits,
+            s_qb, s_qh, s_ql, s_qd, s_kcb, s_kch, s_kct, s_kcd, s_ksb, s_ksh, s_kst, s_ksd, s_kwb, s_kwh, s_kwt, s_kwd,
+            s_vcb, s_vch, s_vct, s_vcd, s_vsb, s_vsh, s_vst, s_vsd, s_vwb, s_vwh, s_vwt, s_vwd,
+            s_mb, s_mh, s_ml, s_mt, s_xkb, s_xkh, s_xkt, s_xkd, s_xvb, s_xvh, s_xvt, s_xvd,
+            num_kv_heads, qk_scale, mask_len,
+            LQ, GROUP, BLOCK_M, KB, VB, G, VG, R, DK, DV, BLOCK_N, PACKED, HAS_MASK, MASK_BOOL, MASK_SHARED,
+            DOT_DTYPE, DOT_PRECISION, INTERPRET, TAIL_PARTS, SINKS, SINK_BLOCK, FAST_BLOCK,
+        )
+    else:
+        bi, hi = seq_head(pid_bh, num_kv_heads)
+        KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
+        # Per-token rows of the value codes / scales are a few words long, not a multiple of 16
+        # elements, so Triton would not know them aligned: with their lengths as constants it loads
+        # each row as one vector (and stages it with cp.async).
+        if VC_ROW > 0:
+            s_vct = VC_ROW
+        if VS_ROW > 0:
+            s_vst = VS_ROW
 
-    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
-    n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
-    q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
-                                                 LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
-    kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
-                       s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
-    vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
-                       s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
+        qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
+        n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
+        q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
+                                                     LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
+        kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
+                           s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
+        vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
+                           s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
 
-    if STAGE == 1:
         # This split's slice [lo, hi) of [0, F), in whole blocks.
         chunk = tl.cdiv(tl.cdiv(fast, num_splits), BLOCK_N) * BLOCK_N
         lo = program * chunk
@@ -761,29 +891,8 @@ def _attend_kernel(
             acc = tl.trans(tl.sum(acc * wgt[:, None, :], axis=0))  # [BLOCK_M, DV]
         else:
             l_i = tl.sum(l_i, axis=1)
-        part = program
-    else:
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc = tl.zeros((BLOCK_M, DV), tl.float32)
-        for start in range(fast + program * BLOCK_N, tl.minimum(fast + (program + 1) * BLOCK_N, n), BLOCK_N):
-            m_i, l_i, acc = _attend_block(
-                q, m_i, l_i, acc, qpos, row_ok, m_row, m_row0, None, kt, vt, mask_ptr, s_mt,
-                start, nk, nv, n, qk_scale, mask_len,
-                KB, VB, G, VG, R, DK, DV, BLOCK_N, True, PACKED, HAS_MASK, MASK_BOOL, MASK_SHARED,
-                KV_DTYPE, DOT_DTYPE, DOT_PRECISION, INTERPRET, SINKS,
-            )
-
-        l_i = tl.sum(l_i, axis=1)
-        if SINKS > 0:
-            if program == TAIL_PARTS - 1:
-                m_i, l_i, acc = _sink_partial(
-                    q, qpos, row_ok, m_row, xk_ptr + bi * s_xkb + hi * s_xkh, xv_ptr + bi * s_xvb + hi * s_xvh,
-                    s_xkt, s_xkd, s_xvt, s_xvd, mask_ptr, s_mt, qk_scale, mask_len,
-                    SINKS, SINK_BLOCK, BLOCK_M, DK, DV, VB, PACKED, HAS_MASK, MASK_BOOL, DOT_DTYPE, DOT_PRECISION)
-        part = num_splits + program
-    _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + TAIL_PARTS) + part,
-                   acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
+        _store_partial(part_acc_ptr, part_ml_ptr, pid_bh.to(tl.int64) * (num_splits + TAIL_PARTS) + program,
+                       acc, m_i, l_i, row_ok, GROUP * LQ, BLOCK_M, DV, VB, PACKED)
 
 
 @triton.jit(do_not_specialize=["num_kv_heads", "num_parts"])
@@ -1105,10 +1214,10 @@ def _sink_block(sinks: int) -> int:
     return max(16, triton.next_power_of_2(sinks)) if sinks else 0
 
 
-def _tail_parts(R: int, fast_block: int, sinks: int) -> int:
-    """Stage-2 programs per (sequence, KV head): enough ``TAIL_BLOCK_N`` blocks for the fewer than
-    ``R + fast_block`` positions stage 1 leaves, and one more for the sink tokens."""
-    return math.ceil((R + fast_block) / TAIL_BLOCK_N) + (1 if sinks else 0)
+def _tail_parts(R: int, fast_block: int, sinks: int, block: int = TAIL_BLOCK_N) -> int:
+    """Stage-2 programs per (sequence, KV head): enough blocks of ``block`` positions for the fewer
+    than ``R + fast_block`` positions stage 1 leaves, and one more for the sink tokens."""
+    return math.ceil((R + fast_block) / block) + (1 if sinks else 0)
 
 
 def _dot_dtype(dtype: torch.dtype, interpret: bool):
@@ -1145,8 +1254,14 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
         VC_ROW=0, VS_ROW=0, TAIL_PARTS=tail_parts, **common, STAGE=2, FAST_BLOCK=fast_block,
         num_warps=4, num_stages=1,
     )
-    launch(_attend_merge_kernel)[(b * hkv * group_rows,)](
-        out, part_acc, part_ml, *out.stride(), hkv, first_parts + tail_parts,
+    return _merge(out, part_acc, part_ml, hkv, first_parts + tail_parts)
+
+
+def _merge(out, part_acc, part_ml, hkv: int, parts):
+    """Stage 3: the ``parts`` partials of each query row merged into ``out``."""
+    b, hq, lq, dv = out.shape
+    launch(_attend_merge_kernel)[(b * hq * lq,)](
+        out, part_acc, part_ml, *out.stride(), hkv, parts,
         LQ=lq, GROUP=hq // hkv, DV=dv, PARTS_BLOCK=MERGE_BLOCK,
         num_warps=4,
     )
@@ -1160,6 +1275,27 @@ def mma_splits(batch_kv_heads, capacity: int, device: torch.device, config) -> i
     program's least share, so a program of fewer warps takes proportionally fewer positions."""
     return num_splits(batch_kv_heads, capacity, device, config.ctas_per_sm,
                       max(attend_mma.GROUP_TOKENS, MIN_SPLIT_TOKENS * config.num_warps // 4))
+
+
+#: Largest cache capacity (positions) whose ``mma`` launch runs stage 2 as programs of stage 1's
+#: (:func:`mma_tail_programs`).
+MMA_TAIL_PROGRAMS_CAPACITY = 8192
+
+
+def mma_tail_programs(config, capacity: int) -> bool:
+    """Whether the ``mma`` launch runs stage 2 as programs of stage 1's (``config.tail_programs``,
+    else by ``capacity``, a shape-only rule).
+
+    Measured (H100, ``benchmarks/NOTES.md`` runs 47-50): in one launch the tail's blocks run beside
+    stage 1's and a launch is gone (1 / 4k: 18.1 against 21.9 µs; 16-64 / 4k and 1-4 at 8k-32k:
+    1-4% faster), but the compiled program then holds the tail's code too: 255 registers, and 4
+    spill reloads in stage 1's loop, so where the loops are long (at least ~1k positions a split:
+    8 / 16k, 1 / 128k, every 64k-128k shape) it was 3-10% slower. Up to 8k positions of capacity a
+    split holds at most ~512 at every batch; above it, long splits come from small batches too, and
+    the rule keeps the separate launch (1-2 / 16k-32k lose 2-4%)."""
+    if config.tail_programs is not None:
+        return config.tail_programs
+    return capacity <= MMA_TAIL_PROGRAMS_CAPACITY
 
 
 def _mma_layout_ok(q, k_codes, k_scale, v_codes, v_scale) -> bool:
@@ -1187,25 +1323,33 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
     splits = splits or mma_splits(b * hkv, capacity, q.device, config)
     warps = config.num_warps
     fast_block = attend_mma.GROUP_TOKENS
-    tail_parts = _tail_parts(R, fast_block, sinks)
+    tail_programs = mma_tail_programs(config, capacity)
+    # Tail programs in stage 1's launch have its warps (one by default): blocks of one key word's
+    # positions (16 at 2 bits) spill less of their tiles than 32 positions (560 against 700 bytes).
+    tail_block = max(32 // k_bits, 16) if tail_programs else TAIL_BLOCK_N
+    tail_parts = _tail_parts(R, fast_block, sinks, tail_block)
     out, part_acc, part_ml = _buffers(q, dv, hkv, splits * warps + tail_parts, out)
     interpret = interpreting()
-    mask_arg = mask if mask is not None else q
-    launch(attend_mma._attend_mma_kernel)[(b * hkv, splits)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n, mask_arg, part_acc, part_ml,
-        *q.stride()[:3], *k_codes.stride()[:3], *k_scale.stride()[:3], *v_codes.stride()[:3], *v_scale.stride()[:3],
-        mask_strides[0], mask_strides[1], mask_strides[3],
-        hkv, splits, qk_scale, mask_len,
-        LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, R=R, DK=dk, DV=dv, TAIL_PARTS=tail_parts,
-        META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
-        VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
-        SINKS=sinks, INTERPRET=interpret, W=warps, LAZY=config.lazy,
-        num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
-        **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
-    )
     common = dict(LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, G=group, VG=group, R=R, DK=dk, DV=dv, PACKED=True,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask is not None,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=None, INTERPRET=interpret, SINKS=sinks,
                   SINK_BLOCK=_sink_block(sinks))
+    tail_block_m = max(16, triton.next_power_of_2(hq // hkv * lq))
+    grid = (b * hkv, splits + tail_parts if tail_programs else splits)
+    launch(_attend_mma_kernel)[grid](
+        *storage, part_acc, part_ml,
+        *q.stride(), *storage_strides,
+        hkv, splits, qk_scale, mask_len,
+        LQ=lq, GROUP=hq // hkv, KB=k_bits, VB=v_bits, R=R, DK=dk, DV=dv, TAIL_PARTS=tail_parts,
+        META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
+        VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
+        SINKS=sinks, INTERPRET=interpret, W=warps, LAZY=config.lazy, TAIL_PROGRAMS=tail_programs,
+        TAIL_BLOCK_M=tail_block_m, TAIL_BLOCK_N=tail_block, DOT_DTYPE=common["DOT_DTYPE"],
+        SINK_BLOCK=common["SINK_BLOCK"],
+        num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
+        **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
+    )
+    if tail_programs:
+        return _merge(out, part_acc, part_ml, hkv, splits * warps + tail_parts)
     return _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, splits * warps, tail_parts,
                            qk_scale, mask_len, fast_block, common)

@@ -3,8 +3,10 @@ fragments built in registers, the scales folded into the other operand.
 
 Layout and grid
 ---------------
-Grid ``(b * Hkv, S)``, ``W`` warps per program (:class:`MmaConfig`; one by default, eight
-programs per multiprocessor). Program ``(bh, s)`` takes the whole key groups
+:func:`_stage1_program`, run by :func:`~xquant_fx.kernels.attend._attend_mma_kernel` on grid
+``(b * Hkv, S)`` (or ``(b * Hkv, T + S)`` with stage 2's ``T`` programs first), ``W`` warps per
+program (:class:`MmaConfig`; one by default, eight programs per multiprocessor). Program
+``(bh, s)`` takes the whole key groups
 (``G = 32`` tokens) of its slice of ``[0, F)``, ``F = Nv // 32 * 32``; warp ``w`` takes groups
 ``w, w + W, ...`` of the slice with its own online softmax and writes its own partial
 (``s * W + w``), which the merge kernel combines with the others. All of a warp's data lives in
@@ -99,7 +101,7 @@ CTAS_PER_SM = 8
 
 @dataclasses.dataclass(frozen=True)
 class MmaConfig:
-    """Launch options of :func:`_attend_mma_kernel` (``attend(..., variant="mma", config=)``).
+    """Launch options of :func:`~xquant_fx.kernels.attend._attend_mma_kernel` (``attend(..., variant="mma", config=)``).
 
     ``num_warps``: warps per program (any of 1, 2, 4: the warps are independent); ``maxnreg``: a register
     cap for ``ptxas`` (None: its own choice; above the need it spills); ``ctas_per_sm``: programs
@@ -107,12 +109,16 @@ class MmaConfig:
     ``65536 // (32 * num_warps * registers)``, at most 32); ``lazy`` (one warp per program only):
     rescale the running output only when a query row's max grows by more than ``2^LAZY_GROWTH``,
     not at every group that raises it (bf16 caches; with fp16 ``P * s`` must stay in range, so
-    those rescale at every group that raises the max, as without ``lazy``)."""
+    those rescale at every group that raises the max, as without ``lazy``); ``tail_programs``: run
+    stage 2 (the window, the codes next to it, the sinks) as programs of this launch (True), as a
+    launch of its own after it (False), or by the cache's capacity (None:
+    :func:`~xquant_fx.kernels.attend.mma_tail_programs`)."""
 
     num_warps: int = WARPS
     maxnreg: int | None = None
     ctas_per_sm: int = CTAS_PER_SM
     lazy: bool = True
+    tail_programs: bool | None = None
 
     def __post_init__(self):
         if self.num_warps not in (1, 2, 4):
@@ -636,10 +642,10 @@ def _token_pair_meta(a, b, gr: tl.constexpr, NT: tl.constexpr, META16: tl.conste
                          KV_DTYPE, INTERPRET)
 
 
-@triton.jit(do_not_specialize=["num_kv_heads", "num_splits"])
-def _attend_mma_kernel(
+@triton.jit
+def _stage1_program(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, n_ptr, mask_ptr,
-    part_acc_ptr, part_ml_ptr,
+    part_acc_ptr, part_ml_ptr, pid_bh, split,
     s_qb, s_qh, s_ql,
     s_kcb, s_kch, s_kct,
     s_ksb, s_ksh, s_kst,
@@ -652,8 +658,8 @@ def _attend_mma_kernel(
     VC_ROW: tl.constexpr, VS_ROW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     SINKS: tl.constexpr, INTERPRET: tl.constexpr, W: tl.constexpr, LAZY: tl.constexpr,
 ):
-    """Stage 1 on raw codes, grid ``(b * Hkv, S)`` (see the module docstring). Writes partials
-    ``s * W + w`` of ``part_acc [b * Hkv, S * W + T, GROUP * Lq, DV]`` /
+    """Stage 1's split ``split`` of (sequence, KV head) ``pid_bh`` (see the module docstring). Writes partials
+    ``split * W + w`` of ``part_acc [b * Hkv, S * W + T, GROUP * Lq, DV]`` /
     ``part_ml [.., 2, GROUP * Lq]`` as the other stage-1 kernels do (max in log2 units).
     ``HAS_MASK``: the caller's mask, one row ``[mask_len]`` shared by all the program's query rows
     (``Lq = 1`` or constant along it, and constant across the GQA group or ``GROUP = 1``), bool
@@ -664,8 +670,6 @@ def _attend_mma_kernel(
     KV_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     # fp16: P' = P * s must stay in range, so P <= 1 (a rescale at every group that raises the max)
     LAZY_RESCALE: tl.constexpr = LAZY and KV_DTYPE == tl.bfloat16
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
     bi, hi = seq_head(pid_bh, num_kv_heads)
     # Value rows are a few words long: their lengths as constants let Triton load them as vectors.
     if VC_ROW > 0:
@@ -868,9 +872,10 @@ def _store_warp_partials(part_acc_ptr, part_ml_ptr, pid_bh, split, num_splits, w
 
 
 def supports(dtype, k_bits: int, v_bits: int, group: int, dk: int, dv: int, rows: int, strides_ok: bool) -> bool:
-    """Whether :func:`_attend_mma_kernel` takes a layer of this shape (see the module docstring)."""
+    """Whether :func:`~xquant_fx.kernels.attend._attend_mma_kernel` takes a layer of this shape (see the module docstring)."""
     import torch
 
     return (dtype in (torch.float16, torch.bfloat16) and group == GROUP_TOKENS and k_bits in (1, 2)
             and v_bits in (1, 2) and dk % 32 == 0 and dv % 32 == 0 and dv >= 64 and dk >= 32 and rows <= 8
             and strides_ok)
+
