@@ -18,6 +18,10 @@ over the copy bandwidth measured at the start of the run) and ``x_floor``, ``pea
 (``torch.cuda.max_memory_allocated`` over the timed call), ``x_strong`` (tokens/s over
 ``bf16-strong``'s in the same row group).
 
+The prompt: ``optimize``'s ``generate`` prefills it in chunks (``prefill_chunk_size``, 2048 tokens by
+default); the bf16 paths in one call unless ``--prefill-chunk N`` (a one-call prefill of 64 x 4k
+tokens did not fit an 80 GB card next to Llama-3.1-8B, run 48). The timed decode steps exclude it.
+
 With ``XQUANT_BENCH_COMPILE_TIMES=1`` each warm-up prints Dynamo's compile phases.
 ``--serve N`` then runs ``N`` more ``generate`` calls on the optimized model with random batch
 sizes (1..batch) and prompt lengths (1..context) and reports the graphs they compiled (the
@@ -201,14 +205,18 @@ def step_kernels(model, ids, new: int, cache, top: int = 10) -> str:
     return f"{total:.0f} µs of kernels: " + ", ".join(f"{name[:60]} {us:.1f}" for name, us in step[:top] if us > 0)
 
 
-def run_one(name, layers, batch, context, new, device, dtype, method, preset, bandwidth, serve=0, breakdown=False):
+def run_one(name, layers, batch, context, new, device, dtype, method, preset, bandwidth, serve=0, breakdown=False,
+            prefill_chunk=None):
     model = build(name, device, dtype, layers)
     model.generation_config.pad_token_id = 0
     ids = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
     make_cache = prepare(model, method, preset, device, context + new, max_batch_size=batch)
 
     def cache():  # bf16: a fresh StaticCache per call; xquant: optimize's pool (one cache for every call)
-        return {cache_argument(model): make_cache(batch)} if method.startswith("bf16") else {}
+        if not method.startswith("bf16"):
+            return {}  # optimize() prefills in chunks of its own (xquant_fx.api.DEFAULT_PREFILL_CHUNK)
+        chunking = {"prefill_chunk_size": prefill_chunk} if prefill_chunk else {}
+        return {cache_argument(model): make_cache(batch), **chunking}
     before = graphs()
     start = time.perf_counter()
     timed_generate(model, ids, new, **cache())  # warm-up: compiles the decode step
@@ -710,6 +718,10 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="xquant-1.38")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--serve", type=int, default=0, help="generate calls of random shapes after timing (xquant)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="bf16 paths: prefill the prompt in chunks of N tokens (transformers' prefill_chunk_size; "
+                        "0: one call, transformers' default), as optimize() does by default; the decode timing "
+                        "does not include the prefill, only the peak memory does")
     p.add_argument("--breakdown", action="store_true",
                    help="after timing, the kernels of one decode step with their µs (torch.profiler; CUDA only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -742,7 +754,7 @@ def main(argv=None) -> int:
                 for method in args.methods:
                     try:
                         row, out = run_one(name, args.layers, batch, context, args.new, device, dtype, method,
-                                           args.preset, bandwidth, args.serve, args.breakdown)
+                                           args.preset, bandwidth, args.serve, args.breakdown, args.prefill_chunk)
                     except torch.OutOfMemoryError:
                         row, out = dict(model=name, method=method, batch=batch, context=context, tokens_per_s="OOM"), None
                         torch.cuda.empty_cache()
