@@ -645,6 +645,29 @@ def _sink_partial(q, qpos, row_ok, m_row, k_ptr, v_ptr, s_kt, s_kd, s_vt, s_vd, 
 
 
 @triton.jit
+def _program_view(
+    q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, pid_bh, num_kv_heads,
+    s_qb, s_qh, s_ql, s_qd, s_kcb, s_kch, s_kct, s_kcd, s_ksb, s_ksh, s_kst, s_ksd, s_kwb, s_kwh, s_kwt, s_kwd,
+    s_vcb, s_vch, s_vct, s_vcd, s_vsb, s_vsh, s_vst, s_vsd, s_vwb, s_vwh, s_vwt, s_vwd, s_mb, s_mh, s_ml,
+    LQ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, FAST_BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """What a stage-1 or stage-2 program of (sequence, KV head) ``pid_bh`` starts from: ``(bi, hi,
+    n, nv, nk, fast, q, qpos, row_ok, m_row, m_row0, kt, vt)``, the sequence and KV head,
+    :func:`_positions`, :func:`_load_query` and the keys' and values' :func:`_storage_view`."""
+    bi, hi = seq_head(pid_bh, num_kv_heads)
+    KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
+    n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
+    q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
+                                                 LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
+    kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
+                       s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
+    vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
+                       s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
+    return bi, hi, n, nv, nk, fast, q, qpos, row_ok, m_row, m_row0, kt, vt
+
+
+@triton.jit
 def _tail_program(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, mask_ptr, xk_ptr, xv_ptr,
     part_acc_ptr, part_ml_ptr, pid_bh, program, first_parts,
@@ -665,16 +688,13 @@ def _tail_program(
     sink buffers (:func:`_sink_partial`); written as partial ``first_parts + program`` of the
     ``first_parts + TAIL_PARTS``. Arguments as :func:`_attend_kernel` takes them. Run by
     :func:`_attend_kernel` (``STAGE=2``) and by the tail programs of :func:`_attend_mma_kernel`."""
-    bi, hi = seq_head(pid_bh, num_kv_heads)
     KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
-    n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
-    q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
-                                                 LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
-    kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
-                       s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
-    vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
-                       s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
+    bi, hi, n, nv, nk, fast, q, qpos, row_ok, m_row, m_row0, kt, vt = _program_view(
+        q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, pid_bh, num_kv_heads,
+        s_qb, s_qh, s_ql, s_qd, s_kcb, s_kch, s_kct, s_kcd, s_ksb, s_ksh, s_kst, s_ksd, s_kwb, s_kwh, s_kwt, s_kwd,
+        s_vcb, s_vch, s_vct, s_vcd, s_vsb, s_vsh, s_vst, s_vsd, s_vwb, s_vwh, s_vwt, s_vwd, s_mb, s_mh, s_ml,
+        LQ, GROUP, BLOCK_M, G, R, DK, FAST_BLOCK, DOT_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = tl.zeros((BLOCK_M, DV), tl.float32)
@@ -822,7 +842,6 @@ def _attend_kernel(
             DOT_DTYPE, DOT_PRECISION, INTERPRET, TAIL_PARTS, SINKS, SINK_BLOCK, FAST_BLOCK,
         )
     else:
-        bi, hi = seq_head(pid_bh, num_kv_heads)
         KV_DTYPE: tl.constexpr = kw_ptr.dtype.element_ty
         # Per-token rows of the value codes / scales are a few words long, not a multiple of 16
         # elements, so Triton would not know them aligned: with their lengths as constants it loads
@@ -833,13 +852,11 @@ def _attend_kernel(
             s_vst = VS_ROW
 
         qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher may pass float64
-        n, nv, nk, fast = _positions(n_ptr, R, G, FAST_BLOCK)
-        q, qpos, row_ok, m_row, m_row0 = _load_query(q_ptr, s_qb, s_qh, s_ql, s_qd, s_mb, s_mh, s_ml, bi, hi, n,
-                                                     LQ, GROUP, BLOCK_M, DK, KV_DTYPE, DOT_DTYPE)
-        kt = _storage_view(kc_ptr, ks_ptr, kz_ptr, kw_ptr, bi, hi, s_kcb, s_kch, s_ksb, s_ksh, s_kwb, s_kwh,
-                           s_kct, s_kcd, s_kst, s_ksd, s_kwt, s_kwd)
-        vt = _storage_view(vc_ptr, vs_ptr, vz_ptr, vw_ptr, bi, hi, s_vcb, s_vch, s_vsb, s_vsh, s_vwb, s_vwh,
-                           s_vct, s_vcd, s_vst, s_vsd, s_vwt, s_vwd)
+        bi, hi, n, nv, nk, fast, q, qpos, row_ok, m_row, m_row0, kt, vt = _program_view(
+            q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, n_ptr, pid_bh, num_kv_heads,
+            s_qb, s_qh, s_ql, s_qd, s_kcb, s_kch, s_kct, s_kcd, s_ksb, s_ksh, s_kst, s_ksd, s_kwb, s_kwh, s_kwt, s_kwd,
+            s_vcb, s_vch, s_vct, s_vcd, s_vsb, s_vsh, s_vst, s_vsd, s_vwb, s_vwh, s_vwt, s_vwd, s_mb, s_mh, s_ml,
+            LQ, GROUP, BLOCK_M, G, R, DK, FAST_BLOCK, DOT_DTYPE)
 
         # This split's slice [lo, hi) of [0, F), in whole blocks.
         chunk = tl.cdiv(tl.cdiv(fast, num_splits), BLOCK_N) * BLOCK_N
