@@ -733,15 +733,17 @@ def _attend_mma_kernel(
     TAIL_PROGRAMS: tl.constexpr, TAIL_BLOCK_M: tl.constexpr, TAIL_BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, SINK_BLOCK: tl.constexpr,
 ):
-    """Stage 1 on raw codes, and with ``TAIL_PROGRAMS`` stage 2 in the same launch.
+    """Stage 1 of the ``mma`` variant on raw codes, and with ``TAIL_PROGRAMS`` stage 2 in the same
+    launch.
 
-    Arguments as :func:`~xquant_fx.kernels.attend._attend_kernel` takes them. Grid ``(b * Hkv,
-    S)``, or with ``TAIL_PROGRAMS`` ``(b * Hkv, T + S)``: programs ``0 .. T - 1`` of each
-    (sequence, KV head) are stage 2's (:func:`_tail_program`, the ring
-    window, the codes next to it and the sinks, on this launch's warps), the others stage 1's
-    splits (:func:`~xquant_fx.kernels.attend_mma._stage1_program`). In one launch the tail's blocks run beside stage 1's loops
-    instead of after them, and its launch is gone (a third of the kernels of a decode step's
-    attention); both branches are compiled into one program, whose registers are stage 1's."""
+    Arguments as :func:`_attend_kernel` takes them. Grid ``(b * Hkv, S)``, or with
+    ``TAIL_PROGRAMS`` ``(b * Hkv, T + S)``: programs ``0 .. T - 1`` of each (sequence, KV head)
+    are stage 2's (:func:`_tail_program`: the ring window, the codes next to it and the sinks, on
+    this launch's warps), the others stage 1's splits
+    (:func:`~xquant_fx.kernels.attend_mma._stage1_program`). In one launch the tail's blocks run
+    beside stage 1's loops instead of after them, and a launch is gone; both branches are
+    compiled into one program (255 registers at one warp, against 241 for stage 1 alone), which
+    is why the host code takes it at small capacities only (:func:`mma_tail_programs`)."""
     pid_bh = tl.program_id(0)
     program = tl.program_id(1)
     if TAIL_PROGRAMS:
