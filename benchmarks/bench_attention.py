@@ -94,8 +94,10 @@ def parse_variant(spec: str):
         warps = next((int(o[1:]) for o in opts if o.startswith("w")), attend_kernels.attend_mma.WARPS)
         cap = next((int(o[1:]) for o in opts if o.startswith("r")), None)
         unknown = [o for o in opts if o not in ("lazy", "sep", "fused") and o[:1] not in ("w", "r")]
-        if unknown or {"sep", "fused"} <= set(opts):
+        if unknown:
             raise SystemExit(f"{spec!r}: unknown mma options {unknown}; expected wW, lazy, rREGS, sep or fused")
+        if {"sep", "fused"} <= set(opts):
+            raise SystemExit(f"{spec!r}: sep and fused place stage 2 apart and in one launch: give one")
         regs = -(-(cap or 240) // 8) * 8  # allocated per thread in steps of 8
         return "mma", attend_kernels.attend_mma.MmaConfig(
             num_warps=warps, maxnreg=cap, ctas_per_sm=min(32, 65536 // (32 * warps * regs)),

@@ -1124,7 +1124,7 @@ def attend(
         raise ValueError(f"{lq} query tokens exceed the residual window R={R}")
     sinks = _check_sinks(k_sink, v_sink, b, hkv, dk, dv, q.dtype)
     group_rows = hq // hkv * lq
-    block_m = max(16, triton.next_power_of_2(group_rows))
+    block_m = _rows_block(group_rows)
     mask, mask_bool, mask_len, mask_strides = _expand_mask(mask, b, hq, lq)
     # One mask row for all of a program's query rows: constant along Lq (or Lq = 1) and across
     # the GQA group (or one head per group).
@@ -1228,6 +1228,12 @@ def _stage_storage(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_ze
     return storage, strides
 
 
+def _rows_block(group_rows: int) -> int:
+    """``BLOCK_M`` of the shared-block programs (``tl.dot``'s rows): a KV head's ``GROUP * Lq``
+    query rows padded to a power of two >= 16."""
+    return max(16, triton.next_power_of_2(group_rows))
+
+
 def _sink_block(sinks: int) -> int:
     """Positions of the sink program's one block: ``sinks`` padded to a power of two >= 16."""
     return max(16, triton.next_power_of_2(sinks)) if sinks else 0
@@ -1269,7 +1275,7 @@ def _tail_and_merge(storage, storage_strides, out, part_acc, part_ml, hkv, first
         *storage, part_acc, part_ml,
         *q.stride(), *storage_strides,
         hkv, first_parts, qk_scale, mask_len,
-        BLOCK_M=max(16, triton.next_power_of_2(group_rows)), BLOCK_N=TAIL_BLOCK_N, WARP_SPLIT=0,
+        BLOCK_M=_rows_block(group_rows), BLOCK_N=TAIL_BLOCK_N, WARP_SPLIT=0,
         VC_ROW=0, VS_ROW=0, TAIL_PARTS=tail_parts, **common, STAGE=2, FAST_BLOCK=fast_block,
         num_warps=4, num_stages=1,
     )
@@ -1353,7 +1359,6 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
                   HAS_MASK=mask is not None, MASK_BOOL=mask_bool, MASK_SHARED=mask is not None,
                   DOT_DTYPE=_dot_dtype(q.dtype, interpret), DOT_PRECISION=None, INTERPRET=interpret, SINKS=sinks,
                   SINK_BLOCK=_sink_block(sinks))
-    tail_block_m = max(16, triton.next_power_of_2(hq // hkv * lq))
     grid = (b * hkv, splits + tail_parts if tail_programs else splits)
     launch(_attend_mma_kernel)[grid](
         *storage, part_acc, part_ml,
@@ -1363,7 +1368,7 @@ def _attend_mma(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero,
         META16=k_scale.dtype != torch.float8_e4m3fn and v_scale.dtype != torch.float8_e4m3fn,
         VC_ROW=_row_stride(v_codes), VS_ROW=_row_stride(v_scale), HAS_MASK=mask is not None, MASK_BOOL=mask_bool,
         SINKS=sinks, INTERPRET=interpret, W=warps, LAZY=config.lazy, TAIL_PROGRAMS=tail_programs,
-        TAIL_BLOCK_M=tail_block_m, TAIL_BLOCK_N=tail_block, DOT_DTYPE=common["DOT_DTYPE"],
+        TAIL_BLOCK_M=_rows_block(hq // hkv * lq), TAIL_BLOCK_N=tail_block, DOT_DTYPE=common["DOT_DTYPE"],
         SINK_BLOCK=common["SINK_BLOCK"],
         num_warps=warps, num_stages=1,  # the loads are pipelined by hand (attend_mma's loop)
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
